@@ -1,0 +1,11 @@
+"""The math of M-FAC (Frantar et al., 2021): matrix-free inverse-Fisher-vector products.
+
+Needs torch alone. ``FisherInverse`` is the static algorithm (paper 3.1),
+``SlidingFisherInverse`` the dynamic one (3.2) and ``MFAC`` the optimizer built on it (4.2).
+"""
+
+from .dynamic import SlidingFisherInverse
+from .optim import MFAC
+from .static import FisherInverse
+
+__all__ = ["MFAC", "FisherInverse", "SlidingFisherInverse"]

@@ -1,0 +1,217 @@
+"""The static M-FAC algorithm (paper section 3.1): F^-1 for a fixed set of m gradients.
+
+F = damp * I + (1/m) * G^T G over the rows g_i of G (m, d), block-diagonal over runs of
+``block_size`` coordinates. With K = m*damp*I + G G^T = L L^T and W = L^-1 G (Woodbury):
+
+    F^-1 x        = (x - W^T (W x)) / damp
+    diag(F^-1)    = (1 - colsum(W * W)) / damp
+    [F^-1]_ij     = (delta_ij - W[:, i] . W[:, j]) / damp
+
+These are the paper's recursion (4)-(5) in matrix form: row i of W is sqrt(damp / q_i) * v_i,
+with v_i = F_{i-1}^-1 g_i and q_i = m + g_i . v_i, but W comes from matrix-matrix products
+(G G^T, then L^-1 G) instead of 2m matrix-vector passes. K and L^-1 are kept in float64.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _checks
+from ._pages import Page, Segment, groups, page_of_factor, page_of_rows, segments
+
+#: Default page size for work on the device that holds the factor: keeps temporaries in cache.
+LOCAL_PAGE_BYTES = 8 << 20
+#: Default page size when streaming pages from host memory to an accelerator.
+STREAM_PAGE_BYTES = 256 << 20
+
+
+class FisherInverse:
+    """Matrix-free inverse of the damped empirical Fisher of a fixed set of gradients.
+
+    Args:
+        grads: (m, d) float32 or float64 tensor, one gradient per row, on CPU or CUDA. It is
+            read, never modified, and not kept: the object holds its own factor W (m, d).
+        damp: the dampening lambda > 0 added to the diagonal of F.
+        block_size: None for one block over all d coordinates, or B >= 1 for a block-diagonal F
+            over consecutive runs of B coordinates (the last block is shorter when B does not
+            divide d).
+        device: where the arithmetic runs (default: ``grads.device``).
+        storage: where the factor W lives (default: ``device`` when it fits there, else
+            ``grads.device``). When ``storage`` differs from ``device``, every pass streams W
+            to ``device`` in pages.
+        page_bytes: size of a page of columns (default 8 MiB locally, 256 MiB when streaming).
+
+    Memory: the factor W (m * d values of the gradients' dtype), the diagonal (d) and one page
+    of temporaries. No d x d or d x B matrix is ever formed.
+
+    Example::
+
+        fi = FisherInverse(grads, damp=1e-5, block_size=128)
+        y = fi.mul(x)          # F^-1 x
+        scores = w**2 / (2 * fi.diag())
+    """
+
+    def __init__(
+        self,
+        grads: torch.Tensor,
+        damp: float = 1e-5,
+        block_size: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        storage: torch.device | str | None = None,
+        page_bytes: int | None = None,
+    ) -> None:
+        _checks.check_grads(grads)
+        self.damp = _checks.check_damp(damp)
+        if block_size is not None:
+            block_size = _checks.check_positive_int(block_size, "block_size")
+        self.num_grads, self.dim = grads.shape
+        self.block_size = block_size
+        self.dtype = grads.dtype
+        self.device = torch.device(device) if device is not None else grads.device
+        self.storage = torch.device(storage) if storage is not None else self._default_storage(grads)
+        streaming = self.storage != self.device
+        if page_bytes is not None:
+            page_bytes = _checks.check_positive_int(page_bytes, "page_bytes")
+        self._page_cols = self._columns_per_page(page_bytes, streaming)
+        # Passes over the stored factor use whole segments unless pages are needed.
+        self._pass_cols = self._page_cols if (streaming or page_bytes is not None) else None
+        self._segments = segments(self.dim, block_size)
+        self._factors: list[torch.Tensor] = []
+        self._diag = torch.empty(self.dim, dtype=self.dtype, device=self.storage)
+        for seg in self._segments:
+            self._factors.append(self._factor_segment(grads, seg))
+
+    # ------------------------------------------------------------------ set-up
+
+    def _default_storage(self, grads: torch.Tensor) -> torch.device:
+        """Keep W on the compute device when W and a page fit there, else where grads are."""
+        if self.device == grads.device or self.device.type != "cuda":
+            return self.device
+        free, _ = torch.cuda.mem_get_info(self.device)
+        need = grads.numel() * grads.element_size() + STREAM_PAGE_BYTES
+        return self.device if need < 0.9 * free else grads.device
+
+    def _columns_per_page(self, page_bytes: int | None, streaming: bool) -> int:
+        if page_bytes is None:
+            page_bytes = STREAM_PAGE_BYTES if streaming else LOCAL_PAGE_BYTES
+        row_bytes = self.num_grads * torch.empty((), dtype=self.dtype).element_size()
+        return max(1, page_bytes // row_bytes)
+
+    def _factor_segment(self, grads: torch.Tensor, seg: Segment) -> torch.Tensor:
+        """W = L^-1 G for every block of the segment, filling the diagonal on the way."""
+        m = self.num_grads
+        factor = torch.empty(seg.blocks, m, seg.size, dtype=self.dtype, device=self.storage)
+        work: torch.Tensor | None = None  # one page of W on the compute device, reused
+        for group in groups(seg, self._page_cols):
+            pages = [page_of_rows(grads, seg, p).to(self.device) for p in group] if len(group) == 1 else None
+            gram = torch.zeros(group[0].b1 - group[0].b0, m, m, dtype=torch.float64, device=self.device)
+            for k, page in enumerate(group):
+                g = pages[k] if pages else page_of_rows(grads, seg, page).to(self.device)
+                gram += (g @ g.mT).to(torch.float64)
+            self._check_finite(gram, seg, group[0])
+            linv = self._inverse_cholesky(gram).to(self.dtype)
+            for k, page in enumerate(group):
+                g = pages[k] if pages else page_of_rows(grads, seg, page).to(self.device)
+                dest = page_of_factor(factor, page)
+                if not dest.is_contiguous() or dest.device != self.device:
+                    if work is None or work.shape != g.shape:
+                        work = torch.empty(g.shape, dtype=self.dtype, device=self.device)
+                    w = torch.matmul(linv, g, out=work)
+                    dest.copy_(w)
+                else:
+                    w = torch.matmul(linv, g, out=dest)
+                colsum = _column_sum_of_squares(w)
+                self._diag[page.columns(seg)] = ((1.0 - colsum) / self.damp).flatten().to(self._diag)
+        return factor
+
+    def _inverse_cholesky(self, gram: torch.Tensor) -> torch.Tensor:
+        """L^-1 for K = m*damp*I + G G^T = L L^T, batched over blocks, in float64."""
+        gram.diagonal(dim1=-2, dim2=-1).add_(self.num_grads * self.damp)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()):
+            raise ValueError(
+                f"m*damp*I + G G^T is not positive definite in float64 (damp={self.damp:g} is too small "
+                "for the scale of the gradients); increase damp"
+            )
+        eye = torch.eye(self.num_grads, dtype=torch.float64, device=gram.device).expand_as(chol)
+        return torch.linalg.solve_triangular(chol, eye, upper=False)
+
+    def _check_finite(self, gram: torch.Tensor, seg: Segment, page: Page) -> None:
+        """Raise if a row of G holds NaN or Inf: its squared norm, on the Gram diagonal, is not finite."""
+        bad = _checks.nonfinite_rows(gram.diagonal(dim1=-2, dim2=-1).isfinite().all(dim=0))
+        if bad:
+            raise ValueError(
+                f"grads rows {bad[:10]} contain NaN or Inf (or values too large to square in "
+                f"{self.dtype}), first seen in columns from {page.columns(seg).start}"
+            )
+
+    # ------------------------------------------------------------------ queries
+
+    def mul(self, x: torch.Tensor) -> torch.Tensor:
+        """F^-1 x for x of shape (d,) or (k, d); the result has x's shape, dtype and device."""
+        _checks.check_vectors(x, self.dim)
+        xs = x.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
+        out = torch.empty_like(xs)
+        for seg, factor in zip(self._segments, self._factors, strict=True):
+            for group in groups(seg, self._pass_cols):
+                ws = [page_of_factor(factor, p).to(self.device) for p in group] if len(group) == 1 else None
+                coef = None
+                for k, page in enumerate(group):
+                    w = ws[k] if ws else page_of_factor(factor, page).to(self.device)
+                    term = w @ page_of_rows(xs, seg, page).mT  # (blocks, m, k): W x
+                    coef = term if coef is None else coef.add_(term)
+                for k, page in enumerate(group):
+                    w = ws[k] if ws else page_of_factor(factor, page).to(self.device)
+                    xp = page_of_rows(xs, seg, page).mT
+                    y = torch.baddbmm(xp, w.mT, coef, alpha=-1.0)  # x - W^T (W x)
+                    out[:, page.columns(seg)] = y.permute(2, 0, 1).flatten(1)
+        out.div_(self.damp)
+        return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+
+    def diag(self) -> torch.Tensor:
+        """diag(F^-1), shape (d,), in the gradients' dtype, on the storage device."""
+        return self._diag.clone()
+
+    def entry(self, i: int, j: int) -> float:
+        """[F^-1]_ij as a Python float; zero when i and j fall in different blocks."""
+        bi, ci = self._locate(i, "i")
+        bj, cj = self._locate(j, "j")
+        if bi[:2] != bj[:2]:
+            return 0.0
+        w = self._factors[bi[0]][bi[1]]
+        dot = torch.dot(w[:, ci].to(torch.float64), w[:, cj].to(torch.float64)).item()
+        return ((1.0 if i == j else 0.0) - dot) / self.damp
+
+    def _locate(self, index: int, name: str) -> tuple[tuple[int, int], int]:
+        """(segment, block) and column within the block of a flattened coordinate."""
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < self.dim:
+            raise ValueError(f"{name} must be an int in [0, {self.dim}), got {index!r}")
+        index = int(index)
+        for s, seg in enumerate(self._segments):
+            if index < seg.start + seg.blocks * seg.size:
+                b, c = divmod(index - seg.start, seg.size)
+                return (s, b), c
+        raise AssertionError("unreachable: segments cover [0, d)")
+
+    def __repr__(self) -> str:
+        return (
+            f"FisherInverse(m={self.num_grads}, d={self.dim}, damp={self.damp:g}, "
+            f"block_size={self.block_size}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _column_sum_of_squares(w: torch.Tensor) -> torch.Tensor:
+    """sum_i w[..., i, c]^2 over the m rows of w (b, m, c), accumulated in float64, shape (b, c).
+
+    float32 rows are summed in float32 in runs of at most 32, then the partial sums in float64:
+    as accurate as a float64 sum for practical purposes, without a float64 copy of the page.
+    """
+    b, m, c = w.shape
+    squares = w.square()
+    if w.dtype == torch.float64:
+        return squares.sum(dim=-2)
+    run = max(r for r in range(1, min(m, 32) + 1) if m % r == 0)
+    return squares.view(b, m // run, run, c).sum(dim=-2).to(torch.float64).sum(dim=-2)
