@@ -1,0 +1,264 @@
+"""Mask structures: which weights are pruned together, and how a group of weights is scored.
+
+Specs (as in a recipe; ``as_structure`` validates a raw value):
+
+    "unstructured"      each weight alone
+    {blocks: [r, c]}    r x c tiles of the 2-D view (rows = output channels; columns = the rest:
+                        ``in`` for Linear, ``in*kh*kw`` for Conv2d). Edge tiles may be smaller.
+    {n: N, m: M}        N:M along input channels: of every M consecutive weights along ``in``
+                        (dim 1; dim 0 for a 1-D tensor), the N largest are kept. Conv weights
+                        (out, in, kh, kw) are grouped along ``in`` for each (out, kh, kw).
+    "channels"          whole output channels (rows of the 2-D view)
+
+Groups are numbered in row-major order of the 2-D view (tiles, rows) or of the flattened tensor
+(unstructured, N:M).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+
+class Blocks(BaseModel):
+    """Tiles of ``blocks = (rows, cols)`` weights of the 2-D view."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    blocks: tuple[int, int] = Field(description="tile size (rows, cols) of the (out, in*k*k) view")
+
+    @model_validator(mode="after")
+    def _positive(self) -> Blocks:
+        if min(self.blocks) < 1:
+            raise ValueError(f"block sides must be >= 1, got {list(self.blocks)}")
+        return self
+
+
+class NM(BaseModel):
+    """N:M: keep ``n`` of every ``m`` consecutive weights along input channels (sparsity 1 - n/m)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    n: int = Field(ge=1, description="weights kept per group")
+    m: int = Field(ge=1, description="group size along input channels")
+
+    @model_validator(mode="after")
+    def _n_le_m(self) -> NM:
+        if self.n > self.m:
+            raise ValueError(f"N:M needs n <= m, got n={self.n}, m={self.m}")
+        return self
+
+    @property
+    def sparsity(self) -> float:
+        """The sparsity of the full pattern, 1 - n/m."""
+        return 1.0 - self.n / self.m
+
+
+#: Targets within this of 1 - n/m give an N:M parameter its full pattern.
+NM_TOLERANCE = 1e-3
+
+Structure = Literal["unstructured", "channels"] | Blocks | NM
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Structure)
+
+
+def as_structure(spec: Any) -> Structure:
+    """A validated structure from a spec (a string, a dict or an already built one)."""
+    return spec if isinstance(spec, (Blocks, NM)) else _ADAPTER.validate_python(spec)
+
+
+def validate(name: str, shape: torch.Size | tuple[int, ...], spec: Any) -> None:
+    """ValueError naming ``name`` and its shape when ``spec`` cannot apply to it (call at initialize)."""
+    structure = as_structure(spec)
+    if structure != "unstructured" and len(shape) == 0:
+        raise ValueError(f"{name} {tuple(shape)}: a scalar cannot have structure {structure!r}")
+    if isinstance(structure, NM):
+        dim = 1 if len(shape) >= 2 else 0
+        if shape[dim] % structure.m:
+            raise ValueError(
+                f"{name} {tuple(shape)}: {structure.n}:{structure.m} needs the input channels "
+                f"(dim {dim} = {shape[dim]}) to be a multiple of {structure.m}"
+            )
+
+
+def _view2d(t: torch.Tensor) -> torch.Tensor:
+    """(out, rest) view: Linear (out, in); Conv (out, in*kh*kw); 1-D (n, 1)."""
+    return t.reshape(t.shape[0], -1)
+
+
+def _nm_rank(score: torch.Tensor, m: int) -> torch.Tensor:
+    """Rank (0 = smallest) of each weight within its group of m along input channels; param shape.
+
+    Ties: the lower index ranks lower (stable sort).
+    """
+    moved = score.movedim(1, -1) if score.dim() >= 2 else score
+    groups = moved.contiguous().reshape(-1, m)
+    order = torch.argsort(groups, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(m, device=order.device).expand_as(order))
+    rank = rank.reshape(moved.shape)
+    return rank.movedim(-1, 1) if score.dim() >= 2 else rank
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask (score shape) keeping the n largest of every m along input channels."""
+    validate("score", score.shape, NM(n=n, m=m))
+    return _nm_rank(score, m) >= m - n
+
+
+def _tile_grid(shape: torch.Size | tuple[int, ...], r: int, c: int) -> tuple[int, int, int, int]:
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    return rows, cols, -(-rows // r), -(-cols // c)
+
+
+def group_sizes(shape: torch.Size | tuple[int, ...], spec: Any) -> torch.Tensor:
+    """Number of weights in each group, int64 (num_groups,)."""
+    structure = as_structure(spec)
+    numel = math.prod(shape)
+    if structure == "unstructured" or isinstance(structure, NM):
+        return torch.ones(numel, dtype=torch.int64)
+    if structure == "channels":
+        return torch.full((shape[0],), numel // shape[0], dtype=torch.int64)
+    r, c = structure.blocks
+    rows, cols, nr, nc = _tile_grid(shape, r, c)
+    tile_rows = torch.full((nr,), r, dtype=torch.int64)
+    tile_rows[-1] = rows - (nr - 1) * r
+    tile_cols = torch.full((nc,), c, dtype=torch.int64)
+    tile_cols[-1] = cols - (nc - 1) * c
+    return torch.outer(tile_rows, tile_cols).flatten()
+
+
+def group_scores(score: torch.Tensor, spec: Any) -> torch.Tensor:
+    """Score of each group (num_groups,): the mean of its weights' scores (-inf if any is -inf).
+
+    For N:M each weight is its own group and its score is its rank within its group of M
+    (0 = smallest), so a threshold prunes the lowest-ranked weights of every group first.
+    """
+    structure = as_structure(spec)
+    if structure == "unstructured":
+        return score.flatten()
+    if isinstance(structure, NM):
+        validate("score", score.shape, structure)
+        return _nm_rank(score, structure.m).flatten().to(score.dtype)
+    pruned = torch.isneginf(score)
+    finite = _view2d(score.masked_fill(pruned, 0))
+    pruned = _view2d(pruned)
+    if structure == "channels":
+        return finite.mean(dim=1).masked_fill(pruned.any(dim=1), -math.inf)
+    r, c = structure.blocks
+    rows, cols, nr, nc = _tile_grid(score.shape, r, c)
+    pad = (0, nc * c - cols, 0, nr * r - rows)
+    sums = torch.nn.functional.pad(finite, pad).reshape(nr, r, nc, c).sum(dim=(1, 3)).flatten()
+    hit = torch.nn.functional.pad(pruned, pad).reshape(nr, r, nc, c).any(dim=3).any(dim=1).flatten()
+    sizes = group_sizes(score.shape, structure).to(device=score.device, dtype=score.dtype)
+    return (sums / sizes).masked_fill(hit, -math.inf)
+
+
+def expand(group_mask: torch.Tensor, shape: torch.Size | tuple[int, ...], spec: Any) -> torch.Tensor:
+    """Bool mask of ``shape`` from one bool per group (num_groups,)."""
+    structure = as_structure(spec)
+    group_mask = group_mask.bool()
+    if structure == "unstructured" or isinstance(structure, NM):
+        return group_mask.reshape(shape)
+    rows, cols = shape[0], math.prod(shape[1:])
+    if structure == "channels":
+        return group_mask[:, None].expand(rows, cols).reshape(shape)
+    r, c = structure.blocks
+    _, _, nr, nc = _tile_grid(shape, r, c)
+    tiles = group_mask.reshape(nr, nc).repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)
+    return tiles[:rows, :cols].reshape(shape)
+
+
+def _prune_prefix(scores: torch.Tensor, sizes: torch.Tensor, need: int) -> torch.Tensor:
+    """Bool (num_groups,): the lowest-scored groups whose total size is closest to ``need`` weights.
+
+    Ties in score: the earlier group goes first. Groups scored -inf are always pruned. Between two
+    equally close totals the larger is taken.
+    """
+    order = torch.argsort(scores, stable=True)
+    totals = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes[order], 0)])
+    gap = (totals - need).abs()
+    count = int((gap == gap.min()).nonzero().max())
+    count = max(count, int(torch.isneginf(scores).sum()))
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    pruned[order[:count]] = True
+    return pruned
+
+
+def _select_nm(score: torch.Tensor, structure: NM, sparsity: float) -> torch.Tensor:
+    """Kept-mask for one N:M parameter: the lowest-ranked weights first, the full pattern at 1 - n/m."""
+    rank = group_scores(score, structure)
+    flat = score.flatten()
+    forced = torch.isneginf(flat)
+    candidates = (~forced & (rank < structure.m - structure.n)).nonzero().flatten()
+    if sparsity >= structure.sparsity - NM_TOLERANCE:
+        take = candidates
+    else:
+        extra = max(0, math.floor(sparsity * flat.numel() + 0.5) - int(forced.sum()))
+        by_score = torch.argsort(flat[candidates], stable=True)
+        by_rank = by_score[torch.argsort(rank[candidates][by_score], stable=True)]
+        take = candidates[by_rank[:extra]]
+    pruned = forced.clone()
+    pruned[take] = True
+    return ~pruned.reshape(score.shape)
+
+
+def _prepared(name: str, score: torch.Tensor, current: torch.Tensor | None) -> torch.Tensor:
+    """Float scores with -inf where ``current`` already prunes; ValueError on NaN."""
+    out = score.detach().to(torch.float64 if score.dtype == torch.float64 else torch.float32)
+    if torch.isnan(out).any():
+        raise ValueError(f"scores of {name!r} contain NaN")
+    if current is not None:
+        if current.shape != score.shape:
+            raise ValueError(f"mask of {name!r}: shape {tuple(current.shape)}, scores {tuple(score.shape)}")
+        out = out.masked_fill(~current.to(device=out.device, dtype=torch.bool), -math.inf)
+    return out
+
+
+def select_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    structures: Mapping[str, Any] | Any = "unstructured",
+    global_ranking: bool = True,
+    current: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Kept-masks (bool, param shapes; True: kept) pruning the lowest scores to ``sparsity``.
+
+    Args:
+        scores: per parameter, a score of its shape (higher: more important).
+        sparsity: target fraction of weights that are zero, in [0, 1], counted in weights. Blocks
+            and channels get the group count whose size is closest to the target.
+        structures: a mapping with a spec (see the module) for every name in ``scores``, or one spec.
+        global_ranking: one threshold over all parameters (True) or one per parameter.
+        current: the masks now in force: their pruned weights stay pruned (monotone result).
+
+    N:M parameters are always ranked on their own: their lowest-ranked weights go first and at
+    sparsity >= 1 - n/m they get exactly the N:M pattern (never more than that, apart from weights
+    ``current`` already prunes).
+    """
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    per_name = isinstance(structures, Mapping) and bool(scores) and all(n in structures for n in scores)
+    out: dict[str, torch.Tensor] = {}
+    pool: list[tuple[str, Structure, torch.Tensor, torch.Tensor]] = []
+    for name, score in scores.items():
+        structure = as_structure(structures[name] if per_name else structures)
+        validate(name, score.shape, structure)
+        prepared = _prepared(name, score, None if current is None else current.get(name))
+        if isinstance(structure, NM):
+            out[name] = _select_nm(prepared, structure, sparsity)
+        else:
+            sizes = group_sizes(score.shape, structure).to(prepared.device)
+            pool.append((name, structure, group_scores(prepared, structure), sizes))
+    for members in [pool] if global_ranking else [[entry] for entry in pool]:
+        if not members:
+            continue
+        sizes = torch.cat([entry[3] for entry in members])
+        need = math.floor(sparsity * int(sizes.sum()) + 0.5)
+        pruned = _prune_prefix(torch.cat([entry[2] for entry in members]), sizes, need)
+        parts = pruned.split([len(entry[2]) for entry in members])
+        for (name, structure, _, _), part in zip(members, parts, strict=True):
+            out[name] = expand(~part, scores[name].shape, structure)
+    return {name: out[name] for name in scores}

@@ -1,0 +1,177 @@
+"""Mask structures and selection: exact sparsity, N:M / block / channel patterns, monotone updates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from compressor.structures import (
+    as_structure,
+    expand,
+    group_scores,
+    group_sizes,
+    nm_mask,
+    select_masks,
+)
+
+
+def _pruned(masks: dict[str, torch.Tensor]) -> int:
+    return sum(int((~m).sum()) for m in masks.values())
+
+
+def _nm_groups(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Kept counts of every group of m along input channels, by explicit loops: (num_groups,)."""
+    counts = []
+    if mask.dim() == 2:
+        for o in range(mask.shape[0]):
+            for g in range(0, mask.shape[1], m):
+                counts.append(int(mask[o, g : g + m].sum()))
+    else:
+        out, cin, kh, kw = mask.shape
+        for o in range(out):
+            for i in range(kh):
+                for j in range(kw):
+                    for g in range(0, cin, m):
+                        counts.append(int(mask[o, g : g + m, i, j].sum()))
+    return torch.tensor(counts)
+
+
+def test_unstructured_exact_sparsity_per_layer_and_global(gen: torch.Generator) -> None:
+    scores = {"a": torch.randn(37, 11, generator=gen), "b": torch.randn(5, 3, 3, 3, generator=gen)}
+    s = torch.rand(1, generator=gen).item() * 0.9
+    per_layer = select_masks(scores, s, "unstructured", global_ranking=False)
+    for name, score in scores.items():
+        assert int((~per_layer[name]).sum()) == math.floor(s * score.numel() + 0.5)
+        # the pruned ones are the lowest scores
+        assert score[~per_layer[name]].max() <= score[per_layer[name]].min()
+    glob = select_masks(scores, s, "unstructured", global_ranking=True)
+    total = sum(t.numel() for t in scores.values())
+    assert _pruned(glob) == math.floor(s * total + 0.5)
+    everything = torch.cat([t.flatten() for t in scores.values()])
+    kept = torch.cat([glob[n].flatten() for n in scores])
+    assert everything[~kept].max() <= everything[kept].min()
+
+
+def test_global_and_per_layer_differ_on_layers_of_different_scales(gen: torch.Generator) -> None:
+    scores = {"small": torch.rand(20, 20, generator=gen), "large": 10 + torch.rand(20, 20, generator=gen)}
+    glob = select_masks(scores, 0.5, "unstructured", global_ranking=True)
+    local = select_masks(scores, 0.5, "unstructured", global_ranking=False)
+    assert not glob["small"].any() and glob["large"].all()  # all 400 pruned weights from the small layer
+    assert int((~local["small"]).sum()) == int((~local["large"]).sum()) == 200
+
+
+def test_pruned_weights_stay_pruned_and_updates_are_monotone(gen: torch.Generator) -> None:
+    shape = (16, 24)
+    current = None
+    for s in (0.2, 0.35, 0.5, 0.8):
+        score = torch.randn(shape, generator=gen)  # fresh scores: pruned weights may now score high
+        new = select_masks({"w": score}, s, "unstructured", current=current)["w"]
+        if current is not None:
+            assert not (new & ~current["w"]).any()
+        assert int((~new).sum()) == math.floor(s * new.numel() + 0.5)
+        current = {"w": new}
+
+
+def test_ties_are_broken_deterministically() -> None:
+    scores = {"a": torch.ones(6, 10), "b": torch.ones(4, 5)}
+    first = select_masks(scores, 0.3, "unstructured")
+    second = select_masks({k: v.clone() for k, v in scores.items()}, 0.3, "unstructured")
+    assert all(torch.equal(first[n], second[n]) for n in scores)
+    assert _pruned(first) == 24
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (3, 8)])
+def test_nm_on_linear_and_conv_keeps_the_n_largest_of_every_m_along_inputs(
+    n: int, m: int, gen: torch.Generator
+) -> None:
+    linear = torch.randn(6, 4 * m, generator=gen)
+    conv = torch.randn(5, 2 * m, 3, 2, generator=gen)
+    masks = select_masks({"fc": linear, "conv": conv}, 1 - n / m, {"n": n, "m": m})
+    for name, score in (("fc", linear), ("conv", conv)):
+        counts = _nm_groups(masks[name], m)
+        assert torch.all(counts == n)
+        # every kept weight beats every pruned weight of its group
+        oracle = nm_mask(score, n, m)
+        assert torch.equal(masks[name], oracle)
+    # nm_mask against topk in a permuted (out, kh, kw, in) layout
+    moved = conv.permute(0, 2, 3, 1).reshape(-1, m)
+    top = torch.zeros_like(moved, dtype=torch.bool).scatter_(1, moved.topk(n, dim=1).indices, True)
+    assert torch.equal(nm_mask(conv, n, m), top.reshape(5, 3, 2, 2 * m).permute(0, 3, 1, 2))
+
+
+def test_nm_gradual_then_full_pattern_with_pruned_weights_kept_pruned(gen: torch.Generator) -> None:
+    score = torch.randn(8, 16, generator=gen)
+    half = select_masks({"w": score}, 0.25, {"n": 2, "m": 4})["w"]
+    assert int((~half).sum()) == 32
+    assert torch.all(_nm_groups(half, 4) >= 2)  # never beyond the pattern
+    assert torch.all(_nm_groups(half, 4) == 3)  # the lowest rank of each group goes first
+    later = torch.randn(8, 16, generator=gen)
+    full = select_masks({"w": later}, 0.5, {"n": 2, "m": 4}, current={"w": half})["w"]
+    assert not (full & ~half).any()
+    assert torch.all(_nm_groups(full, 4) == 2)
+    prior = torch.rand(8, 16, generator=gen) < 0.5  # arbitrary earlier zeros: groups may end below N
+    forced = select_masks({"w": later}, 0.5, {"n": 2, "m": 4}, current={"w": prior})["w"]
+    assert not (forced & ~prior).any() and torch.all(_nm_groups(forced, 4) <= 2)
+
+
+def test_nm_needs_divisible_inputs() -> None:
+    with pytest.raises(ValueError, match=r"conv \(4, 6, 3, 3\).*multiple of 4"):
+        select_masks({"conv": torch.randn(4, 6, 3, 3)}, 0.5, {"n": 2, "m": 4})
+
+
+def test_blocks_that_do_not_divide(gen: torch.Generator) -> None:
+    r, c = 3, 4
+    score = torch.randn(7, 2, 5, generator=gen)  # 2-D view (7, 10): tiles 3x4 with edges 1 row, 2 cols
+    spec = {"blocks": [r, c]}
+    groups = group_scores(score, spec)
+    sizes = group_sizes(score.shape, spec)
+    view = score.reshape(7, 10)
+    expected, expected_sizes = [], []
+    for i in range(0, 7, r):
+        for j in range(0, 10, c):
+            tile = view[i : i + r, j : j + c]
+            expected.append(tile.mean().item())
+            expected_sizes.append(tile.numel())
+    assert torch.allclose(groups, torch.tensor(expected), atol=1e-6)
+    assert sizes.tolist() == expected_sizes and int(sizes.sum()) == score.numel()
+    mask = select_masks({"w": score}, 0.5, spec)["w"].reshape(7, 10)
+    for i in range(0, 7, r):
+        for j in range(0, 10, c):
+            tile = mask[i : i + r, j : j + c]
+            assert tile.all() or not tile.any()
+    # whole tiles: the pruned weight count is the reachable total closest to 35
+    assert abs(int((~mask).sum()) - 35) <= max(expected_sizes) // 2
+
+
+def test_channels_prune_whole_output_rows(gen: torch.Generator) -> None:
+    conv = torch.randn(10, 3, 3, 3, generator=gen)
+    mask = select_masks({"conv": conv}, 0.3, "channels")["conv"]
+    rows = mask.reshape(10, -1)
+    assert torch.all(rows.all(dim=1) | ~rows.any(dim=1))
+    assert int((~rows.all(dim=1)).sum()) == 3
+    means = conv.reshape(10, -1).mean(dim=1)
+    assert means[~rows[:, 0]].max() <= means[rows[:, 0]].min()
+    assert torch.equal(expand(rows[:, 0], conv.shape, "channels"), mask)
+
+
+def test_a_partly_pruned_group_stays_pruned(gen: torch.Generator) -> None:
+    score = torch.randn(6, 8, generator=gen)
+    current = torch.ones(6, 8, dtype=torch.bool)
+    current[2, 5] = False  # one weight of row 2 pruned earlier
+    mask = select_masks(
+        {"w": score + 100 * (torch.arange(6) == 2)[:, None]}, 0.0, "channels", current={"w": current}
+    )
+    assert not mask["w"][2].any() and mask["w"][[0, 1, 3, 4, 5]].all()
+
+
+def test_specs_are_validated() -> None:
+    assert as_structure({"n": 2, "m": 4}).sparsity == 0.5
+    assert as_structure({"blocks": [1, 4]}).blocks == (1, 4)
+    for bad in ({"n": 5, "m": 4}, {"blocks": [0, 4]}, "filters", {"n": 2, "m": 4, "dim": 1}):
+        with pytest.raises(ValidationError):
+            as_structure(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        select_masks({"w": torch.tensor([1.0, float("nan")])}, 0.5)
