@@ -19,7 +19,15 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+)
 
 if TYPE_CHECKING:
     from .session import Session
@@ -46,8 +54,16 @@ def _position(value: Any) -> float | StepPosition:
     raise ValueError(f"expected an epoch (a number >= 0) or {{step: N}}, got {value!r}")
 
 
+def _describe(value: float | StepPosition) -> str:
+    return f"step {value.step}" if isinstance(value, StepPosition) else f"epoch {value:g}"
+
+
+def _dump_position(value: float | StepPosition) -> float | dict[str, int]:
+    return {"step": value.step} if isinstance(value, StepPosition) else value
+
+
 #: An epoch (float >= 0) or ``{step: N}``.
-Position = Annotated[float | StepPosition, PlainValidator(_position)]
+Position = Annotated[float | StepPosition, PlainValidator(_position), PlainSerializer(_dump_position)]
 
 
 def to_step(position: Position, steps_per_epoch: int) -> int:
@@ -84,6 +100,14 @@ class Modifier(BaseModel):
     type: str
     start: Position = Field(default=0.0, description="epoch (float >= 0) or {step: N} where it starts")
     end: Position | None = Field(default=None, description="where it ends; None: the end of training")
+
+    @field_validator("end")
+    @classmethod
+    def _end_not_before_start(cls, end: float | StepPosition | None, info: ValidationInfo) -> Any:
+        start = info.data.get("start")
+        if end is not None and start is not None and same_unit_le(start, end) is False:
+            raise ValueError(f"end ({_describe(end)}) is before start ({_describe(start)})")
+        return end
 
     def parameter_patterns(self) -> list[str]:
         """The patterns of the parameters this modifier acts on (empty: none or all)."""

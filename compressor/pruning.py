@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
-from .modifier import Modifier, Position, StepPosition, same_unit_le, to_step
+from .modifier import Modifier, Position, StepPosition, to_step
 from .params import match_params
 from .schedules import sparsity_at, update_steps
 from .structures import NM, NM_TOLERANCE, Structure, select_masks, validate
@@ -49,27 +49,44 @@ class PruningModifier(Modifier):
     _window: tuple[int, int] = PrivateAttr(default=(0, 0))
     _last_update: int | None = PrivateAttr(default=None)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> PruningModifier:
-        if self.init_sparsity > self.final_sparsity:
-            raise ValueError(f"init_sparsity {self.init_sparsity} > final_sparsity {self.final_sparsity}")
-        if self.end is not None and same_unit_le(self.start, self.end) is False:
-            raise ValueError("end is before start")
-        every = self.update_every
+    # Cross-field rules as field validators, so that errors point at the field that is wrong.
+    @field_validator("final_sparsity")
+    @classmethod
+    def _final_not_below_init(cls, final: float, info: ValidationInfo) -> float:
+        init = info.data.get("init_sparsity")
+        if init is not None and init > final:
+            raise ValueError(f"final_sparsity {final} is below init_sparsity {init}")
+        return final
+
+    @field_validator("update_every")
+    @classmethod
+    def _positive_interval(cls, every: float | StepPosition) -> float | StepPosition:
         if (every.step if isinstance(every, StepPosition) else every) <= 0:
             raise ValueError("update_every must be > 0")
-        nm = self.structure
-        if isinstance(nm, NM) and abs(self.final_sparsity - nm.sparsity) > NM_TOLERANCE:
+        return every
+
+    @field_validator("structure")
+    @classmethod
+    def _nm_sparsity(cls, structure: Structure, info: ValidationInfo) -> Structure:
+        final = info.data.get("final_sparsity")
+        if isinstance(structure, NM) and final is not None and abs(final - structure.sparsity) > NM_TOLERANCE:
             raise ValueError(
-                f"structure {nm.n}:{nm.m} gives sparsity {nm.sparsity:g}; set final_sparsity to it"
+                f"{structure.n}:{structure.m} keeps {structure.n} of every {structure.m} weights, "
+                f"a sparsity of {structure.sparsity:g}; final_sparsity is {final}"
             )
-        if isinstance(self.schedule, list):
-            if not self.schedule:
+        return structure
+
+    @field_validator("schedule")
+    @classmethod
+    def _points_rise_to_final(cls, schedule: Any, info: ValidationInfo) -> Any:
+        if isinstance(schedule, list):
+            if not schedule:
                 raise ValueError("a schedule given as points needs at least one point")
-            values = [p.sparsity for p in self.schedule]
-            if values != sorted(values) or values[-1] != self.final_sparsity:
+            values = [p.sparsity for p in schedule]
+            final = info.data.get("final_sparsity")
+            if values != sorted(values) or (final is not None and values[-1] != final):
                 raise ValueError("schedule points must not decrease and must end at final_sparsity")
-        return self
+        return schedule
 
     def parameter_patterns(self) -> list[str]:
         return list(self.params)

@@ -204,7 +204,7 @@ def test_settings_are_validated() -> None:
         MagnitudePruning(params=["w"], final_sparsity=0.5, update_every={"step": 0})
     with pytest.raises(ValidationError):
         MagnitudePruning(params=["w"], final_sparsity=0.5, leave_enabled=True)
-    with pytest.raises(ValidationError, match="end is before start"):
+    with pytest.raises(ValidationError, match=r"end \(epoch 2\) is before start \(epoch 3\)"):
         MagnitudePruning(params=["w"], final_sparsity=0.5, start=3, end=2)
     points = MagnitudePruning(
         params=["w"],

@@ -1,0 +1,369 @@
+"""Pydantic models of a recipe file; every level rejects unknown keys.
+
+``modifiers`` items are dispatched on their ``type`` through the registry and validated by the
+modifier's own model; its errors keep their location below ``modifiers[i]``. Optimizer keyword
+arguments (``momentum``, ``betas``, ...) are free at load time and checked against the optimizer's
+signature by ``OptimizerSection.check_kwargs`` / ``build``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    SerializeAsAny,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from .. import registry
+from ..modifier import Modifier, StepPosition, same_unit_le
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _plain_number(value: Any) -> Any:
+    """Refuse booleans and strings where a number is expected (Pydantic's lax mode would coerce them)."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_plain_number)]
+Float = Annotated[float, BeforeValidator(_plain_number)]
+
+
+def _variable_value(value: Any) -> bool | int | float | str:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"a variable must be a number, a string or true/false, got {value!r}")
+
+
+VariableValue = Annotated[bool | int | float | str, PlainValidator(_variable_value)]
+
+
+class OptimizerSection(BaseModel):
+    """``train.optimizer``: a class name, its learning rate, and keyword arguments passed to the class.
+
+    YAML writes the keyword arguments flat (``{type: SGD, lr: 0.05, momentum: 0.9}``); they are
+    gathered into ``kwargs`` here and written flat again when dumped.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    type: str = "SGD"
+    lr: Float = Field(gt=0, description="learning rate")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="other optimizer arguments")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_kwargs(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        own = {"type", "lr", "kwargs"}
+        extra = {key: value for key, value in data.items() if key not in own}
+        given = data.get("kwargs", {})
+        if not extra or not isinstance(given, dict):
+            return data
+        return {**{k: data[k] for k in own if k in data}, "kwargs": {**given, **extra}}
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        return {**{k: v for k, v in out.items() if k != "kwargs"}, **out.get("kwargs", {})}
+
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        """The class named by ``type``: a registered optimizer, else ``torch.optim.<type>``."""
+        import torch
+
+        if self.type in registry.names("optimizers"):
+            return registry.get("optimizers", self.type)
+        found, found_type = getattr(torch.optim, self.type, None), torch.optim.Optimizer
+        if isinstance(found, type) and issubclass(found, found_type):
+            return found
+        builtin = {
+            n for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, found_type)
+        }
+        known = sorted((set(registry.names("optimizers")) | builtin) - {"Optimizer"})
+        same = [k for k in known if k.lower() == self.type.lower()]
+        close = same or difflib.get_close_matches(self.type, known, n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown optimizer {self.type!r}{hint} (known: {', '.join(known)})")
+
+    def check_kwargs(self, cls: type | None = None) -> dict[str, str]:
+        """Keyword argument -> message, for each one the optimizer class does not accept."""
+        cls = cls or self.optimizer_class()
+        params = inspect.signature(cls).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return {}
+        skip = ("self", "params")
+        accepted = [n for n, p in params.items() if n not in skip and p.kind != p.VAR_POSITIONAL]
+        problems = {}
+        for name in self.kwargs:
+            if name not in accepted or name == "lr":
+                close = difflib.get_close_matches(name, accepted, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close and close[0] != name else ""
+                problems[name] = (
+                    f"optimizer {self.type} has no argument {name!r}{hint} (accepts: {', '.join(accepted)})"
+                )
+        return problems
+
+    def build(self, params: Iterable[Any]) -> torch.optim.Optimizer:
+        """``cls(params, lr=lr, **kwargs)``; ValueError naming any argument the class does not accept."""
+        cls = self.optimizer_class()
+        problems = self.check_kwargs(cls)
+        if problems:
+            raise ValueError("train.optimizer: " + "; ".join(problems.values()))
+        return cls(params, lr=self.lr, **self.kwargs)
+
+
+class TrainSection(BaseModel):
+    """``train``: what ``compressor run`` trains; model and data: built-in names or ``pkg.mod:factory``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str = Field(min_length=1, description="built-in model name or 'package.module:factory'")
+    data: str = Field(min_length=1, description="built-in data set name or 'package.module:factory'")
+    epochs: Float = Field(gt=0, description="training length in epochs (fractions allowed)")
+    batch_size: Int = Field(64, ge=1)
+    seed: Int = 0
+    optimizer: OptimizerSection
+    loss: str = "cross_entropy"
+    grad_accum: Int = Field(1, ge=1, description="batches per optimizer step")
+    eval_every: Float = Field(1.0, gt=0, description="epochs between evaluations")
+
+
+def _error(kind: str, loc: tuple[int | str, ...], message: str, value: Any) -> InitErrorDetails:
+    """One error with a literal message (no context is given, so braces are kept as written)."""
+    return InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+
+
+def validate_modifier(index: int, item: Any) -> tuple[Modifier | None, list[InitErrorDetails]]:
+    """Validate one ``modifiers`` item with the model its ``type`` names; errors located below ``index``."""
+    if isinstance(item, Modifier):
+        return item, []
+    if not isinstance(item, dict):
+        return None, [
+            _error("modifier_item", (index,), f"expected a mapping with a 'type' key, got {item!r}", item)
+        ]
+    known = ", ".join(registry.names("modifiers")) or "none registered"
+    name = item.get("type")
+    if name is None:
+        return None, [_error("missing", (index, "type"), f"missing 'type' (known: {known})", item)]
+    if not isinstance(name, str):
+        return None, [
+            _error("modifier_type", (index, "type"), f"expected a modifier name, got {name!r}", name)
+        ]
+    try:
+        cls = registry.get("modifiers", name)
+    except registry.RegistryError as err:
+        return None, [_error("modifier_type", (index, "type"), str(err), name)]
+    except Exception as err:  # a broken entry point must not hide the recipe's other errors
+        return None, [
+            _error("modifier_type", (index, "type"), f"modifier {name!r} failed to load: {err}", name)
+        ]
+    if not (isinstance(cls, type) and issubclass(cls, Modifier)):
+        return None, [_error("modifier_type", (index, "type"), f"{name!r} is not a Modifier class", name)]
+    try:
+        return cls.model_validate(item), []
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+        return None, [_error(e["type"], (index, *e["loc"]), e["msg"], e["input"]) for e in errors]
+
+
+class Recipe(BaseModel):
+    """A whole recipe file (``version: 1``) after variable substitution."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    version: Literal[1]
+    variables: dict[str, VariableValue] = Field(default_factory=dict, description="resolved variable values")
+    train: TrainSection | None = None
+    modifiers: list[SerializeAsAny[Modifier]]
+
+    #: Where each value came from (a ``source.Source``) when loaded from YAML; None when built in Python.
+    _source: Any = PrivateAttr(default=None)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int) or value != 1:
+            raise ValueError(f"unsupported recipe version {value!r}; this compressor reads version 1")
+        return value
+
+    @field_validator("modifiers", mode="before")
+    @classmethod
+    def _dispatch(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        items, errors = [], []
+        for index, item in enumerate(value):
+            model, problems = validate_modifier(index, item)
+            items.append(model)
+            errors += problems
+        if errors:
+            raise ValidationError.from_exception_data("modifiers", errors)
+        return items
+
+
+# --- cross-field rules: (path, message) pairs; the loader turns paths into file positions ----------
+
+Problem = tuple[tuple[str | int, ...], str]
+
+
+def cross_field_problems(
+    items: list[tuple[int, Modifier]], param_names: list[str] | None = None
+) -> list[Problem]:
+    """Rules across fields and modifiers, duck-typed on the fields a modifier has.
+
+    Per modifier: start <= end (same unit); 0 <= init_sparsity <= final_sparsity < 1; for an N:M
+    ``structure``, 0 < N < M and final_sparsity = 1 - N/M. Across pruners (``prunes = True``): no
+    parameter held by two in overlapping [start, end) windows; with ``param_names``, every pattern
+    must match a parameter (without them, patterns are compared as strings).
+    """
+    problems: list[Problem] = []
+    for index, modifier in items:
+        problems += _window_and_sparsity(index, modifier)
+    return problems + _pruner_overlaps(items, param_names)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _window_and_sparsity(index: int, modifier: Modifier) -> list[Problem]:
+    base = ("modifiers", index)
+    problems: list[Problem] = []
+    start, end = getattr(modifier, "start", None), getattr(modifier, "end", None)
+    if start is not None and end is not None and same_unit_le(start, end) is False:
+        problems.append(((*base, "end"), f"end ({_when(end)}) is before start ({_when(start)})"))
+    init = _number(getattr(modifier, "init_sparsity", None))
+    final = _number(getattr(modifier, "final_sparsity", None))
+    if init is not None and init < 0:
+        problems.append(((*base, "init_sparsity"), f"init_sparsity must be >= 0, got {init:g}"))
+    if final is not None and not 0 <= final < 1:
+        problems.append(((*base, "final_sparsity"), f"final_sparsity must be in [0, 1), got {final:g}"))
+    if init is not None and final is not None and init >= 0 and 0 <= final < 1 and init > final:
+        message = f"init_sparsity ({init:g}) must be <= final_sparsity ({final:g})"
+        problems.append(((*base, "init_sparsity"), message))
+    n, m = _n_m(getattr(modifier, "structure", None))
+    if n is not None and m is not None:
+        if not 0 < n < m:
+            problems.append(((*base, "structure"), f"N:M structure needs 0 < N < M, got {n}:{m}"))
+        elif final is not None and abs(final - (1 - n / m)) > 1e-9:
+            message = f"final_sparsity must be 1 - N/M = {1 - n / m:g} for {n}:{m} structure, got {final:g}"
+            problems.append(((*base, "final_sparsity"), message))
+    return problems
+
+
+def _n_m(structure: Any) -> tuple[int | None, int | None]:
+    """(N, M) of an N:M structure (a mapping or an object with ``n`` and ``m``); else (None, None)."""
+    if isinstance(structure, dict):
+        n, m = structure.get("n"), structure.get("m")
+    else:
+        n, m = getattr(structure, "n", None), getattr(structure, "m", None)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (n, m))
+    return (n, m) if ok else (None, None)
+
+
+def _when(position: Any) -> str:
+    if position is None:
+        return "end of training"
+    return f"step {position.step}" if isinstance(position, StepPosition) else f"epoch {float(position):g}"
+
+
+#: (unit, start, end): end is inf for "end of training".
+Window = tuple[str, float, float]
+
+
+def _window(modifier: Modifier) -> Window | None:
+    """The modifier's window in one unit; None when start and end use different units or are inverted."""
+    start, end = getattr(modifier, "start", 0.0), getattr(modifier, "end", None)
+    unit = "step" if isinstance(start, StepPosition) else "epoch"
+    if end is not None and isinstance(end, StepPosition) != (unit == "step"):
+        return None
+
+    def value(p: Any) -> float:
+        return float(p.step) if isinstance(p, StepPosition) else float(p)
+
+    first, last = value(start), math.inf if end is None else value(end)
+    return (unit, first, last) if first <= last else None  # an inverted window is reported on its own
+
+
+def _overlap(a: Window, b: Window) -> bool:
+    """Whether windows [start, end) overlap; a window with start == end is the single point start."""
+    (ua, a0, a1), (ub, b0, b1) = a, b
+    if ua != ub:
+        return False  # different units: only the session knows the steps per epoch
+    if a0 == a1 and b0 == b1:
+        return a0 == b0
+    if a0 == a1:
+        return b0 <= a0 < b1
+    if b0 == b1:
+        return a0 <= b0 < a1
+    return a0 < b1 and b0 < a1
+
+
+def _selections(
+    index: int, modifier: Modifier, param_names: list[str] | None, problems: list[Problem]
+) -> list[tuple[tuple[str | int, ...], str, set[str]]]:
+    """(path, pattern, selected names) per pattern; without param_names a pattern stands for itself."""
+    listed = list(getattr(modifier, "params", None) or [])
+    patterns = list(modifier.parameter_patterns()) or listed
+    out = []
+    for pattern in patterns:
+        where: tuple[str | int, ...] = ("modifiers", index, "params")
+        if pattern in listed:
+            where = (*where, listed.index(pattern))
+        if param_names is None:
+            out.append((where, pattern, {pattern}))
+            continue
+        from ..params import PatternError, match_params
+
+        try:
+            out.append((where, pattern, set(match_params([pattern], param_names))))
+        except PatternError as err:  # names the pattern and the closest parameter names
+            problems.append((where, str(err)))
+    return out
+
+
+def _pruner_overlaps(items: list[tuple[int, Modifier]], param_names: list[str] | None) -> list[Problem]:
+    problems: list[Problem] = []
+    pruners = [
+        (index, modifier, _window(modifier), _selections(index, modifier, param_names, problems))
+        for index, modifier in items
+        if getattr(type(modifier), "prunes", False)
+    ]
+    for n, (i, first, window_i, sel_i) in enumerate(pruners):
+        held = set().union(*(names for _, _, names in sel_i))
+        for _, second, window_j, sel_j in pruners[n + 1 :]:
+            if window_i is None or window_j is None or not _overlap(window_i, window_j):
+                continue
+            for where, pattern, names in sel_j:
+                shared = sorted(names & held)
+                if not shared:
+                    continue
+                what = f"pattern {pattern!r}" if param_names is None else ", ".join(map(repr, shared[:3]))
+                problems.append(
+                    (
+                        where,
+                        f"{what} also pruned by modifiers[{i}] ({first.type}, {_when(first.start)} to "
+                        f"{_when(first.end)}), overlapping {_when(second.start)} to {_when(second.end)}",
+                    )
+                )
+    return problems
