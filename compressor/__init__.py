@@ -1,6 +1,29 @@
 """compressor: recipe-driven model compression for PyTorch, built around M-FAC.
 
-Kept light on purpose: ``import compressor.mfac`` needs torch alone.
+Kept light on purpose: ``import compressor.mfac`` needs torch alone. The engine's names
+(``Session``, ``load_recipe``, ``Recipe``, ``RecipeError``) load on first use.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Session": ("compressor.session", "Session"),
+    "load_recipe": ("compressor.recipe", "load_recipe"),
+    "Recipe": ("compressor.recipe", "Recipe"),
+    "RecipeError": ("compressor.recipe", "RecipeError"),
+}
+
+__all__ = ["Recipe", "RecipeError", "Session", "__version__", "load_recipe"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")

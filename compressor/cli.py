@@ -1,6 +1,14 @@
-"""The ``compressor`` command line (Typer). Each command is a thin layer over the Python API."""
+"""The ``compressor`` command line (Typer). Each command is a thin layer over the Python API.
+
+User errors (a bad recipe, a missing file, a damaged checkpoint) print a short message and exit
+with code 1; they never show a traceback.
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -11,7 +19,10 @@ app = typer.Typer(
     help="Recipe-driven model compression for PyTorch, built around M-FAC.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+
+SET_HELP = "Override a recipe variable: --set name=value (repeatable)."
 
 
 def _print_version(value: bool) -> None:
@@ -22,21 +33,104 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
-    ),
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     """Recipe-driven model compression for PyTorch, built around M-FAC."""
 
 
-@app.command()
-def info() -> None:
-    """Print the versions of compressor and torch, and where the M-FAC math will run."""
-    import torch
+def _fail(message: str) -> None:
+    typer.echo(message.rstrip(), err=True)
+    raise typer.Exit(code=1)
 
-    typer.echo(f"compressor {__version__}")
-    typer.echo(f"torch {torch.__version__} ({torch.get_num_threads()} CPU threads)")
-    typer.echo(f"CUDA available: {torch.cuda.is_available()}")
+
+def _parse_sets(sets: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in sets or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            _fail(f"--set {item!r}: expected name=value")
+        out[name.strip()] = value
+    return out
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean 'the user asked for something wrong' (no traceback)."""
+    from .checkpoint import CheckpointError
+    from .params import PatternError
+    from .recipe import RecipeError
+    from .sampling import PreflightError
+    from .trainer import RunError
+
+    return (RecipeError, RunError, CheckpointError, PatternError, PreflightError, FileNotFoundError)
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file (optional with --resume).")] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for checkpoint, metrics, plots.")
+    ] = Path("out"),
+    sets: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this folder.")] = None,
+    allow_recipe_change: Annotated[
+        bool, typer.Option("--allow-recipe-change", help="On --resume, accept a recipe that differs.")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Train and compress as RECIPE says; writes checkpoint.pt, metrics.csv, summary.json and plots."""
+    from .trainer import run as run_recipe
+
+    try:
+        summary = run_recipe(
+            recipe,
+            resume if resume is not None else output,
+            overrides=_parse_sets(sets),
+            resume=resume is not None,
+            allow_recipe_change=allow_recipe_change,
+            progress=progress and sys.stdout.isatty(),
+        )
+    except _user_errors() as exc:
+        _fail(str(exc))
+    folder = resume if resume is not None else output
+    typer.echo(
+        f"done: accuracy {summary['eval']['accuracy']:.2%}, global sparsity "
+        f"{summary['sparsity']['global']:.1%}, {summary['wall_time_s']:.1f} s -> {folder}"
+    )
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    sets: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+) -> None:
+    """Check RECIPE; print FILE:LINE:COL errors and exit 1, or exit 0."""
+    from .recipe.loader import validate_command
+
+    raise typer.Exit(code=validate_command(recipe, _parse_sets(sets)))
+
+
+@app.command()
+def inspect(
+    path: Annotated[
+        Path, typer.Argument(help="A recipe (.yaml), a checkpoint (.pt) or an ONNX model (.onnx).")
+    ],
+    epochs: Annotated[
+        float | None, typer.Option(help="Epochs to tabulate for a recipe without train.")
+    ] = None,
+) -> None:
+    """A recipe's schedule table, or the sparsity per tensor of a checkpoint or ONNX file."""
+    from rich.console import Console
+
+    from . import inspection
+
+    try:
+        table = inspection.inspect_path(path, epochs=epochs)
+    except _user_errors() as exc:
+        _fail(str(exc))
+    Console().print(table)
 
 
 if __name__ == "__main__":

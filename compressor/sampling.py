@@ -1,0 +1,136 @@
+"""Mini-batch gradients for second-order modifiers, and the memory preflight that guards them.
+
+``GradientSampler.sample`` returns m gradients of the selected parameters, one mini-batch each,
+as rows of an (m, d) float32 tensor. The model runs in eval mode (batch-norm uses its running
+statistics, as in the reference pruner) and is put back in its previous mode afterwards; the
+parameters' ``.grad`` are restored too, so sampling inside a training step changes nothing.
+Batches come from a private, seeded generator: the same call at the same step draws the same
+batches, which keeps interrupted-and-resumed runs identical.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .params import normalize
+
+
+class PreflightError(MemoryError):
+    """The estimated memory of a step does not fit; raised before training starts."""
+
+
+def available_bytes() -> int:
+    """Memory the process can still take (MemAvailable on Linux, else physical memory)."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def preflight(what: str, needed: int, budget: int | None = None, suggestion: str = "") -> None:
+    """Raise PreflightError when ``needed`` bytes exceed 90% of ``budget`` (default: available memory)."""
+    budget = available_bytes() if budget is None else budget
+    if needed > 0.9 * budget:
+        hint = f"; {suggestion}" if suggestion else ""
+        raise PreflightError(
+            f"{what} needs about {_human(needed)} but only {_human(budget)} is available{hint}"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class GradientSampler:
+    """Draws mini-batch gradients of named parameters of ``model`` from ``data``.
+
+    Args:
+        model: the model (parameter names may carry DDP's "module." prefix).
+        data: a Dataset of (input, target) pairs.
+        loss_fn: loss(output, target), default cross entropy.
+        seed: seeds the sampler's own shuffling (the global RNG is not touched).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data: Dataset,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
+        self.seed = seed
+
+    def sample(
+        self,
+        names: list[str],
+        num_grads: int,
+        batch_size: int,
+        *,
+        key: int = 0,
+        select: dict[str, torch.Tensor] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """(num_grads, d) float32: row i is the gradient of the mean loss over batch i.
+
+        ``names``: parameters (normalized names) whose gradients are concatenated in this order.
+        ``select``: optional bool mask per name; only those coordinates are kept (d = their count).
+        ``key``: mixed into the shuffling seed (pass the step, so resumed runs draw the same batches).
+        """
+        if num_grads < 1 or batch_size < 1:
+            raise ValueError(f"num_grads and batch_size must be >= 1, got {num_grads} and {batch_size}")
+        params = dict((normalize(n), p) for n, p in self.model.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"unknown parameters {missing[:5]}")
+        chosen = [params[n] for n in names]
+        keep = [None if select is None else select[n].reshape(-1) for n in names]
+        dim = sum(p.numel() if k is None else int(k.sum()) for p, k in zip(chosen, keep, strict=True))
+        out = torch.empty(num_grads, dim, dtype=torch.float32, device=device)
+        every = list(self.model.parameters())
+        saved = [p.grad for p in every]  # all of them: backward writes every parameter's .grad
+        was_training = self.model.training
+        model_device = chosen[0].device if chosen else torch.device("cpu")
+        self.model.eval()
+        try:
+            batches = self._batches(batch_size, key)
+            for row in range(num_grads):
+                x, y = next(batches)
+                for p in every:
+                    p.grad = None
+                with torch.enable_grad():
+                    self.loss_fn(self.model(x.to(model_device)), y.to(model_device)).backward()
+                offset = 0
+                for p, k in zip(chosen, keep, strict=True):
+                    g = torch.zeros_like(p) if p.grad is None else p.grad
+                    g = g.reshape(-1) if k is None else g.reshape(-1)[k]
+                    out[row, offset : offset + g.numel()] = g
+                    offset += g.numel()
+        finally:
+            for p, g in zip(every, saved, strict=True):
+                p.grad = g
+            self.model.train(was_training)
+        return out
+
+    def _batches(self, batch_size: int, key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled batches, cycling through the data as often as needed."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+        while True:
+            loader = DataLoader(
+                self.data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False
+            )
+            yield from loader

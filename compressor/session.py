@@ -1,0 +1,237 @@
+"""The lifecycle: a recipe's modifiers driven around any PyTorch training loop.
+
+A ``Session`` counts optimizer steps and calls each modifier's hooks around them::
+
+    session = Session(recipe, model, optimizer, steps_per_epoch=len(loader))
+    optimizer = session.wrap(optimizer)          # its step() now runs the hooks
+    for epoch in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+    session.finalize()
+
+or, without the wrapper, ``session.before_step(); optimizer.step(); session.after_step()``.
+With gradient accumulation, call the hooks only on the micro-batches that step the optimizer and
+count ``steps_per_epoch`` in optimizer steps. Hooks called out of order raise ``LifecycleError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .masks import MaskSet
+from .modifier import Modifier, to_step
+from .params import match_params, normalize
+from .sampling import GradientSampler
+
+
+class LifecycleError(RuntimeError):
+    """A hook was called out of order (for example after_step without before_step)."""
+
+
+class Session:
+    """Runs ``modifiers`` (a Recipe or a list of Modifier) around ``optimizer``'s steps on ``model``.
+
+    Args:
+        recipe: a ``compressor.recipe.Recipe`` (its ``modifiers`` are used) or a list of modifiers.
+        model: the model being compressed (DDP-wrapped models work: "module." prefixes are ignored).
+        optimizer: the training optimizer (a modifier may swap it; ``session.optimizer`` is current).
+        steps_per_epoch: optimizer steps per epoch; converts epoch positions into steps.
+        total_epochs: length of training, for modifiers whose ``end`` is None (optional).
+        data: a Dataset of (input, target) pairs for modifiers that sample gradients.
+        loss_fn: loss(output, target) for those modifiers (default: cross entropy).
+        metrics: optional callback(step, name, value) receiving what modifiers log.
+    """
+
+    def __init__(
+        self,
+        recipe: Any,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        steps_per_epoch: int,
+        total_epochs: float | None = None,
+        data: torch.utils.data.Dataset | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        metrics: Callable[[int, str, float], None] | None = None,
+    ) -> None:
+        modifiers = recipe if isinstance(recipe, (list, tuple)) else getattr(recipe, "modifiers", None)
+        if modifiers is None or not all(isinstance(m, Modifier) for m in modifiers):
+            raise TypeError("recipe must be a compressor Recipe or a list of Modifier objects")
+        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+        self.modifiers: list[Modifier] = list(modifiers)
+        self.model = model
+        self.optimizer = optimizer
+        self.steps_per_epoch = steps_per_epoch
+        self.total_epochs = total_epochs
+        self.params: dict[str, torch.nn.Parameter] = {normalize(n): p for n, p in model.named_parameters()}
+        self.masks = MaskSet(model, self._pruned_names())
+        self.sampler = GradientSampler(model, data, loss_fn) if data is not None else None
+        self.step = 0
+        self._metrics = metrics
+        self._state = "new"  # new -> ready <-> stepping -> finalized
+
+    @classmethod
+    def from_recipe(
+        cls,
+        path: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        overrides: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Session:
+        """Load and validate a recipe file against ``model``'s parameter names, then build a session."""
+        from .recipe import load_recipe
+
+        names = [normalize(n) for n, _ in model.named_parameters()]
+        return cls(load_recipe(path, overrides=overrides, param_names=names), model, optimizer, **kwargs)
+
+    # ------------------------------------------------------------------ positions
+
+    @property
+    def epoch(self) -> float:
+        """Epochs completed so far, as a float (steps / steps_per_epoch)."""
+        return self.step / self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int | None:
+        """Length of training in optimizer steps, when ``total_epochs`` is known."""
+        return None if self.total_epochs is None else to_step(self.total_epochs, self.steps_per_epoch)
+
+    def to_step(self, position: Any) -> int:
+        """A modifier position (epoch float or {step: N}) as an optimizer step."""
+        return to_step(position, self.steps_per_epoch)
+
+    def window(self, modifier: Modifier) -> tuple[int, int | None]:
+        """[start, end) of ``modifier`` in optimizer steps (end None: until training ends)."""
+        start = self.to_step(modifier.start)
+        end = None if modifier.end is None else self.to_step(modifier.end)
+        if end is not None and end < start:
+            raise ValueError(f"{modifier.type}: end (step {end}) is before start (step {start})")
+        return start, end
+
+    # ------------------------------------------------------------------ hooks
+
+    def initialize(self) -> None:
+        """Call every modifier's ``initialize``; implied by the first ``before_step``."""
+        if self._state != "new":
+            raise LifecycleError(f"initialize() called twice (session is {self._state})")
+        for modifier in self.modifiers:
+            self.window(modifier)
+            modifier.initialize(self)
+        self._state = "ready"
+
+    def before_step(self) -> None:
+        """Before ``optimizer.step()``: gradients are in ``.grad``; pruning updates happen here."""
+        if self._state == "new":
+            self.initialize()
+        if self._state == "stepping":
+            raise LifecycleError("before_step() called twice without after_step()")
+        if self._state == "finalized":
+            raise LifecycleError("before_step() called after finalize()")
+        self._state = "stepping"
+        for modifier in self.modifiers:
+            modifier.before_step(self)
+
+    def after_step(self) -> None:
+        """After ``optimizer.step()``: masks are re-applied and the step counter advances."""
+        if self._state != "stepping":
+            raise LifecycleError(f"after_step() without before_step() (session is {self._state})")
+        for modifier in self.modifiers:
+            modifier.after_step(self)
+        self.masks.apply()
+        self.step += 1
+        self._state = "ready"
+
+    def optimizer_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """before_step(), the current optimizer's step(closure), after_step()."""
+        self.before_step()
+        try:
+            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        except BaseException:
+            self._state = "ready"
+            raise
+        self.after_step()
+        return result
+
+    def finalize(self) -> None:
+        """Call every modifier's ``finalize``; the masks stay (bake them in with ``masks.remove()``)."""
+        if self._state == "stepping":
+            raise LifecycleError("finalize() called between before_step() and after_step()")
+        if self._state == "finalized":
+            raise LifecycleError("finalize() called twice")
+        if self._state == "new":
+            self.initialize()
+        for modifier in self.modifiers:
+            modifier.finalize(self)
+        self.masks.apply()
+        self._state = "finalized"
+
+    def wrap(self, optimizer: torch.optim.Optimizer | None = None) -> SessionOptimizer:
+        """An optimizer stand-in whose ``step()`` runs the hooks; everything else is delegated."""
+        if optimizer is not None and optimizer is not self.optimizer:
+            raise ValueError("wrap() takes the optimizer the session was built with")
+        return SessionOptimizer(self)
+
+    # ------------------------------------------------------------------ services for modifiers
+
+    def log(self, name: str, value: float) -> None:
+        """Record a metric at the current step (passed to the ``metrics`` callback)."""
+        if self._metrics is not None:
+            self._metrics(self.step, name, float(value))
+
+    def match(self, patterns: Iterable[str]) -> list[str]:
+        """Parameter names (normalized) selected by ``patterns``; PatternError when one matches nothing."""
+        return match_params(list(patterns), list(self.params))
+
+    def _pruned_names(self) -> list[str]:
+        names: list[str] = []
+        for modifier in self.modifiers:
+            if modifier.prunes:
+                for name in self.match(modifier.parameter_patterns()):
+                    if name not in names:
+                        names.append(name)
+        return [n for n in self.params if n in names]
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter and each modifier's run-time state (masks live in the model's state_dict)."""
+        return {"step": self.step, "modifiers": [m.state_dict() for m in self.modifiers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict`` before training continues; the recipe must list the same modifiers."""
+        saved = state.get("modifiers", [])
+        if len(saved) != len(self.modifiers):
+            raise ValueError(
+                f"checkpoint has {len(saved)} modifier states, the recipe has {len(self.modifiers)}"
+            )
+        self.step = int(state["step"])
+        for modifier, mod_state in zip(self.modifiers, saved, strict=True):
+            modifier.load_state_dict(mod_state)
+
+
+class SessionOptimizer:
+    """Stands in for the session's optimizer: ``step()`` runs the session hooks around it."""
+
+    def __init__(self, session: Session) -> None:
+        object.__setattr__(self, "_session", session)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        return self._session.optimizer_step(closure)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session.optimizer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._session.optimizer, name, value)
+
+    def __repr__(self) -> str:
+        return f"SessionOptimizer({self._session.optimizer!r})"

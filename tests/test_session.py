@@ -1,0 +1,208 @@
+"""The lifecycle: hook order, the optimizer wrapper, errors for events out of order, DDP names,
+the gradient sampler and its memory preflight, and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+import torch
+from pydantic import Field
+from torch.utils.data import TensorDataset
+
+from compressor import registry
+from compressor.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from compressor.modifier import Modifier
+from compressor.sampling import GradientSampler, PreflightError, preflight
+from compressor.session import LifecycleError, Session
+from modifiers.magnitude import MagnitudePruning
+
+
+class Recorder(Modifier):
+    """Records the hooks it sees with the session's step."""
+
+    type: Literal["Recorder"] = "Recorder"
+    calls: list[Any] = Field(default_factory=list)
+
+    def initialize(self, session: Session) -> None:
+        self.calls.append(("initialize", session.step))
+
+    def before_step(self, session: Session) -> None:
+        self.calls.append(("before", session.step))
+
+    def after_step(self, session: Session) -> None:
+        self.calls.append(("after", session.step))
+
+    def finalize(self, session: Session) -> None:
+        self.calls.append(("finalize", session.step))
+
+
+def _setup(gen: torch.Generator, modifiers: list[Modifier]) -> tuple[torch.nn.Module, Session, Any]:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    session = Session(modifiers, model, opt, steps_per_epoch=4)
+    return model, session, opt
+
+
+def _backward(model: torch.nn.Module, gen: torch.Generator) -> None:
+    x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+
+
+def test_wrapped_optimizer_runs_hooks_in_order(gen):
+    rec = Recorder(calls=[])
+    model, session, opt = _setup(gen, [rec])
+    wrapped = session.wrap(opt)
+    assert wrapped.param_groups is opt.param_groups  # everything else is delegated
+    for _ in range(3):
+        wrapped.zero_grad()
+        _backward(model, gen)
+        wrapped.step()
+    session.finalize()
+    assert rec.calls == [
+        ("initialize", 0),
+        ("before", 0),
+        ("after", 0),
+        ("before", 1),
+        ("after", 1),
+        ("before", 2),
+        ("after", 2),
+        ("finalize", 3),
+    ]
+    assert session.step == 3 and session.epoch == 0.75
+
+
+def test_events_out_of_order_are_refused(gen):
+    _model, session, _opt = _setup(gen, [Recorder(calls=[])])
+    with pytest.raises(LifecycleError, match="after_step\\(\\) without before_step"):
+        session.after_step()
+    session.before_step()
+    with pytest.raises(LifecycleError, match="twice"):
+        session.before_step()
+    with pytest.raises(LifecycleError, match="between"):
+        session.finalize()
+    session.after_step()
+    session.finalize()
+    with pytest.raises(LifecycleError, match="after finalize"):
+        session.before_step()
+    with pytest.raises(LifecycleError, match="twice"):
+        session.finalize()
+
+
+def test_bad_arguments_are_refused(gen):
+    model = torch.nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        Session([], model, opt, steps_per_epoch=0)
+    with pytest.raises(TypeError, match="Recipe or a list"):
+        Session("recipe.yaml", model, opt, steps_per_epoch=3)
+    with pytest.raises(ValueError, match=r"matches no parameter|closest"):
+        Session(
+            [MagnitudePruning(type="MagnitudePruning", params=["fc9.weight"], final_sparsity=0.5)],
+            model,
+            opt,
+            steps_per_epoch=3,
+        )
+
+
+def test_ddp_prefixed_names_match_plain_patterns(gen):
+    class Wrapper(torch.nn.Module):  # what DDP looks like to named_parameters()
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.module(x)
+
+    inner = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = Wrapper(inner)
+    pruner = MagnitudePruning(
+        type="MagnitudePruning", params=["0.weight"], start=0, end=0, final_sparsity=0.5
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    session = Session([pruner], model, opt, steps_per_epoch=2)
+    wrapped = session.wrap(opt)
+    _backward(model, gen)
+    wrapped.step()
+    assert abs(session.masks.sparsity("0.weight") - 0.5) < 1e-9
+    assert float((inner[0].weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_masked_weights_stay_zero_through_training(gen):
+    pruner = MagnitudePruning(
+        type="MagnitudePruning", params=["*.weight"], start=0, end=1, final_sparsity=0.7
+    )
+    model, session, opt = _setup(gen, [pruner])
+    wrapped = session.wrap(opt)
+    for _ in range(12):
+        wrapped.zero_grad()
+        _backward(model, gen)
+        wrapped.step()
+        for name in session.masks.names:
+            weight = session.params[name]
+            assert torch.all(weight[~session.masks.mask(name)] == 0)
+    session.finalize()
+    assert session.masks.global_sparsity() == pytest.approx(0.7, abs=1 / 192)  # 192 weights
+
+
+def test_registered_modifier_is_found_by_name():
+    registry.register("modifiers", "Recorder", Recorder)
+    try:
+        assert registry.get("modifiers", "Recorder") is Recorder
+        assert "Recorder" in registry.names("modifiers")
+    finally:
+        registry.unregister("modifiers", "Recorder")
+    with pytest.raises(KeyError, match="did you mean 'MagnitudePruning'"):
+        registry.get("modifiers", "MagnitudePrunin")
+
+
+def test_gradient_sampler_matches_manual_gradients(gen):
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3))
+    data = TensorDataset(torch.randn(40, 5, generator=gen), torch.randint(0, 3, (40,), generator=gen))
+    model.train()
+    model[0].weight.grad = torch.full_like(model[0].weight, 7.0)
+    stats = model[1].running_mean.clone()
+    sampler = GradientSampler(model, data, seed=3)
+    names = ["0.weight", "2.weight"]
+    select = {
+        "0.weight": torch.rand(6, 5, generator=gen) > 0.5,
+        "2.weight": torch.ones(3, 6, dtype=torch.bool),
+    }
+    grads = sampler.sample(names, num_grads=4, batch_size=8, key=11, select=select)
+    assert grads.shape == (4, int(select["0.weight"].sum()) + 18)
+    assert model.training and torch.equal(model[0].weight.grad, torch.full_like(model[0].weight, 7.0))
+    assert torch.equal(model[1].running_mean, stats)  # eval mode: batch-norm statistics untouched
+    assert model[2].weight.grad is None
+    batches = sampler._batches(8, 11)
+    model.eval()
+    for row in range(4):
+        x, y = next(batches)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        expected = torch.cat([model[0].weight.grad[select["0.weight"]], model[2].weight.grad.reshape(-1)])
+        torch.testing.assert_close(grads[row], expected)
+    again = sampler.sample(names, num_grads=4, batch_size=8, key=11, select=select)
+    assert torch.equal(again, grads)  # same key: same batches
+
+
+def test_preflight_stops_with_estimate_and_suggestion():
+    with pytest.raises(PreflightError, match=r"needs about 1\.0 GiB but only 512\.0 MiB.*lower num_grads"):
+        preflight("pruner", 1 << 30, budget=512 << 20, suggestion="lower num_grads")
+    preflight("pruner", 1 << 20, budget=512 << 20)
+
+
+def test_checkpoint_round_trip_and_damage(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"model": {"w": torch.arange(5.0)}, "epoch": 3})
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.arange(5.0))
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    raw = path.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated or tampered"):
+        load_checkpoint(tmp_path / "truncated.pt")
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a compressor checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing.pt")
