@@ -311,8 +311,8 @@ class Progress:
         return (step - step0) / elapsed if step0 is not None and step is not None and step > step0 else None
 
 
-LABELS = {"accuracy": "acc"}
-PERCENT = {"acc", "accuracy", "sparsity"}
+LABELS = {"accuracy": "acc", "eval_loss": "eval loss", "eval_accuracy": "eval acc"}
+PERCENT = {"acc", "accuracy", "eval_accuracy", "sparsity"}
 
 
 def format_fields(fields: Mapping[str, float | None], steps_per_s: float | None = None) -> str:

@@ -127,8 +127,9 @@ def run(
             metrics = evaluate(model, bundle.test, loss_fn)
             log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
             log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
-            log.log(session.step, session.epoch, "train", "sparsity", session.masks.global_sparsity())
-            bar.epoch_done(epoch + 1, epochs, metrics, session.masks.global_sparsity())
+            log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
+            shown = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
+            bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
             _checkpoint(files, session, model, epoch + 1, time.perf_counter() - began, raw_text)
             if total_steps is not None and session.step >= total_steps:
                 break
@@ -250,9 +251,9 @@ def _restore(files: RunFiles, session: Session, model: Any) -> tuple[int, float]
 
 
 def _summary(session: Session, log: MetricsLog, final: dict[str, float], wall: float) -> dict[str, Any]:
-    dense = [r for r in log.rows() if r["split"] == "eval" and r["name"] == "accuracy"]
-    sparsity = {r["step"]: r["value"] for r in log.rows() if r["name"] == "sparsity"}
-    dense_acc = [r["value"] for r in dense if sparsity.get(r["step"], 0.0) == 0.0]
+    rows = [r for r in log.rows() if r["split"] == "eval"]
+    sparsity = {r["step"]: r["value"] for r in rows if r["name"] == "sparsity"}
+    dense_acc = [r["value"] for r in rows if r["name"] == "accuracy" and sparsity.get(r["step"]) == 0.0]
     return {
         "eval": {"accuracy": final["accuracy"], "loss": final["loss"]},
         "dense_eval_accuracy": dense_acc[-1] if dense_acc else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```(?:bash|sh)\n(.+?)\n```", readme, flags=re.S)
     assert len(commands) >= 2, "README.md needs the two set-up commands in ```bash blocks"
     main_job, tests = commands[0].strip(), commands[1].strip()
-    assert "pytest" in tests and "pytest" not in main_job
+    assert "pytest" in tests and "pytest" not in main_job and "compressor run recipes/" in main_job
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci
 
@@ -68,6 +69,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.+?)\n```", readme, flags=re.S)
     assert len(blocks) >= 3
+    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for block in blocks:
@@ -75,3 +77,4 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["saliency"].shape == (100_000,) and bool(namespace["saliency"].isfinite().all())
     assert namespace["step"].shape == (100_000,)
     assert (tmp_path / "opt.pt").exists()
+    assert abs(namespace["session"].masks.global_sparsity() - 0.8) < 1e-3  # the user-loop example pruned
