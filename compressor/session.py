@@ -68,6 +68,7 @@ class Session:
         self.modifiers: list[Modifier] = list(modifiers)
         self.model = model
         self.optimizer = optimizer
+        self.base_optimizer = optimizer  # the training optimizer; a modifier may swap in another
         self.steps_per_epoch = steps_per_epoch
         self.total_epochs = total_epochs
         self.params: dict[str, torch.nn.Parameter] = {normalize(n): p for n, p in model.named_parameters()}
@@ -181,6 +182,10 @@ class Session:
         return SessionOptimizer(self)
 
     # ------------------------------------------------------------------ services for modifiers
+
+    def swap_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Make ``optimizer`` the one that steps (None: hand back to the base optimizer)."""
+        self.optimizer = self.base_optimizer if optimizer is None else optimizer
 
     def log(self, name: str, value: float) -> None:
         """Record a metric at the current step (passed to the ``metrics`` callback)."""

@@ -231,7 +231,7 @@ def _checkpoint(files: RunFiles, session: Session, model: Any, epoch: int, elaps
         files.checkpoint,
         {
             "model": model.state_dict(),
-            "optimizer": session.optimizer.state_dict(),
+            "optimizer": session.base_optimizer.state_dict(),  # a swapped-in one saves itself
             "session": session.state_dict(),
             "rng": rng_state(),
             "epoch": epoch,
@@ -244,7 +244,7 @@ def _checkpoint(files: RunFiles, session: Session, model: Any, epoch: int, elaps
 def _restore(files: RunFiles, session: Session, model: Any) -> tuple[int, float]:
     state = load_checkpoint(files.checkpoint)
     model.load_state_dict(state["model"])
-    session.optimizer.load_state_dict(state["optimizer"])
+    session.base_optimizer.load_state_dict(state["optimizer"])
     session.load_state_dict(state["session"])
     set_rng_state(state["rng"])
     return int(state["epoch"]), float(state.get("elapsed", 0.0))

@@ -210,3 +210,18 @@ def test_cuda_and_streamed_pages_match_cpu(gen, block_size):
         assert rel_err(y.cpu(), cpu.mul(x)) <= 1e-10
         assert rel_err(fi.diag().cpu(), cpu.diag()) <= 1e-10
     assert streamed.mul(x).device.type == "cpu"
+
+
+@pytest.mark.parametrize("block_size", [None, 7, 30])
+def test_submatrices_are_blocks_of_the_dense_inverse(gen, block_size):
+    grads = realistic_grads(12, 100, gen)
+    finv = torch.linalg.inv(dense_fisher(grads, 1e-4, block_size))
+    fi = FisherInverse(grads, 1e-4, block_size)
+    index = torch.randint(0, 100, (9, 4), generator=gen)
+    index[0] = torch.tensor([28, 29, 30, 31])  # straddles a block boundary for B = 30 and B = 7
+    sub = fi.submatrices(index)
+    assert sub.shape == (9, 4, 4)
+    expected = finv[index.unsqueeze(2), index.unsqueeze(1)]
+    torch.testing.assert_close(sub, expected, rtol=1e-9, atol=1e-9 * finv.abs().max().item())
+    with pytest.raises(ValueError, match="index values"):
+        fi.submatrices(torch.tensor([[0, 100]]))

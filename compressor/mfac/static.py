@@ -185,6 +185,38 @@ class FisherInverse:
         dot = torch.dot(w[:, ci].to(torch.float64), w[:, cj].to(torch.float64)).item()
         return ((1.0 if i == j else 0.0) - dot) / self.damp
 
+    def submatrices(self, index: torch.Tensor) -> torch.Tensor:
+        """[F^-1]_QQ for each row Q of ``index`` (g, k) of coordinates: shape (g, k, k), float64.
+
+        For group OBS (blocks, N:M groups): the k x k inverse-Fisher block of each group, zero
+        between coordinates of different Fisher blocks. Cost O(g k^2 m).
+        """
+        if (
+            not isinstance(index, torch.Tensor)
+            or index.dim() != 2
+            or index.dtype not in (torch.int32, torch.int64)
+        ):
+            raise ValueError("index must be an integer tensor of shape (g, k)")
+        flat = index.reshape(-1).to(torch.int64)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.dim):
+            raise ValueError(f"index values must be in [0, {self.dim})")
+        cols = torch.empty(flat.numel(), self.num_grads, dtype=torch.float64, device=self.storage)
+        block_id = torch.empty(flat.numel(), dtype=torch.int64, device=self.storage)
+        flat = flat.to(self.storage)
+        for s, (seg, factor) in enumerate(zip(self._segments, self._factors, strict=True)):
+            inside = (flat >= seg.start) & (flat < seg.start + seg.blocks * seg.size)
+            b, c = (
+                (flat[inside] - seg.start).div(seg.size, rounding_mode="floor"),
+                (flat[inside] - seg.start) % seg.size,
+            )
+            cols[inside] = factor[b, :, c].to(torch.float64)
+            block_id[inside] = b + s * (self.dim + 1)
+        g, k = index.shape
+        cols, block_id, coord = cols.view(g, k, -1), block_id.view(g, k), flat.view(g, k)
+        same = (block_id.unsqueeze(2) == block_id.unsqueeze(1)).to(torch.float64)
+        delta = (coord.unsqueeze(2) == coord.unsqueeze(1)).to(torch.float64)
+        return (delta - cols @ cols.mT) * same / self.damp
+
     def _locate(self, index: int, name: str) -> tuple[tuple[int, int], int]:
         """(segment, block) and column within the block of a flattened coordinate."""
         if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < self.dim:
