@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -30,6 +29,8 @@ from typing import IO, Any, TypedDict
 import rich.progress
 from rich.console import Console, RenderableType
 from rich.table import Table
+
+from .atomic import atomic_write
 
 COLUMNS = ("step", "epoch", "split", "name", "value")
 LOSS, ACCURACY, SPARSITY = "loss", "accuracy", "sparsity"
@@ -150,24 +151,16 @@ def write_summary(path: str | os.PathLike[str], summary: dict[str, Any]) -> Path
 
 
 def _atomic_write(path: str | os.PathLike[str], content: str | Callable[[IO[str]], None]) -> Path:
-    """Write ``content`` (text, or a function writing to the file) to a temporary, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            if isinstance(content, str):
-                f.write(content)
-            else:
-                content(f)
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``content`` (text, or a function writing to the file, then a newline) atomically."""
+
+    def write(handle: IO[str]) -> None:
+        if isinstance(content, str):
+            handle.write(content)
+        else:
+            content(handle)
+            handle.write("\n")
+
+    return atomic_write(path, write)
 
 
 def _jsonable(obj: Any) -> Any:
