@@ -167,9 +167,8 @@ def _recipe_text(files: RunFiles, recipe_path: str | Path | None, resume: bool, 
 def _preflight(recipe: Recipe, session: Session) -> None:
     """Stop before training when the gradient buffers of second-order modifiers cannot fit."""
     for index, modifier in enumerate(recipe.modifiers):
-        if not modifier.needs_gradients:
-            continue
-        selected = session.match(modifier.parameter_patterns()) if modifier.parameter_patterns() else []
+        patterns = modifier.parameter_patterns()
+        selected = session.match(patterns) if patterns else list(session.params)
         count = sum(session.params[n].numel() for n in selected)
         preflight(
             f"modifiers[{index}] ({modifier.type}) over {count:,} weights",
