@@ -77,3 +77,10 @@ def test_issue_format() -> None:
     assert str(RecipeIssue("r.yaml", 3, 7, "", "boom")) == "r.yaml:3:7: <root>: boom"
     error = RecipeError([RecipeIssue("r", 5, 1, "b", "two"), RecipeIssue("r", 2, 9, "a", "one")])
     assert str(error) == "r:2:9: a: one\nr:5:1: b: two"
+
+
+def test_unquoted_expression_in_flow_mapping_gets_a_hint() -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_source("optimizer: {type: SGD, lr: ${lr}}\n", "r.yaml")
+    assert str(caught.value).startswith("r.yaml:1:")
+    assert 'quote a ${...} value, e.g. lr: "${lr}"' in str(caught.value)

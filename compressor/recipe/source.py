@@ -169,6 +169,9 @@ def load_source(text: str, file: str = "<string>") -> Source:
         message = err.problem or err.context or "invalid YAML"
         if err.problem and err.context and context:
             message += f" ({err.context} at line {context.line + 1}, column {context.column + 1})"
+        lines = text.splitlines()
+        if 0 < line <= len(lines) and "${" in lines[line - 1]:
+            message += '; inside [...] or {...} quote a ${...} value, e.g. lr: "${lr}"'
         raise RecipeError([RecipeIssue(file, line, col, "<root>", f"YAML syntax error: {message}")]) from None
     except RecursionError:
         raise RecipeError([RecipeIssue(file, 1, 1, "<root>", "YAML nested too deeply")]) from None

@@ -1,0 +1,382 @@
+"""M-FAC pruning: Optimal-Brain-Surgeon saliencies and updates from a matrix-free inverse Fisher.
+
+Each update prunes from the current sparsity s0 to the schedule's target s in ``num_recomputations``
+sub-steps R, with densities interpolated geometrically, density_j = (1-s0) * ((1-s)/(1-s0))^(j/R).
+Each sub-step:
+
+1. samples m mini-batch gradients of the *remaining* weights at the current weights;
+2. builds F^-1 over them, F = damp*I + G^T G / m (``FisherInverse``): blocks of ``block_size``
+   coordinates over the concatenated remaining weights of all parameters, or one full block per
+   parameter (``block_size: null``);
+3. scores: unstructured w_q^2 / (2 [F^-1]_qq); for a group structure the group OBS saliency
+   w_Q^T ([F^-1]_QQ)^-1 w_Q / 2, given to every weight of the group (``select_masks`` averages);
+   for N:M, in every group of M the subset Q of M-N weights with the smallest joint saliency gets
+   it and the other weights are kept;
+4. selects masks (``select_masks``: global or per parameter), then moves the kept weights with
+   one IHVP, dw = -F^-1 u, where u_Q = ([F^-1]_QQ)^-1 w_Q for every removed group Q (u_q =
+   w_q / [F^-1]_qq unstructured), and sets the removed weights to exactly 0.
+
+The sampler runs the model in eval mode (batch-norm uses its running statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import combinations, pairwise
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from pydantic import Field, StrictInt, field_validator
+
+from compressor.mfac import FisherInverse
+from compressor.pruning import PruningModifier
+from compressor.structures import NM, Blocks, Structure, select_masks
+
+if TYPE_CHECKING:
+    from compressor.session import Session
+
+#: N:M with more candidate subsets per group than this is scored weight by weight instead.
+MAX_NM_SUBSETS = 256
+#: Bound on the float64 temporaries of one batch of group submatrices (bytes).
+GROUP_CHUNK_BYTES = 64 << 20
+
+
+class MFACPruning(PruningModifier):
+    """Gradual (or one-shot) OBS pruning with the static M-FAC inverse Fisher (paper 3.1 and 4.1)."""
+
+    needs_gradients = True
+
+    type: Literal["MFACPruning"] = "MFACPruning"
+    num_grads: StrictInt | dict[float, StrictInt] = Field(
+        64, description="gradients per sub-step, or {sparsity: count} (count used from that target on)"
+    )
+    grad_batch_size: int = Field(32, ge=1, description="samples per gradient (mini-batch size)")
+    damp: float = Field(1e-5, gt=0.0, allow_inf_nan=False, description="dampening lambda of F")
+    block_size: int | None = Field(
+        128, ge=1, description="Fisher blocks over the remaining weights; null: one block per parameter"
+    )
+    num_recomputations: int = Field(
+        1, ge=1, le=1000, description="sub-steps per update, each with fresh gradients"
+    )
+    grads_device: Literal["cpu", "cuda"] | None = Field(
+        None, description="where the gradient buffer lives (default: the parameters' device)"
+    )
+
+    @field_validator("num_grads")
+    @classmethod
+    def _check_num_grads(cls, value: int | dict[float, int]) -> int | dict[float, int]:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"num_grads must be >= 1, got {value}")
+            return value
+        if not value:
+            raise ValueError("a num_grads map needs at least the entry 0.0")
+        bad = [k for k in value if not 0.0 <= k < 1.0]
+        if bad:
+            raise ValueError(f"num_grads map keys are sparsities in [0, 1), got {bad}")
+        if 0.0 not in value:
+            raise ValueError(f"a num_grads map needs an entry for 0.0 (the count at the start), got {value}")
+        low = {k: v for k, v in value.items() if v < 1}
+        if low:
+            raise ValueError(f"num_grads counts must be >= 1, got {low}")
+        return dict(sorted(value.items()))
+
+    # ------------------------------------------------------------------ settings helpers
+
+    def grads_at(self, sparsity: float) -> int:
+        """The number of gradients used by a sub-step whose target is ``sparsity``."""
+        if isinstance(self.num_grads, int):
+            return self.num_grads
+        return next(v for k, v in reversed(self.num_grads.items()) if k <= sparsity + 1e-9)
+
+    def max_grads(self) -> int:
+        return self.num_grads if isinstance(self.num_grads, int) else max(self.num_grads.values())
+
+    def gradient_bytes(self, num_params: int) -> int:
+        """The float32 gradient buffer (m x d, largest m) plus the factor W of FisherInverse (as large)."""
+        return 2 * 4 * self.max_grads() * num_params
+
+    def sub_targets(self, current: float, target: float) -> list[float]:
+        """The R sparsities of the sub-steps from ``current`` to ``target`` (geometric in density)."""
+        r = self.num_recomputations
+        if target <= current or current >= 1.0:
+            return [target]
+        ratio = (1.0 - target) / (1.0 - current)
+        out = [1.0 - (1.0 - current) * ratio ** (j / r) for j in range(1, r)]
+        return [*out, target]
+
+    # ------------------------------------------------------------------ hooks
+
+    def initialize(self, session: Session) -> None:
+        super().initialize(session)
+        if getattr(session, "sampler", None) is None:
+            raise ValueError(f"{self.type} samples gradients: give the Session the training data (data=...)")
+        if self.grads_device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{self.type}: grads_device is 'cuda' but no CUDA device is available")
+
+    def update(self, session: Session) -> None:
+        """Prune to the target at ``session.step`` in ``num_recomputations`` OBS sub-steps; log."""
+        names = self._names
+        target = self.target_at(min(session.step, self._window[1]), session.steps_per_epoch)
+        masks = {n: session.masks.mask(n) for n in names}
+        total = sum(m.numel() for m in masks.values())
+        current = 1.0 - sum(int(m.sum()) for m in masks.values()) / total
+        lowest = min(session.masks.sparsity(n) for n in names)
+        if target > lowest:  # else no parameter has anything left to prune
+            for j, sparsity in enumerate(self.sub_targets(current, target), start=1):
+                self._substep(session, names, sparsity, key=session.step * 1000 + j)
+        kept = sum(int(session.masks.mask(n).sum()) for n in names)
+        session.log("sparsity", 1.0 - kept / total)
+        for name in names:
+            session.log(f"sparsity/{name}", session.masks.sparsity(name))
+        self._last_update = session.step
+
+    # ------------------------------------------------------------------ one sub-step
+
+    @torch.no_grad()
+    def _substep(self, session: Session, names: list[str], sparsity: float, key: int) -> None:
+        params = [session.params[n] for n in names]
+        device = params[0].device
+        current = {n: session.masks.mask(n).to(device=device, dtype=torch.bool) for n in names}
+        alive = [current[n].reshape(-1) for n in names]
+        sizes = [int(a.sum()) for a in alive]
+        if sum(sizes) == 0:
+            return
+        grads = session.sampler.sample(
+            names,
+            self.grads_at(sparsity),
+            self.grad_batch_size,
+            key=key,
+            select=current,
+            device=self.grads_device or device,
+        )
+        fisher = _Fisher(grads, sizes, self.damp, self.block_size, device)
+        del grads
+        # Per parameter: the coordinate of each flattened weight in its Fisher part (-1: pruned).
+        coords = []
+        for a, size in zip(alive, sizes, strict=True):
+            c = torch.full((a.numel(),), -1, dtype=torch.int64, device=device)
+            c[a] = torch.arange(size, device=device)
+            coords.append(c)
+        weights = [p.detach().reshape(-1).to(torch.float64) for p in params]
+        parts = [fisher.part(i) for i in range(len(names))]
+        local = [c + part.offset * (c >= 0) for c, part in zip(coords, parts, strict=True)]
+
+        scores = {}
+        for i, name in enumerate(names):
+            saliency = _scores(parts[i], local[i], weights[i], self.structure, params[i].shape)
+            scores[name] = saliency.reshape(params[i].shape)
+        structures = dict.fromkeys(names, self.structure)
+        new = select_masks(scores, sparsity, structures, self.global_ranking, current)
+
+        # u over the concatenated remaining weights, then dw = -F^-1 u in one IHVP.
+        u = torch.zeros(fisher.dim, dtype=torch.float64, device=device)
+        starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        for i, name in enumerate(names):
+            removed = alive[i] & ~new[name].to(device).reshape(-1)
+            if not removed.any():
+                continue
+            u[starts[i] : starts[i + 1]] = _removal_vector(
+                parts[i], local[i], weights[i], removed, self.structure, params[i].shape
+            )
+        dw = fisher.mul(-u)
+        for i, name in enumerate(names):
+            moved = weights[i][alive[i]] + dw[starts[i] : starts[i + 1]]
+            params[i].masked_scatter_(current[name], moved.to(params[i].dtype))
+            session.masks.set(name, new[name])  # zeroes the removed weights exactly
+
+
+# ---------------------------------------------------------------------- the Fisher over all parts
+
+
+@dataclass(frozen=True)
+class _Part:
+    """The FisherInverse holding one parameter's remaining weights, from coordinate ``offset`` on."""
+
+    fi: FisherInverse | None  # None: the parameter has no remaining weight (per-parameter mode)
+    offset: int
+    diag: torch.Tensor | None  # diag(F^-1) of ``fi``, float64, on the compute device
+
+
+class _Fisher:
+    """F^-1 over the concatenated remaining weights: one blocked FisherInverse, or one per parameter."""
+
+    def __init__(
+        self, grads: torch.Tensor, sizes: list[int], damp: float, block_size: int | None, device: torch.device
+    ) -> None:
+        self.dim = sum(sizes)
+        starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        if block_size is None:
+            fis = [
+                FisherInverse(grads[:, a:b], damp, None, device=device) if b > a else None
+                for a, b in pairwise(starts)
+            ]
+            self._spans = list(pairwise(starts))
+            self._parts = [_Part(fi, 0, _diag(fi, device)) for fi in fis]
+            self._fis = fis
+        else:
+            fi = FisherInverse(grads, damp, block_size, device=device)
+            self._spans = [(0, self.dim)]
+            diag = _diag(fi, device)
+            self._parts = [_Part(fi, a, diag) for a in starts[:-1]]
+            self._fis = [fi]
+
+    def part(self, i: int) -> _Part:
+        return self._parts[i]
+
+    def mul(self, x: torch.Tensor) -> torch.Tensor:
+        """F^-1 x for x (d,) over the concatenated remaining weights."""
+        out = torch.zeros_like(x)
+        for fi, (a, b) in zip(self._fis, self._spans, strict=True):
+            if fi is not None:
+                out[a:b] = fi.mul(x[a:b])
+        return out
+
+
+def _diag(fi: FisherInverse | None, device: torch.device) -> torch.Tensor | None:
+    return None if fi is None else fi.diag().to(device=device, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------- scores and removals
+
+
+def _layout(shape: torch.Size, structure: Structure) -> torch.Tensor:
+    """Flat positions of each group (g, k) of a parameter, -1 padding short edge tiles."""
+    numel = math.prod(shape)
+    pos = torch.arange(numel).reshape(shape)
+    if isinstance(structure, NM):
+        moved = pos.movedim(1, -1) if pos.dim() >= 2 else pos
+        return moved.reshape(-1, structure.m)
+    view = pos.reshape(shape[0], -1)
+    if structure == "channels":
+        return view
+    assert isinstance(structure, Blocks)
+    r, c = structure.blocks
+    rows, cols = view.shape
+    nr, nc = -(-rows // r), -(-cols // c)
+    padded = torch.nn.functional.pad(view, (0, nc * c - cols, 0, nr * r - rows), value=-1)
+    return padded.reshape(nr, r, nc, c).permute(0, 2, 1, 3).reshape(nr * nc, r * c)
+
+
+def _group_solve(
+    fi: FisherInverse, coords: torch.Tensor, valid: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_Q = ([F^-1]_QQ)^-1 w_Q and the saliency w_Q . x_Q / 2 for each row Q of ``coords`` (g, k).
+
+    Slots where ``valid`` is False take no part (identity rows in the submatrix, w = 0).
+    """
+    g, k = coords.shape
+    x = torch.zeros(g, k, dtype=torch.float64, device=coords.device)
+    per_group = 8 * k * (k + fi.num_grads + 2)
+    step = max(1, GROUP_CHUNK_BYTES // per_group)
+    for s in range(0, g, step):
+        c, v = coords[s : s + step], valid[s : s + step]
+        wq = w[s : s + step].masked_fill(~v, 0.0)
+        sub = fi.submatrices(c.masked_fill(~v, 0)).to(coords.device)
+        both = v.unsqueeze(2) & v.unsqueeze(1)
+        sub = sub.masked_fill(~both, 0.0) + torch.diag_embed((~v).to(torch.float64))
+        chol, info = torch.linalg.cholesky_ex(sub)
+        if bool((info == 0).all()):
+            x[s : s + step] = torch.cholesky_solve(wq.unsqueeze(-1), chol).squeeze(-1)
+        else:  # near-singular in float64: a least-squares solve is the safest fallback
+            x[s : s + step] = torch.linalg.lstsq(sub, wq.unsqueeze(-1)).solution.squeeze(-1)
+    w0 = w.masked_fill(~valid, 0.0)
+    return x.masked_fill(~valid, 0.0), 0.5 * (w0 * x).sum(dim=1)
+
+
+def _per_weight(structure: Structure) -> bool:
+    """Scored and removed weight by weight: unstructured, or N:M with too many subsets to enumerate."""
+    return structure == "unstructured" or (
+        isinstance(structure, NM) and math.comb(structure.m, structure.m - structure.n) > MAX_NM_SUBSETS
+    )
+
+
+def _grouped(
+    layout: torch.Tensor, coord: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per slot of each group: Fisher coordinate (-1: pruned or padding), weight, and whether it is real."""
+    slot = layout >= 0
+    safe = layout.clamp(min=0)
+    return coord[safe].masked_fill(~slot, -1), w[safe], slot
+
+
+def _scores(
+    part: _Part, coord: torch.Tensor, w: torch.Tensor, structure: Structure, shape: torch.Size
+) -> torch.Tensor:
+    """OBS saliency of each weight of one parameter (flat, float64; pruned weights: 0).
+
+    ``coord``: each weight's coordinate in ``part.fi`` (-1: pruned).
+    """
+    alive = coord >= 0
+    out = torch.zeros(w.numel(), dtype=torch.float64, device=w.device)
+    if part.fi is None or not alive.any():
+        return out
+    if _per_weight(structure):
+        out[alive] = w[alive].square() / (2.0 * part.diag[coord[alive]])
+        return out
+    layout = _layout(shape, structure).to(w.device)
+    gcoord, gw, slot = _grouped(layout, coord, w)
+    if isinstance(structure, NM):
+        return _nm_scores(part.fi, layout, gcoord, gw, structure, out)
+    _, sal = _group_solve(part.fi, gcoord, gcoord >= 0, gw)
+    out[layout[slot]] = sal.unsqueeze(1).expand_as(layout)[slot]
+    return out
+
+
+def _nm_scores(
+    fi: FisherInverse,
+    layout: torch.Tensor,
+    gcoord: torch.Tensor,
+    gw: torch.Tensor,
+    structure: NM,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """N:M: per group of M, the subset of M-N weights (holding every already pruned one) with the
+    smallest joint OBS saliency gets that saliency; the group's other weights get +inf (kept)."""
+    k = structure.m - structure.n
+    if k == 0:
+        return out.fill_(math.inf)
+    g = layout.shape[0]
+    subsets = torch.tensor(list(combinations(range(structure.m), k)), device=layout.device)  # (C, k)
+    alive = gcoord >= 0
+    dead = (~alive).sum(dim=1)  # (g,)
+    sub_alive = alive[:, subsets]  # (g, C, k)
+    admissible = (~sub_alive).sum(dim=2) == dead.unsqueeze(1)
+    flat_coord = gcoord[:, subsets].reshape(-1, k)
+    _, sal = _group_solve(fi, flat_coord, sub_alive.reshape(-1, k), gw[:, subsets].reshape(-1, k))
+    sal = sal.view(g, -1).masked_fill(~admissible, math.inf)
+    best, which = sal.min(dim=1)
+    out.fill_(math.inf)
+    chosen = layout.gather(1, subsets[which])  # (g, k) flat positions
+    out[chosen.reshape(-1)] = best.unsqueeze(1).expand(g, k).reshape(-1)
+    return out
+
+
+def _removal_vector(
+    part: _Part,
+    coord: torch.Tensor,
+    w: torch.Tensor,
+    removed: torch.Tensor,
+    structure: Structure,
+    shape: torch.Size,
+) -> torch.Tensor:
+    """u over this parameter's remaining weights (in order): u_Q = ([F^-1]_QQ)^-1 w_Q for each
+    removed group Q (u_q = w_q / [F^-1]_qq weight by weight); dw = -F^-1 u is the OBS update."""
+    size = int((coord >= 0).sum())
+    u = torch.zeros(size, dtype=torch.float64, device=w.device)
+    if part.fi is None:
+        return u
+    if _per_weight(structure):
+        c = coord[removed]
+        u[c - part.offset] = w[removed] / part.diag[c]
+        return u
+    layout = _layout(shape, structure).to(w.device)
+    gcoord, gw, slot = _grouped(layout, coord, w)
+    hit = removed[layout.clamp(min=0)] & slot
+    rows = hit.any(dim=1)
+    if rows.any():
+        gcoord, gw, valid = gcoord[rows], gw[rows], hit[rows]
+        x, _ = _group_solve(part.fi, gcoord, valid, gw)
+        u[gcoord[valid] - part.offset] = x[valid]
+    return u
