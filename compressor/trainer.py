@@ -130,7 +130,7 @@ def run(
             log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
             shown = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
             bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
-            _checkpoint(files, session, model, epoch + 1, time.perf_counter() - began, raw_text)
+            _checkpoint(files, session, model, epoch + 1, time.perf_counter() - began, raw_text, recipe)
             if total_steps is not None and session.step >= total_steps:
                 break
     session.finalize()
@@ -225,7 +225,10 @@ def evaluate(model: torch.nn.Module, data: Any, loss_fn: Any, batch_size: int = 
     return {"loss": total / seen, "accuracy": correct / seen}
 
 
-def _checkpoint(files: RunFiles, session: Session, model: Any, epoch: int, elapsed: float, raw: str) -> None:
+def _checkpoint(
+    files: RunFiles, session: Session, model: Any, epoch: int, elapsed: float, raw: str, recipe: Recipe
+) -> None:
+    """Everything to resume, plus the resolved recipe so that the checkpoint alone rebuilds the model."""
     save_checkpoint(
         files.checkpoint,
         {
@@ -236,6 +239,7 @@ def _checkpoint(files: RunFiles, session: Session, model: Any, epoch: int, elaps
             "epoch": epoch,
             "elapsed": elapsed,
             "recipe_sha256": hashlib.sha256(raw.encode()).hexdigest(),
+            "recipe": resolved_yaml(recipe),
         },
     )
 
