@@ -9,6 +9,8 @@ A checkpoint is a dict of tensors and plain values::
 from __future__ import annotations
 
 import random
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, forbidden globals: all mean "unusable"
@@ -49,6 +52,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path}: checkpoint version {state.get('version')!r}, this compressor reads {VERSION}"
         )
     return state
+
+
+def _check_archive(path: Path) -> None:
+    """CheckpointError for a truncated zip or a member whose bytes do not match their CRC-32.
+
+    ``torch.load`` does not check the checksums, so a flipped byte inside a tensor would load
+    silently as a different weight; ``zipfile.testzip`` reads every member and checks it.
+    """
+    with path.open("rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":
+            return  # not a zip: torch.load below names what it is not
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise CheckpointError(
+            f"{path}: truncated or tampered checkpoint (the archive is incomplete: {exc})"
+        ) from exc
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: truncated or tampered checkpoint: member {bad!r} fails its CRC-32 check"
+        )
 
 
 def rng_state() -> dict[str, Any]:

@@ -133,5 +133,49 @@ def inspect(
     Console().print(table)
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint.pt written by `compressor run`.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="ONNX file (default: CHECKPOINT with .onnx).")
+    ] = None,
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset (default: exporter's).")] = None,
+    batch: Annotated[str, typer.Option("--batch", help="'dynamic' or a fixed batch size N.")] = "dynamic",
+    compress: Annotated[
+        bool, typer.Option("--compress", help="Store sparse tensors as sparse initializers (verified too).")
+    ] = False,
+    atol: Annotated[float, typer.Option("--atol", help="Max |onnxruntime - PyTorch| allowed.")] = 1e-4,
+    rtol: Annotated[float, typer.Option("--rtol", help="Max |diff| / max |PyTorch output| allowed.")] = 1e-3,
+    exporter: Annotated[str, typer.Option("--exporter", help="legacy (TorchScript) or dynamo.")] = "legacy",
+) -> None:
+    """Export CHECKPOINT to ONNX, verified against onnxruntime; writes export_report.json beside it."""
+    from rich.console import Console
+
+    from . import registry
+
+    try:
+        export_fn = registry.get("exporters", "onnx")
+    except registry.RegistryError as exc:
+        _fail(f"{exc}; reinstall the package (pip install -e .) to register its exporters")
+    errors = _user_errors() + tuple(getattr(export_fn, "user_errors", ()))
+    try:
+        report = export_fn(
+            checkpoint,
+            output,
+            opset=opset,
+            batch=batch,
+            compress=compress,
+            atol=atol,
+            rtol=rtol,
+            exporter=exporter,
+        )
+    except errors as exc:
+        failed = getattr(exc, "report", None)
+        if failed is not None:
+            Console(stderr=True).print(failed)
+        _fail(str(exc))
+    Console().print(report)
+
+
 if __name__ == "__main__":
     app()

@@ -89,12 +89,14 @@ class Modifier(BaseModel):
     Class attributes a modifier may set:
         prunes: it owns the masks of the parameters its ``params`` select (two pruners may not
             hold one parameter in overlapping windows).
+        restructures: it changes the model's shapes (structured pruning removes channels).
         needs_gradients: it samples gradients (the memory preflight asks ``gradient_bytes``).
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     prunes: ClassVar[bool] = False
+    restructures: ClassVar[bool] = False
     needs_gradients: ClassVar[bool] = False
 
     type: str

@@ -82,19 +82,22 @@ def _weight_out_channels(module: nn.Module, weight_shape: torch.Size) -> int:
 
 
 def feeds_output(group: Any) -> bool:
-    """True when pruning the group would change the model's output: no layer consumes its channels.
+    """True when pruning ``group`` would change the model's output: no layer consumes its channels.
 
-    A group whose channels reach another layer holds an in-channel pruning operation (of a Conv,
-    Linear, ...); a group of an output layer (the classifier) holds none.
+    Channels that reach another layer show up as an in-channel pruning operation on a layer that
+    mixes channels (Conv that is not depthwise, Linear, multi-head attention). A group that only holds
+    output channels and channel-wise layers (batch-norm, depthwise conv, ...) is an output layer's.
     """
-    import torch_pruning as tp
-
     graph = group._DG
-    return not any(graph.is_in_channel_pruning_fn(dep.handler) for dep, _ in group) and not any(
-        dep.handler == tp.prune_batchnorm_in_channels and dep.target.module is not group[0].dep.target.module
-        for dep, _ in group
-        if False
-    )
+    for dep, _ in group:
+        module = dep.target.module
+        if not graph.is_in_channel_pruning_fn(dep.handler):
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+            continue
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------- match_shapes
@@ -141,7 +144,9 @@ def match_shapes(model: nn.Module, state_dict: Mapping[str, Any], example_inputs
                 )
             if want < have:
                 pruner = graph.get_pruner_of_module(module)
-                group = graph.get_pruning_group(module, pruner.prune_out_channels, idxs=list(range(want, have)))
+                group = graph.get_pruning_group(
+                    module, pruner.prune_out_channels, idxs=list(range(want, have))
+                )
                 if not graph.check_pruning_group(group):
                     raise ValueError(f"cannot match shapes: {name} cannot lose {have - want} channels")
                 group.prune()
@@ -156,7 +161,9 @@ def match_shapes(model: nn.Module, state_dict: Mapping[str, Any], example_inputs
 
 def _mismatches(model: nn.Module, targets: Mapping[str, tuple[int, ...]]) -> list[tuple[str, Any, Any]]:
     tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return [(k, tuple(t.shape), targets[k]) for k, t in tensors if k in targets and tuple(t.shape) != targets[k]]
+    return [
+        (k, tuple(t.shape), targets[k]) for k, t in tensors if k in targets and tuple(t.shape) != targets[k]
+    ]
 
 
 def _resize_mask_buffers(model: nn.Module, targets: Mapping[str, tuple[int, ...]]) -> None:
@@ -311,7 +318,9 @@ def resume_shapes(session: Session, state_dict: Mapping[str, Any], example_input
     if example_inputs is None:
         example_inputs = example_inputs_of(session)
         if example_inputs is None:
-            raise ValueError("the checkpoint's shapes differ from the model's; matching them needs example inputs")
+            raise ValueError(
+                "the checkpoint's shapes differ from the model's; matching them needs example inputs"
+            )
     old = parameter_names(model)
     changed = match_shapes(model, state_dict, example_inputs)
     if changed:

@@ -26,6 +26,7 @@ from .recipe import Recipe, parse_recipe, resolved_yaml
 from .report import MetricsLog, Progress, plot_run, write_summary
 from .sampling import preflight
 from .session import Session
+from .structure import resume_shapes
 
 LOSSES = {"cross_entropy": torch.nn.functional.cross_entropy}
 
@@ -246,6 +247,7 @@ def _checkpoint(
 
 def _restore(files: RunFiles, session: Session, model: Any) -> tuple[int, float]:
     state = load_checkpoint(files.checkpoint)
+    resume_shapes(session, state["model"])  # channel-pruned checkpoint: shrink the fresh model to it
     model.load_state_dict(state["model"])
     session.base_optimizer.load_state_dict(state["optimizer"])
     session.load_state_dict(state["session"])
@@ -254,13 +256,16 @@ def _restore(files: RunFiles, session: Session, model: Any) -> tuple[int, float]
 
 
 def _summary(session: Session, log: MetricsLog, final: dict[str, float], wall: float) -> dict[str, Any]:
-    rows = [r for r in log.rows() if r["split"] == "eval"]
-    sparsity = {r["step"]: r["value"] for r in rows if r["name"] == "sparsity"}
-    dense_acc = [r["value"] for r in rows if r["name"] == "accuracy" and sparsity.get(r["step"]) == 0.0]
+    """Final eval, the dense model's eval (the last one before any pruning starts), sparsity, size, time."""
+    compressing = [m for m in session.modifiers if m.prunes or m.restructures]
+    first = min((session.window(m)[0] for m in compressing), default=None)
+    dense = [r for r in log.rows() if r["split"] == "eval" and r["name"] == "accuracy"]
+    dense = [r["value"] for r in dense if first is None or r["step"] <= first]
     return {
         "eval": {"accuracy": final["accuracy"], "loss": final["loss"]},
-        "dense_eval_accuracy": dense_acc[-1] if dense_acc else None,
+        "dense_eval_accuracy": dense[-1] if dense else None,
         "sparsity": {"global": session.masks.global_sparsity(), "per_parameter": session.masks.sparsities()},
+        "parameters": sum(p.numel() for p in session.model.parameters()),
         "steps": session.step,
         "epochs": session.epoch,
         "wall_time_s": wall,

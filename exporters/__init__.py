@@ -1,4 +1,14 @@
 """Exporters: sparse ONNX export, verification against onnxruntime, and the sparsity report.
 
-They depend on ``compressor`` and are found through the registry, never imported by it.
+They depend on ``compressor`` and are found through the registry, never imported by it::
+
+    from exporters import export_checkpoint
+    report = export_checkpoint("out/checkpoint.pt", compress=True)   # -> out/checkpoint.onnx
+    print(report.numerics.max_abs_diff, report.size_ratio)
 """
+
+from .errors import ExportError, VerificationError
+from .export import export_checkpoint
+from .report import ExportReport, TensorRow
+
+__all__ = ["ExportError", "ExportReport", "TensorRow", "VerificationError", "export_checkpoint"]

@@ -1,0 +1,143 @@
+"""``export_checkpoint``: checkpoint -> verified, reported (optionally compact) ONNX file.
+
+Registered as the ``onnx`` exporter (entry point group ``compressor.exporters``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import onnx
+
+from compressor.atomic import atomic_write
+
+from .compact import to_sparse
+from .convert import Exporter, to_onnx
+from .errors import ExportError, VerificationError
+from .prepare import prepare
+from .report import REPORT_NAME, ExportReport
+from .verify import verify
+
+DEFAULT_SAMPLES = 300
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    opset: int | None = None,
+    batch: Literal["dynamic"] | int | str = "dynamic",
+    compress: bool = False,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    samples: int = DEFAULT_SAMPLES,
+    exporter: Exporter = "legacy",
+) -> ExportReport:
+    """Export ``checkpoint`` to ONNX, verify it against onnxruntime and write it with a JSON report.
+
+    Args:
+        output: the .onnx file; default ``<checkpoint stem>.onnx`` beside the checkpoint. Never the
+            checkpoint itself. ``export_report.json`` is written beside it.
+        opset: ONNX opset (default: the exporter's).
+        batch: "dynamic" (a dynamic batch axis) or a fixed batch size.
+        compress: store tensors that shrink as sparse initializers; the compact model is verified too.
+        atol, rtol: thresholds on max |onnx - torch| and on that divided by max |torch|.
+        samples: test samples compared (in batches of the exported batch size).
+        exporter: "legacy" (TorchScript) or "dynamo".
+
+    Raises:
+        CheckpointError: a missing, truncated or tampered checkpoint.
+        ExportError: an option or a model that cannot be exported.
+        VerificationError: a check failed; nothing is written but the report (``passed: false``).
+    """
+    source = Path(checkpoint)
+    target = _output_path(source, output)
+    fixed = _batch_size(batch)
+    if samples < 1:
+        raise ExportError(f"samples must be >= 1, got {samples}")
+    prepared = prepare(source, samples)
+    if fixed is not None and fixed > len(prepared.inputs):
+        raise ExportError(f"--batch {fixed} is larger than the {len(prepared.inputs)} test samples available")
+    example = prepared.inputs[: fixed or min(2, len(prepared.inputs))]
+    dense = to_onnx(prepared.model, example, batch=fixed, opset=opset, exporter=exporter)
+    if opset is not None and _opset(dense) != opset:
+        hint = " (dynamo starts at 18; use exporter 'legacy' below)" if exporter == "dynamo" else ""
+        raise ExportError(f"asked for opset {opset}, the {exporter} exporter produced {_opset(dense)}{hint}")
+    dense_bytes = dense.SerializeToString()
+    checks = verify(dense, prepared, batch=fixed, atol=atol, rtol=rtol)
+    final, payload, moved, compressed_numerics = dense, dense_bytes, [], None
+    failures = list(checks.failures)
+    if compress:
+        final, moved = to_sparse(dense)
+        payload = final.SerializeToString()
+        again = verify(final, prepared, batch=fixed, atol=atol, rtol=rtol)
+        compressed_numerics = again.numerics
+        failures += [f"compressed model: {f}" for f in again.failures]
+    report = ExportReport(
+        checkpoint=str(source),
+        output=str(target),
+        report=str(target.parent / REPORT_NAME),
+        exporter=exporter,
+        opset=_opset(final),
+        batch=fixed if fixed is not None else "dynamic",
+        input_shape=_input_shape(final),
+        numerics=checks.numerics,
+        tensors=checks.tensors,
+        dense_bytes=len(dense_bytes),
+        file_bytes=len(payload),
+        compressed=compress,
+        sparse_initializers=moved,
+        compressed_numerics=compressed_numerics,
+        failures=failures,
+    )
+    if report.failures:
+        report.write()
+        raise VerificationError(
+            f"{source}: the exported model failed verification (nothing written; see {report.report}):\n  "
+            + "\n  ".join(report.failures),
+            report,
+        )
+    atomic_write(target, lambda handle: handle.write(payload), binary=True)
+    report.written = True
+    report.write()
+    return report
+
+
+#: The CLI prints these as one message (no traceback); CheckpointError and RecipeError it knows.
+export_checkpoint.user_errors = (ExportError,)  # type: ignore[attr-defined]
+
+
+def _output_path(source: Path, output: str | os.PathLike[str] | None) -> Path:
+    target = Path(output) if output is not None else source.with_suffix(".onnx")
+    if target.is_dir():
+        raise ExportError(f"--output {target} is a folder; give a file name such as {target / 'model.onnx'}")
+    same = target.resolve() == source.resolve()
+    if not same and target.exists() and source.exists():
+        same = os.path.samefile(target, source)
+    if same or target.parent / REPORT_NAME == source:
+        raise ExportError(f"refusing to write over the input checkpoint {source}; choose another --output")
+    return target
+
+
+def _batch_size(batch: Literal["dynamic"] | int | str) -> int | None:
+    """None for a dynamic batch axis, else the fixed size (>= 1)."""
+    if batch == "dynamic":
+        return None
+    try:
+        size = int(batch)
+    except (TypeError, ValueError):
+        raise ExportError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}") from None
+    if isinstance(batch, bool) or size < 1 or str(size) != str(batch).strip():
+        raise ExportError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}")
+    return size
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _input_shape(model: onnx.ModelProto) -> list[int | str]:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in dims]

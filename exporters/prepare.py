@@ -1,0 +1,131 @@
+"""A checkpoint made ready for export: its model rebuilt from its recipe, masks baked in, test inputs.
+
+Masks are baked (masked weights set to exact zero) and their buffers and hooks removed, so nothing
+of the masking machinery reaches the exported graph.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor import zoo
+from compressor.checkpoint import load_checkpoint
+from compressor.masks import MASK_SUFFIX, MaskSet, mask_names
+from compressor.params import match_params, normalize
+from compressor.recipe import parse_recipe
+from compressor.structures import as_structure
+
+from .errors import ExportError
+
+
+@dataclass
+class Prepared:
+    """What export and verification need from one checkpoint.
+
+    weights: normalized name -> baked tensor, for every weight (dim >= 2) and every masked parameter.
+    mask_sparsity: normalized name -> fraction of the mask that is off, for the masked parameters.
+    structures: normalized name -> the structure its pruner asked for (only non-unstructured ones).
+    inputs: real test samples (n, *input_shape), float32.
+    """
+
+    path: Path
+    model: nn.Module
+    weights: dict[str, torch.Tensor]
+    mask_sparsity: dict[str, float]
+    structures: dict[str, Any]
+    inputs: torch.Tensor
+    epoch: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(path: Path, samples: int) -> Prepared:
+    """Load ``path`` (CheckpointError if damaged), rebuild and bake its model; ``samples`` test inputs."""
+    state = load_checkpoint(path)
+    text = state.get("recipe")
+    if not isinstance(text, str):
+        raise ExportError(f"{path}: the checkpoint carries no recipe, so its model cannot be rebuilt")
+    recipe = parse_recipe(text, file=f"{path} (recipe)")
+    if recipe.train is None:
+        raise ExportError(f"{path}: the checkpoint's recipe has no 'train' section naming model and data")
+    train = recipe.train
+    try:
+        bundle = zoo.load_data(train.data, seed=train.seed)
+        model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
+    except (ValueError, KeyError) as exc:
+        raise ExportError(f"{path}: cannot rebuild model {train.model!r} on {train.data!r}: {exc}") from exc
+    inputs = _test_inputs(bundle.test, samples)
+    state_dict: dict[str, torch.Tensor] = state["model"]
+    model = _match_shapes(model, state_dict, inputs[:2])
+    masked = mask_names(state_dict)
+    masks = MaskSet(model, masked)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:400]
+        raise ExportError(f"{path}: the weights do not fit model {train.model!r}: {detail}") from exc
+    mask_sparsity = masks.sparsities()
+    masks.remove()  # bakes: masked weights -> exact 0, then drops buffers and hooks
+    leftover = [n for n, _ in model.named_buffers() if n.endswith(MASK_SUFFIX)]
+    if leftover:
+        raise ExportError(f"{path}: mask buffers survived baking: {leftover}")
+    model.eval().requires_grad_(False)
+    params = {normalize(n): p for n, p in model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in params.items() if p.dim() >= 2 or n in mask_sparsity}
+    return Prepared(
+        path=path,
+        model=model,
+        weights=weights,
+        mask_sparsity=mask_sparsity,
+        structures=_structures(recipe.modifiers, list(params)),
+        inputs=inputs,
+        epoch=state.get("epoch"),
+    )
+
+
+def _test_inputs(test: Any, samples: int) -> torch.Tensor:
+    """The first ``samples`` inputs of the test split, stacked, float32."""
+    count = min(samples, len(test))
+    if count < 1:
+        raise ExportError("the run's test data is empty: nothing to verify the export on")
+    tensors = getattr(test, "tensors", None)
+    if tensors is not None:
+        xs = tensors[0][:count]
+    else:
+        xs = torch.stack([torch.as_tensor(test[i][0]) for i in range(count)])
+    return xs.to(torch.float32).contiguous()
+
+
+def _match_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], example: torch.Tensor) -> nn.Module:
+    """Resize physically pruned layers with ``compressor.structure.match_shapes`` when that module exists."""
+    try:
+        module = importlib.import_module("compressor.structure")
+    except ModuleNotFoundError as exc:
+        if exc.name == "compressor.structure":
+            return model
+        raise
+    match = getattr(module, "match_shapes", None)
+    if match is None:
+        return model
+    try:
+        out = match(model, state_dict, example)
+    except ValueError as exc:  # the checkpoint comes from another architecture
+        raise ExportError(f"the checkpoint's weights do not fit the recipe's model: {exc}") from exc
+    return out if isinstance(out, nn.Module) else model
+
+
+def _structures(modifiers: list[Any], names: list[str]) -> dict[str, Any]:
+    """Parameter name -> structure spec, for pruners that asked for one other than unstructured."""
+    out: dict[str, Any] = {}
+    for modifier in modifiers:
+        spec = getattr(modifier, "structure", None)
+        if spec is None or spec == "unstructured" or not getattr(modifier, "prunes", False):
+            continue
+        for name in match_params(modifier.parameter_patterns(), names):
+            out[name] = as_structure(spec)
+    return out

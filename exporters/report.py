@@ -1,0 +1,159 @@
+"""The export report: per-tensor sparsity (checkpoint vs ONNX), numerics, sizes; JSON and a rich table."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from compressor.atomic import atomic_write
+
+from .numerics import Numerics
+
+REPORT_NAME = "export_report.json"
+
+
+@dataclass
+class TensorRow:
+    """One checkpoint parameter and the ONNX tensor that carries it (``onnx_name`` None: not found)."""
+
+    name: str
+    shape: list[int]
+    numel: int
+    checkpoint_zeros: int
+    mask_sparsity: float | None
+    onnx_name: str | None = None
+    onnx_shape: list[int] | None = None
+    onnx_zeros: int | None = None
+    match: str = "missing"
+    structure: str | None = None
+    structure_violations: int | None = None
+    structure_groups: int | None = None
+    note: str = ""
+    ok: bool = True
+
+    @property
+    def checkpoint_sparsity(self) -> float:
+        return self.checkpoint_zeros / max(self.numel, 1)
+
+    @property
+    def onnx_sparsity(self) -> float | None:
+        return None if self.onnx_zeros is None else self.onnx_zeros / max(self.numel, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["checkpoint_sparsity"] = self.checkpoint_sparsity
+        out["onnx_sparsity"] = self.onnx_sparsity
+        return out
+
+
+@dataclass
+class ExportReport:
+    """What ``export_checkpoint`` did and found; ``passed`` is True when ``failures`` is empty.
+
+    size_ratio: bytes of the written (compressed) file / bytes of the dense ONNX (None without compress).
+    """
+
+    checkpoint: str
+    output: str
+    report: str
+    exporter: str
+    opset: int
+    batch: int | str
+    input_shape: list[int | str]
+    numerics: Numerics | None  # None: onnxruntime could not run the model (see failures)
+    tensors: list[TensorRow]
+    dense_bytes: int
+    file_bytes: int
+    compressed: bool = False
+    sparse_initializers: list[str] = field(default_factory=list)
+    compressed_numerics: Numerics | None = None
+    failures: list[str] = field(default_factory=list)
+    written: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def size_ratio(self) -> float | None:
+        return self.file_bytes / self.dense_bytes if self.compressed and self.dense_bytes else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tensors"] = [row.to_dict() for row in self.tensors]
+        out["passed"] = self.passed
+        out["size_ratio"] = self.size_ratio
+        return out
+
+    def write(self) -> Path:
+        """Write the JSON report to ``self.report`` atomically."""
+        text = json.dumps(_strict(self.to_dict()), indent=2, allow_nan=False) + "\n"
+        return atomic_write(self.report, lambda handle: handle.write(text))
+
+    def table(self) -> Table:
+        """Per tensor: name, shape, sparsity in the checkpoint and in the ONNX file, and the match."""
+        table = Table(title=f"{Path(self.output).name}: sparsity per tensor, checkpoint vs ONNX")
+        for column in ("tensor", "shape", "ONNX tensor", "checkpoint", "ONNX", "structure", "match"):
+            table.add_column(column, justify="right" if column in ("checkpoint", "ONNX") else "left")
+        for row in self.tensors:
+            onnx_sparsity = "-" if row.onnx_sparsity is None else f"{row.onnx_sparsity:.2%}"
+            structure = "-"
+            if row.structure is not None:
+                structure = f"{row.structure} " + ("ok" if not row.structure_violations else "broken")
+            mark = "[green]yes[/]" if row.ok else "[red]NO[/]"
+            table.add_row(
+                row.name,
+                "x".join(map(str, row.shape)),
+                row.onnx_name or "-",
+                f"{row.checkpoint_sparsity:.2%}",
+                onnx_sparsity,
+                structure,
+                f"{mark} ({row.match})" + (f" {row.note}" if row.note else ""),
+            )
+        return table
+
+    def summary(self) -> list[str]:
+        """Plain lines: numerics, sizes, verdict, files."""
+        n = self.numerics
+        lines = ["onnxruntime could not run the model"]
+        if n is not None:
+            lines = [
+                f"onnxruntime vs PyTorch on {n.samples} test samples (batches {n.batch_sizes}): "
+                f"max |diff| {n.max_abs_diff:.3g} (atol {n.atol:g}), "
+                f"max rel {n.max_rel_diff:.3g} (rtol {n.rtol:g})",
+            ]
+        if self.compressed:
+            c = self.compressed_numerics
+            lines.append(
+                f"compressed: {self.file_bytes:,} bytes vs {self.dense_bytes:,} dense "
+                f"({self.size_ratio:.1%}), {len(self.sparse_initializers)} sparse initializers"
+                + (f"; max |diff| {c.max_abs_diff:.3g}, max rel {c.max_rel_diff:.3g}" if c else "")
+            )
+        lines.append("PASSED" if self.passed else "FAILED:\n  " + "\n  ".join(self.failures))
+        wrote = f"wrote {self.output} ({self.file_bytes:,} bytes) and " if self.written else "wrote "
+        lines.append(f"{wrote}{self.report}")
+        return lines
+
+    def __rich__(self) -> Group:
+        verdict = "green" if self.passed else "red"
+        lines = self.summary()
+        styled = [Text(ln, style=verdict if ln.startswith(("PASSED", "FAILED")) else "") for ln in lines]
+        return Group(self.table(), *styled)
+
+
+def _strict(obj: Any) -> Any:
+    """``obj`` with non-finite floats as strings ("inf", "nan"), so the file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj

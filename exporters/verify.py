@@ -1,0 +1,106 @@
+"""Checks of one exported ModelProto against its checkpoint: onnx.checker, onnxruntime numerics,
+per-tensor sparsity (exactly the checkpoint's) and N:M / block compliance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .compliance import describe, violations
+from .matching import closest_unmatched, match_tensors
+from .numerics import Numerics, compare
+from .prepare import Prepared
+from .report import TensorRow
+from .tensors import constant_tensors
+
+
+@dataclass
+class Verification:
+    """The outcome of ``verify``; ``numerics`` is None when onnxruntime could not run the model."""
+
+    numerics: Numerics | None
+    tensors: list[TensorRow]
+    failures: list[str] = field(default_factory=list)
+
+
+def verify(
+    model: onnx.ModelProto, prepared: Prepared, *, batch: int | None, atol: float, rtol: float
+) -> Verification:
+    """Run every check; failures are collected (with their numbers), never raised."""
+    failures: list[str] = []
+    try:  # shape inference (full_check) rejects sparse initializers as Gemm/Conv inputs; ORT accepts them
+        onnx.checker.check_model(model, full_check=not model.graph.sparse_initializer)
+    except Exception as exc:  # ValidationError, InferenceError
+        failures.append(f"onnx.checker: {' '.join(str(exc).split())[:300]}")
+    numerics = None
+    try:
+        numerics = compare(model, prepared.model, prepared.inputs, batch, atol, rtol)
+    except Exception as exc:  # onnxruntime load/run errors carry their own message
+        failures.append(f"onnxruntime could not run the model: {' '.join(str(exc).split())[:300]}")
+    if numerics is not None and numerics.failure() is not None:
+        failures.append(numerics.failure())
+    rows = tensor_rows(model, prepared)
+    failures += [f"{row.name}: {row.note}" for row in rows if not row.ok]
+    return Verification(numerics, rows, failures)
+
+
+def tensor_rows(model: onnx.ModelProto, prepared: Prepared) -> list[TensorRow]:
+    """One row per reported parameter: its ONNX tensor, both sparsities, structure compliance."""
+    onnx_tensors = constant_tensors(model)
+    matches = match_tensors(prepared.weights, onnx_tensors)
+    taken = {m.onnx_name for m in matches.values()}
+    rows = []
+    for name, weight in prepared.weights.items():
+        array = weight.numpy()
+        row = TensorRow(
+            name=name,
+            shape=list(array.shape),
+            numel=int(array.size),
+            checkpoint_zeros=int((array == 0).sum()),
+            mask_sparsity=prepared.mask_sparsity.get(name),
+        )
+        match = matches.get(name)
+        if match is None:
+            _missing(row, array, onnx_tensors, taken)
+        else:
+            found = match.in_param_layout(onnx_tensors[match.onnx_name])
+            row.onnx_name, row.onnx_shape = match.onnx_name, list(onnx_tensors[match.onnx_name].shape)
+            row.onnx_zeros, row.match = int((found == 0).sum()), match.kind
+            if row.onnx_zeros != row.checkpoint_zeros:
+                row.ok = False
+                row.note = f"{row.onnx_zeros} zeros in ONNX, {row.checkpoint_zeros} in the checkpoint"
+            _structure(row, found, array, prepared)
+        rows.append(row)
+    return rows
+
+
+def _missing(row: TensorRow, array: np.ndarray, onnx_tensors: dict[str, np.ndarray], taken: set[str]) -> None:
+    """Fill a row for a parameter with no ONNX tensor of its values or zero pattern."""
+    closest = closest_unmatched(array, onnx_tensors, taken)
+    if closest is not None:
+        row.onnx_name, row.onnx_shape = f"({closest[0]}?)", list(closest[1].shape)
+        row.onnx_zeros = int((closest[1] == 0).sum())
+    sparse = row.checkpoint_zeros > 0 or row.mask_sparsity is not None
+    row.ok = not sparse
+    if not sparse:
+        row.note = "dense, not found (folded or fused by the exporter)"
+        return
+    hint = f"; closest {closest[0]} has {row.onnx_zeros}" if closest is not None else ""
+    row.note = f"no ONNX tensor carries its values or zero pattern ({row.checkpoint_zeros} zeros{hint})"
+
+
+def _structure(row: TensorRow, found: np.ndarray, original: np.ndarray, prepared: Prepared) -> None:
+    spec = prepared.structures.get(row.name)
+    if spec is None:
+        return
+    row.structure = describe(spec)
+    row.structure_violations, row.structure_groups = violations(found, spec)
+    if row.structure_violations:
+        before, _ = violations(original, spec)
+        if before:
+            row.note = f"checkpoint not yet {row.structure} ({before} groups off; mid-schedule?)"
+        else:
+            row.ok = False
+            row.note = f"{row.structure_violations} of {row.structure_groups} groups break {row.structure}"

@@ -1,0 +1,472 @@
+"""StructuredPruning: remove whole channels (filters, neurons) physically, through torch-pruning.
+
+At ``start`` (one shot; fine-tune afterwards with the rest of the run) every layer selected by
+``params`` loses ``channel_sparsity`` of its output channels (floor, at least one kept). A channel is
+removed with everything that depends on it, found by torch-pruning's dependency graph: the layer's
+output row and bias, the batch-norm entries, the next layers' input columns, and channels coupled by
+residual additions or concatenations (those lose the same channels). The model's tensors really
+shrink; the checkpoint holds the smaller model, and ``compressor.structure.match_shapes`` reshapes a
+freshly built model to it on resume (and for export).
+
+Importance of channel c:
+
+``magnitude``
+    ||w_Q||_2 over everything the group removes for c (weights, biases, batch-norm affine).
+
+``second_order``
+    the group OBS saliency w_Q^T ([F^-1]_QQ)^-1 w_Q / 2 with the empirical Fisher
+    F = lambda*I + G^T G / m of m = ``num_grads`` sampled mini-batch gradients (``grad_batch_size``
+    samples each), block-diagonal with one block per parameter tensor. Q is, with ``scope:
+    consumers`` (default), the input slices for c of the layers that read it (the next conv's input
+    channel, fc1's 49 columns of a conv2 channel): zeroing exactly those removes the channel, after
+    which c's own filter, bias and batch-norm entries have no effect; ``scope: group`` also adds the
+    producer's slices as separate blocks (the literal group, measured worse: see below). The form is
+    *exact*, in m x m algebra instead of the k x k block (k = |Q| runs into thousands): with
+    K = m*lambda*I + G_R G_R^T and R the other unmasked coordinates of the block (Schur complement),
+
+        w_Q^T ([F^-1]_QQ)^-1 w_Q = lambda * (||w_Q||^2 + (G_Q w_Q)^T K^-1 (G_Q w_Q))
+
+    (``tests/test_structured.py`` checks it against ``FisherInverse.submatrices``). With
+    ``obs_update`` (default) the OBS update of the removal is applied before the surgery, per block:
+    the kept weights move by dw_R = G_R^T K^-1 G_Q w_Q for the set Q of all channels removed from the
+    layer (the minimizer of the quadratic model with w_Q = 0), the correction the saliency assumes.
+    ``damp`` is relative by default: m*lambda = damp * mean(diag(G G^T)) per block ("percdamp"),
+    so one value suits every layer; ``relative_damp: false`` makes it the absolute lambda. Layers are
+    pruned one after the other in model order, each with fresh gradients of the already pruned model.
+
+    Measured one-shot (50% of conv1, conv2, fc1 channels, no fine-tuning, test accuracy; magnitude
+    vs second_order defaults): mnist-cnn 92.2% vs 96.2% (dense 96-97%, 2 seeds); digits-cnn 48.5%
+    vs 90.0% (dense 98%, 4 seeds). Without the update the saliency alone gives 94.2% on mnist-cnn;
+    ``scope: group`` or a small damp with the update fall back to magnitude's level or below (the
+    producer's slices do not measure the channel's removal, and with m << d an almost undamped
+    update overfits the m sampled gradients).
+
+After the surgery ``session.params`` is refreshed, masks of other pruners on the touched parameters
+shrink with them (``MaskSet`` rebuilt), and the training optimizer is rebound to the new parameters
+with the same hyperparameters and a **reset state** (momentum buffers, Adam moments start at zero).
+The final classifier (a layer whose channels are the model's output) cannot be selected: ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch_pruning as tp
+from pydantic import Field, PrivateAttr, StrictInt, field_validator
+from torch import nn
+
+from compressor.masks import MASK_SUFFIX
+from compressor.modifier import Modifier, StepPosition, to_step
+from compressor.params import match_params, normalize
+from compressor.structure import (
+    ROOT_TYPES,
+    count_parameters,
+    dependency_graph,
+    example_inputs_of,
+    feeds_output,
+    out_channels,
+    parameter_names,
+    prune_group,
+    rebind,
+)
+
+if TYPE_CHECKING:
+    from compressor.session import Session
+
+#: Bound on the float64 temporaries of one chunk of per-channel m x m matrices (bytes).
+CHUNK_BYTES = 64 << 20
+
+
+class StructuredPruning(Modifier):
+    """One-shot removal of whole output channels of conv/linear layers (see the module doc)."""
+
+    needs_gradients: ClassVar[bool] = True
+    restructures: ClassVar[bool] = True
+
+    type: Literal["StructuredPruning"] = "StructuredPruning"
+    params: list[str] = Field(
+        min_length=1, description="weights of the Conv/Linear layers whose output channels may be removed"
+    )
+    channel_sparsity: float = Field(gt=0.0, lt=1.0, description="fraction of each layer's channels removed")
+    importance: Literal["magnitude", "second_order"] = "second_order"
+    num_grads: StrictInt = Field(64, ge=1, description="second_order: gradients sampled per layer")
+    grad_batch_size: int = Field(32, ge=1, description="second_order: samples per gradient")
+    damp: float = Field(1e-2, gt=0.0, allow_inf_nan=False, description="second_order: dampening of F")
+    relative_damp: bool = Field(
+        True,
+        description="second_order: damp is a fraction of the gradients' mean Gram diagonal (else absolute)",
+    )
+    obs_update: bool = Field(True, description="second_order: move the kept weights by the OBS update")
+    scope: Literal["consumers", "group"] = Field(
+        "consumers", description="second_order: the weights Q scored (see the module doc)"
+    )
+
+    _layers: list[str] = PrivateAttr(default_factory=list)
+    _done: bool = PrivateAttr(default=False)
+    _removed: dict[str, list[int]] = PrivateAttr(default_factory=dict)
+    _seen_input: Any = PrivateAttr(default=None)
+    _hook: Any = PrivateAttr(default=None)
+
+    @field_validator("end")
+    @classmethod
+    def _one_shot(cls, end: Any, info: Any) -> Any:
+        start = info.data.get("start")
+        if end is not None and start is not None and _key(end) != _key(start):
+            raise ValueError("StructuredPruning is one-shot at `start`: leave `end` unset or equal to start")
+        return end
+
+    def parameter_patterns(self) -> list[str]:
+        return list(self.params)
+
+    def gradient_bytes(self, num_params: int) -> int:
+        """float32 gradients of a group (about 3x the selected weights: consumers and batch-norm too)."""
+        return 0 if self.importance == "magnitude" else 4 * self.num_grads * 3 * num_params
+
+    # ------------------------------------------------------------------ hooks
+
+    def initialize(self, session: Session) -> None:
+        names = match_params(self.params, session.params)
+        modules = _owners(session.model)
+        layers = []
+        for name in names:
+            module, leaf = modules[name]
+            if leaf != "weight" or not isinstance(module, ROOT_TYPES):
+                raise ValueError(
+                    f"{self.type}: {name!r} is not the weight of a Conv or Linear layer; select the "
+                    "weights of the layers whose output channels may be removed"
+                )
+            layers.append(name.rpartition(".")[0])
+        self._layers = layers
+        if self.importance == "second_order" and getattr(session, "sampler", None) is None:
+            raise ValueError(f"{self.type}: second_order samples gradients; give the Session data=...")
+        example = example_inputs_of(session)
+        if example is not None:
+            self._check_groups(session.model, dependency_graph(session.model, example))
+        elif not self._done:  # remember a batch of the user's loop for tracing
+            self._hook = session.model.register_forward_pre_hook(self._record_input)
+
+    def _record_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            self._seen_input = args[0][:1].detach()
+
+    def before_step(self, session: Session) -> None:
+        if not self._done and session.step >= to_step(self.start, session.steps_per_epoch):
+            self.prune(session)
+
+    def finalize(self, session: Session) -> None:
+        if not self._done and session.step >= to_step(self.start, session.steps_per_epoch):
+            self.prune(session)
+        self._drop_hook()
+
+    def _drop_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # ------------------------------------------------------------------ the surgery
+
+    def _check_groups(self, model: nn.Module, graph: Any) -> None:
+        for name in self._layers:
+            module = model.get_submodule(_raw_module_name(model, name))
+            pruner = graph.get_pruner_of_module(module)
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, idxs=[0])
+            if feeds_output(group):
+                raise ValueError(
+                    f"{self.type}: {name} produces the model's output (the classifier); its outputs "
+                    "cannot be removed: leave it out of params"
+                )
+
+    @torch.no_grad()
+    def prune(self, session: Session) -> None:
+        """Remove the channels now; refresh params, masks and the optimizer (called by the hooks)."""
+        model = session.model
+        example = example_inputs_of(session)
+        if example is None:
+            example = self._seen_input
+        if example is None:
+            raise ValueError(
+                f"{self.type}: no example input to trace the model: give the Session data=..., or start "
+                "after the first step (the input of the training loop's forward is used then)"
+            )
+        graph = dependency_graph(model, example)
+        self._check_groups(model, graph)
+        before = count_parameters(model)
+        old = parameter_names(model)
+        done: set[int] = set()
+        removed: dict[str, list[int]] = {}
+        for index, name in enumerate(self._layers):
+            module = model.get_submodule(_raw_module_name(model, name))
+            if id(module) in done:  # coupled to a layer pruned earlier: it already lost its channels
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            n = out_channels(module)
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, idxs=list(range(n)))
+            done |= {
+                id(dep.target.module)
+                for dep, _ in group
+                if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, ROOT_TYPES)
+            }
+            k = min(n - 1, math.floor(self.channel_sparsity * n + 1e-9))
+            if k <= 0:
+                continue
+            if self.importance == "magnitude":
+                scores = GroupL2Importance()(group)
+                idxs = sorted(torch.argsort(scores)[:k].tolist())
+            else:
+                obs = GroupOBSImportance(
+                    session.sampler,
+                    self.num_grads,
+                    self.grad_batch_size,
+                    self.damp,
+                    key=session.step * 1000 + index,
+                    relative=self.relative_damp,
+                    consumers_only=self.scope == "consumers",
+                )
+                scores = obs(group)
+                idxs = sorted(torch.argsort(scores)[:k].tolist())
+            cut = graph.get_pruning_group(module, pruner.prune_out_channels, idxs=idxs)
+            if not graph.check_pruning_group(cut):
+                raise ValueError(f"{self.type}: {name} cannot lose {k} of its {n} channels")
+            if self.importance == "second_order" and self.obs_update:
+                obs.update(idxs)
+            prune_group(cut, session.masks)
+            removed[name] = idxs
+        self._drop_hook()
+        rebind(session, old)
+        self._removed, self._done = removed, True
+        after = count_parameters(model)
+        session.log("channel_sparsity", self.channel_sparsity)
+        session.log("parameters", after)
+        session.log("parameters_removed", 1.0 - after / before)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def removed(self) -> dict[str, list[int]]:
+        """Per layer, the channels removed (indices in that layer before the surgery)."""
+        return {k: list(v) for k, v in self._removed.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self._done, "removed": self.removed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._done = bool(state.get("done", False))
+        self._removed = {k: list(v) for k, v in state.get("removed", {}).items()}
+
+
+# ---------------------------------------------------------------------- importances
+
+
+class GroupL2Importance(tp.importance.Importance):
+    """||w_Q||_2 per channel of the group root, over every parameter slice the group removes."""
+
+    def __call__(self, group: Any) -> torch.Tensor:
+        n = len(group[0].idxs)
+        sq = torch.zeros(n, dtype=torch.float64)
+        for param, root_of, _ in group_coordinates(group):
+            w = param.detach().reshape(-1).to(torch.float64).cpu()
+            sel = root_of >= 0
+            sq.index_add_(0, root_of[sel], w[sel].square())
+        return sq.sqrt()
+
+
+class GroupOBSImportance(tp.importance.Importance):
+    """Group OBS saliency w_Q^T ([F^-1]_QQ)^-1 w_Q / 2 per channel of the root (see the module doc).
+
+    ``update(removed)`` after a call applies the OBS update for removing those root channels, with
+    the gradients of that call.
+    """
+
+    def __init__(
+        self,
+        sampler: Any,
+        num_grads: int,
+        batch_size: int,
+        damp: float,
+        key: int = 0,
+        relative: bool = False,
+        consumers_only: bool = True,
+    ) -> None:
+        self.sampler, self.num_grads, self.batch_size = sampler, num_grads, batch_size
+        self.damp, self.key, self.relative, self.consumers_only = damp, key, relative, consumers_only
+        self._blocks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, float]] = []
+
+    def _lambda(self, g: torch.Tensor) -> float:
+        """The block's dampening: ``damp``, or (relative) ``damp`` times the mean eigenvalue of G G^T / m.
+
+        Relative: m*lambda = damp * mean(diag(G G^T)), so K = m*lambda*I + G G^T is the Gram matrix of
+        the gradients with ``damp`` of its mean diagonal added (as "percdamp" in OBC/SparseGPT), which
+        keeps the meaning of ``damp`` across layers, gradient scales and block sizes.
+        """
+        if not self.relative:
+            return self.damp
+        m = g.shape[0]
+        mean = float(g.square().sum()) / (m * m)
+        return self.damp * mean if mean > 0 else self.damp
+
+    def __call__(self, group: Any) -> torch.Tensor:
+        n = len(group[0].idxs)
+        coords = group_coordinates(group, consumers_only=self.consumers_only)
+        names = parameter_names(self.sampler.model)
+        grads = self.sampler.sample(
+            [names[id(p)] for p, _, _ in coords], self.num_grads, self.batch_size, key=self.key
+        )
+        m = self.num_grads
+        saliency = torch.zeros(n, dtype=torch.float64)
+        self._blocks = []
+        offset = 0
+        for param, root_of, alive in coords:
+            size = param.numel()
+            g = grads[:, offset : offset + size].to(torch.float64).cpu()
+            offset += size
+            g[:, ~alive] = 0.0  # masked coordinates take no part
+            w = param.detach().reshape(-1).to(torch.float64).cpu().masked_fill(~alive, 0.0)
+            lam = self._lambda(g)
+            self._blocks.append((param, root_of, g, lam))
+            sel = root_of >= 0
+            roots, gs, ws = root_of[sel], g[:, sel], w[sel]
+            v = torch.zeros(m, n, dtype=torch.float64).index_add_(1, roots, gs * ws)  # G_Q w_Q per channel
+            wsq = torch.zeros(n, dtype=torch.float64).index_add_(0, roots, ws.square())
+            gram = g @ g.T
+            quad = torch.zeros(n, dtype=torch.float64)
+            for chunk, bq in _channel_grams(gs, roots, n):
+                k = gram.expand(len(chunk), m, m) - bq  # G_R G_R^T
+                k = k + m * lam * torch.eye(m, dtype=torch.float64)
+                vc = v[:, chunk].T.unsqueeze(-1)
+                quad[chunk] = (vc * _spd_solve(k, vc)).sum(dim=(1, 2))
+            saliency += lam * (wsq + quad) / 2.0
+        return saliency
+
+    @torch.no_grad()
+    def update(self, removed: list[int]) -> None:
+        """Move the kept weights of each block by dw_R = G_R^T K^-1 G_Q w_Q (Q: all ``removed``)."""
+        drop = torch.tensor(sorted(removed), dtype=torch.int64)
+        for param, root_of, g, lam in self._blocks:
+            m = g.shape[0]
+            q = torch.isin(root_of, drop)
+            if not q.any():
+                continue
+            w = param.detach().reshape(-1).to(torch.float64).cpu()
+            gq, gr = g[:, q], g.masked_fill(q.unsqueeze(0), 0.0)  # masked columns of g are zero already
+            k = gr @ gr.T + m * lam * torch.eye(m, dtype=torch.float64)
+            x = _spd_solve(k.unsqueeze(0), (gq @ w[q]).view(1, m, 1)).view(m)
+            dw = gr.T @ x
+            dw[q] = -w[q]  # removed: exactly zero (they are cut out next)
+            param.add_(dw.view_as(param).to(device=param.device, dtype=param.dtype))
+
+
+def _spd_solve(k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve k x = b for a batch of symmetric positive definite k (float64), least squares if singular."""
+    chol, info = torch.linalg.cholesky_ex(k)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(k, b).solution
+
+
+def _channel_grams(gs: torch.Tensor, roots: torch.Tensor, n: int):
+    """Yield (channels, G_Q G_Q^T per channel (c, m, m)) in chunks, Q the columns of each channel."""
+    m = gs.shape[0]
+    counts = torch.bincount(roots, minlength=n)
+    kmax = int(counts.max()) if counts.numel() else 0
+    order = torch.argsort(roots, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(roots)) - starts[roots[order]]
+    table = torch.full((n, max(kmax, 1)), -1, dtype=torch.int64)
+    table[roots[order], slot] = order
+    per = max(1, CHUNK_BYTES // (8 * m * max(kmax + m, 1)))
+    padded = torch.cat([gs, torch.zeros(m, 1, dtype=gs.dtype)], dim=1)  # column -1: zeros
+    for s in range(0, n, per):
+        chunk = torch.arange(s, min(n, s + per))
+        cols = padded[:, table[chunk]]  # (m, c, kmax)
+        yield chunk, torch.einsum("ick,jck->cij", cols, cols)
+
+
+# ---------------------------------------------------------------------- group -> parameter coordinates
+
+
+def group_coordinates(
+    group: Any, consumers_only: bool = False
+) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
+    """Per parameter the group removes from: (param, root channel of each flat entry or -1, alive).
+
+    ``alive``: the entries not masked off by an unstructured pruner (all True without a mask).
+    Supported: Conv (output channels, and input channels of ungrouped convs), Linear, BatchNorm;
+    the slices of other layer types are removed by the surgery but not scored. ``consumers_only``:
+    only the input-channel slices of the layers that read the channels.
+    """
+    graph = group._DG
+    out: dict[int, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}
+    for i, (dep, idxs) in enumerate(group):
+        module = dep.target.module
+        if consumers_only and not _consumes(graph, dep):
+            continue
+        roots = torch.as_tensor(list(group[i].root_idxs), dtype=torch.int64)
+        index = torch.as_tensor(list(idxs), dtype=torch.int64)
+        for leaf, dim in _slices(module, graph.is_out_channel_pruning_fn(dep.handler)):
+            param = getattr(module, leaf, None)
+            if not isinstance(param, nn.Parameter):
+                continue
+            if id(param) not in out:
+                mask = module._buffers.get(leaf + MASK_SUFFIX)
+                alive = (
+                    torch.ones(param.numel(), dtype=torch.bool) if mask is None else mask.reshape(-1).cpu()
+                )
+                out[id(param)] = (param, torch.full((param.numel(),), -1, dtype=torch.int64), alive)
+            root_of = out[id(param)][1]
+            pos = torch.arange(param.numel()).view(param.shape).movedim(dim, 0)[index]  # (len, rest)
+            root_of[pos.reshape(len(index), -1)] = roots.unsqueeze(1).expand(len(index), pos[0].numel())
+    return list(out.values())
+
+
+def _consumes(graph: Any, dep: Any) -> bool:
+    """An input-channel cut of a layer that mixes channels (Conv that is not depthwise, Linear)."""
+    module = dep.target.module
+    if not graph.is_in_channel_pruning_fn(dep.handler) or graph.is_out_channel_pruning_fn(dep.handler):
+        return False
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.groups == 1
+    return isinstance(module, nn.Linear)
+
+
+def _slices(module: nn.Module, is_out: bool) -> list[tuple[str, int]]:
+    """(parameter leaf, dim) that a channel pruning of ``module`` cuts (out- or in-channels)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return [("weight", 0), ("bias", 0)]
+    if isinstance(module, nn.Linear):
+        return [("weight", 0), ("bias", 0)] if is_out else [("weight", 1)]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.out_channels
+        if depthwise:
+            return [("weight", 0), ("bias", 0)]
+        if module.groups > 1:
+            return []
+        if is_out:
+            return [("weight", 1 if module.transposed else 0), ("bias", 0)]
+        return [("weight", 0 if module.transposed else 1)]
+    return []
+
+
+# ---------------------------------------------------------------------- names
+
+
+def _owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """normalized parameter name -> (owning module, leaf)."""
+    out = {}
+    for name, _ in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        out[normalize(name)] = (model.get_submodule(owner), leaf)
+    return out
+
+
+def _raw_module_name(model: nn.Module, normalized: str) -> str:
+    """The module name as ``model`` spells it (with wrapper prefixes) for a normalized one."""
+    for name, _ in model.named_modules():
+        if normalize(name) == normalized or (name and normalize(name + ".x")[:-2] == normalized):
+            return name
+    raise KeyError(f"no module {normalized!r} in the model")
+
+
+def _key(position: Any) -> tuple[str, float]:
+    return ("step", position.step) if isinstance(position, StepPosition) else ("epoch", float(position))
