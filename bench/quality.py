@@ -105,22 +105,12 @@ def one_shot_study(
     return rows
 
 
-def _dense_recipe(out: Path) -> Path:
-    """mnist_gmp_gradual.yaml without its pruner: the dense model trained on the same schedule."""
-    text = (ROOT / "recipes" / "mnist_gmp_gradual.yaml").read_text()
-    head, tail = text.split("  - type: MagnitudePruning", 1)
-    path = out / "mnist_dense_same_schedule.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(head + "  - type: LearningRate" + tail.split("  - type: LearningRate", 1)[1])
-    return path
-
-
 def gradual_study(seeds: list[int], out: Path) -> dict[str, list[dict[str, Any]]]:
     results: dict[str, list[dict[str, Any]]] = {}
     recipes = {
         name: ROOT / "recipes" / f"{name}.yaml" for name in ("mnist_mfac_gradual", "mnist_gmp_gradual")
     }
-    recipes["dense, same schedule"] = _dense_recipe(out)
+    recipes["dense, same schedule"] = ROOT / "recipes" / "mnist_dense.yaml"
     for name, path in recipes.items():
         for seed in seeds:
             summary = run(

@@ -1,0 +1,119 @@
+"""onnxruntime latency and accuracy of the dense, 90%-unstructured and 50%-channel mnist-cnn.
+
+Run from the repository root::
+
+    python bench/onnx_latency.py              # trains the three models (about 2-3 minutes), then times
+    python bench/onnx_latency.py --reuse      # reuse the runs already in --out
+
+Each model is trained by its recipe, exported with ``compressor export`` (verified against
+onnxruntime), and timed in onnxruntime at batch 1 and 32 with 1 and 2 intra-op threads. The three
+models are timed in interleaved rounds and each figure is a median, so a ratio compares numbers
+taken in the same stretch of time on this shared machine. Ratios: dense latency / model latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from compressor.trainer import run  # noqa: E402
+from exporters.export import export_checkpoint  # noqa: E402
+
+MODELS = {
+    "dense": "mnist_dense.yaml",
+    "90% unstructured (M-FAC)": "mnist_mfac_gradual.yaml",
+    "50% channels (second order)": "mnist_channels_50.yaml",
+}
+
+
+def prepare(out: Path, reuse: bool) -> dict[str, dict]:
+    """Train (unless reused) and export each model; returns name -> {onnx, summary, report}."""
+    out.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for name, recipe in MODELS.items():
+        folder = out / name.split()[0].replace("%", "")
+        path = ROOT / "recipes" / recipe
+        if not (reuse and (folder / "summary.json").is_file()):
+            print(f"training {name} ({path.name}) ...", flush=True)
+            run(path, folder, progress=False)
+        summary = json.loads((folder / "summary.json").read_text())
+        report = export_checkpoint(folder / "checkpoint.pt", folder / "model.onnx", batch="dynamic")
+        models[name] = {"onnx": folder / "model.onnx", "summary": summary, "report": report}
+    return models
+
+
+def time_models(models: dict[str, dict], rounds: int, reps: int) -> dict[tuple[str, int, int], float]:
+    """Median seconds per inference call for each (model, batch, threads), rounds interleaved."""
+    import onnxruntime as ort
+
+    settings = [(b, t) for b in (1, 32) for t in (1, 2)]
+    sessions = {}
+    for name, info in models.items():
+        for batch, threads in settings:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(info["onnx"]), options, providers=["CPUExecutionProvider"])
+            x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28)).astype(np.float32)
+            feed = {session.get_inputs()[0].name: x}
+            session.run(None, feed)  # warm-up
+            sessions[(name, batch, threads)] = (session, feed)
+    samples: dict[tuple[str, int, int], list[float]] = {key: [] for key in sessions}
+    for _ in range(rounds):
+        for key, (session, feed) in sessions.items():
+            began = time.perf_counter()
+            for _ in range(reps):
+                session.run(None, feed)
+            samples[key].append((time.perf_counter() - began) / reps)
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def table(models: dict[str, dict], times: dict[tuple[str, int, int], float]) -> str:
+    lines = [
+        "| model | test accuracy | parameters | ONNX bytes | "
+        "b1 t1 | b1 t2 | b32 t1 | b32 t2 | speed-up b32 t1 | speed-up b32 t2 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, info in models.items():
+        cells = [f"{1e3 * times[(name, b, t)]:.3f} ms" for b in (1, 32) for t in (1, 2)]
+        ups = [f"{times[('dense', 32, t)] / times[(name, 32, t)]:.2f}x" for t in (1, 2)]
+        s = info["summary"]
+        size = info["onnx"].stat().st_size
+        lines.append(
+            f"| {name} | {100 * s['eval']['accuracy']:.2f}% | {s.get('parameters', 0):,} | {size:,} | "
+            + " | ".join(cells + ups)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "runs" / "onnx")
+    parser.add_argument("--reuse", action="store_true", help="reuse trained runs found in --out")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    models = prepare(args.out, args.reuse)
+    times = time_models(models, args.rounds, args.reps)
+    text = "### onnxruntime latency (median per call; b = batch, t = intra-op threads)\n\n" + table(
+        models, times
+    )
+    print(text)
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "onnx_latency.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
