@@ -48,8 +48,14 @@ def prepare(path: Path, samples: int) -> Prepared:
     """Load ``path`` (CheckpointError if damaged), rebuild and bake its model; ``samples`` test inputs."""
     state = load_checkpoint(path)
     text = state.get("recipe")
+    beside = path.parent / "recipe.yaml"  # the run folder's resolved recipe, for older checkpoints
+    if not isinstance(text, str) and beside.is_file():
+        text = beside.read_text()
     if not isinstance(text, str):
-        raise ExportError(f"{path}: the checkpoint carries no recipe, so its model cannot be rebuilt")
+        raise ExportError(
+            f"{path}: the checkpoint carries no recipe and there is no recipe.yaml beside it, "
+            "so its model cannot be rebuilt"
+        )
     recipe = parse_recipe(text, file=f"{path} (recipe)")
     if recipe.train is None:
         raise ExportError(f"{path}: the checkpoint's recipe has no 'train' section naming model and data")
