@@ -260,9 +260,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, m in {16, 64}, R in {0, 4}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--parts", default="abc", help="which studies to run (a, b, c)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    seeds = [0] if args.quick else [0, 1, 2]
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     sparsities = [0.5, 0.7, 0.8, 0.9, 0.95]
     grads, recomps = ([16, 64], [0, 4]) if args.quick else ([16, 64, 256], [0, 16])
     args.out.mkdir(parents=True, exist_ok=True)

@@ -225,3 +225,19 @@ def test_submatrices_are_blocks_of_the_dense_inverse(gen, block_size):
     torch.testing.assert_close(sub, expected, rtol=1e-9, atol=1e-9 * finv.abs().max().item())
     with pytest.raises(ValueError, match="index values"):
         fi.submatrices(torch.tensor([[0, 100]]))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_blocks_narrower_than_m_use_the_direct_form(gen, dtype):
+    """B < m (and a tail narrower than m while full blocks are wider): same numbers as the oracle."""
+    grads = realistic_grads(40, 700, gen)
+    _check_all(grads, 1e-5, 16, dtype, gen)  # every block direct (16 < 40)
+    _check_all(grads, 1e-5, 64, dtype, gen)  # full blocks Woodbury, tail of 60 too; 700 = 10 * 64 + 60
+    _check_all(grads, 1e-5, 690, dtype, gen)  # tail of 10 direct beside a Woodbury block
+    fi = FisherInverse(grads, 1e-5, block_size=690)
+    assert fi._direct == [False, True]
+    index = torch.tensor([[685, 688, 690, 695], [0, 1, 2, 699]])
+    expected = torch.linalg.inv(dense_fisher(grads, 1e-5, 690))[index.unsqueeze(2), index.unsqueeze(1)]
+    torch.testing.assert_close(
+        fi.submatrices(index), expected, rtol=1e-8, atol=1e-8 * expected.abs().max().item()
+    )

@@ -7,6 +7,10 @@ F = damp * I + (1/m) * G^T G over the rows g_i of G (m, d), block-diagonal over 
     diag(F^-1)    = (1 - colsum(W * W)) / damp
     [F^-1]_ij     = (delta_ij - W[:, i] . W[:, j]) / damp
 
+A block narrower than m (B < m) is cheaper and smaller in its direct form: the B x B matrix
+P = damp * F_b^-1 = (I + G_b^T G_b / (m damp))^-1 from a float64 Cholesky (B^2 values instead of
+the m*B of W; the paper: "as long as m < B" the Woodbury form wins). Both give F^-1 x = P x / damp.
+
 These are the paper's recursion (4)-(5) in matrix form: row i of W is sqrt(damp / q_i) * v_i,
 with v_i = F_{i-1}^-1 g_i and q_i = m + g_i . v_i, but W comes from matrix-matrix products
 (G G^T, then L^-1 G) instead of 2m matrix-vector passes. K and L^-1 are kept in float64.
@@ -18,7 +22,7 @@ import numbers
 
 import torch
 
-from . import _checks
+from . import _checks, kernels
 from ._pages import Page, Segment, groups, page_of_factor, page_of_rows, segments
 
 #: Default page size for work on the device that holds the factor: keeps temporaries in cache.
@@ -80,9 +84,11 @@ class FisherInverse:
         self._pass_cols = self._page_cols if (streaming or page_bytes is not None) else None
         self._segments = segments(self.dim, block_size)
         self._factors: list[torch.Tensor] = []
+        self._direct = [seg.size < self.num_grads for seg in self._segments]
         self._diag = torch.empty(self.dim, dtype=self.dtype, device=self.storage)
-        for seg in self._segments:
-            self._factors.append(self._factor_segment(grads, seg))
+        for seg, direct in zip(self._segments, self._direct, strict=True):
+            make = self._direct_segment if direct else self._factor_segment
+            self._factors.append(make(grads, seg))
 
     # ------------------------------------------------------------------ set-up
 
@@ -102,6 +108,11 @@ class FisherInverse:
 
     def _factor_segment(self, grads: torch.Tensor, seg: Segment) -> torch.Tensor:
         """W = L^-1 G for every block of the segment, filling the diagonal on the way."""
+        # Compiled kernel (kernels.py) where it applies; None: the PyTorch path below.
+        if self.storage == self.device == grads.device:
+            fused = kernels.factor_blocks(grads, seg.start, seg.blocks, seg.size, self.damp, self._diag)
+            if fused is not None:
+                return fused
         m = self.num_grads
         factor = torch.empty(seg.blocks, m, seg.size, dtype=self.dtype, device=self.storage)
         work: torch.Tensor | None = None  # one page of W on the compute device, reused
@@ -127,6 +138,27 @@ class FisherInverse:
                 self._diag[page.columns(seg)] = ((1.0 - colsum) / self.damp).flatten().to(self._diag)
         return factor
 
+    def _direct_segment(self, grads: torch.Tensor, seg: Segment) -> torch.Tensor:
+        """P = damp * F_b^-1 (blocks, size, size) for blocks narrower than m, filling the diagonal."""
+        m = self.num_grads
+        factor = torch.empty(seg.blocks, seg.size, seg.size, dtype=self.dtype, device=self.storage)
+        for group in groups(seg, max(self._page_cols, seg.size)):  # whole blocks only
+            page = group[0]
+            g = page_of_rows(grads, seg, page).to(self.device)  # (blocks, m, size)
+            finite = g.square().sum(dim=-1).isfinite().all(dim=0)  # per gradient row
+            self._raise_nonfinite(_checks.nonfinite_rows(finite), seg, page)
+            fisher = (g.mT @ g).to(torch.float64).div_(m)
+            fisher.diagonal(dim1=-2, dim2=-1).add_(self.damp)
+            chol, info = torch.linalg.cholesky_ex(fisher)
+            if bool((info != 0).any()):
+                raise ValueError(
+                    f"damp*I + G^T G / m is not positive definite in float64 (damp={self.damp:g})"
+                )
+            inverse = torch.cholesky_inverse(chol)
+            page_of_factor(factor, page).copy_(inverse * self.damp)
+            self._diag[page.columns(seg)] = inverse.diagonal(dim1=-2, dim2=-1).flatten().to(self._diag)
+        return factor
+
     def _inverse_cholesky(self, gram: torch.Tensor) -> torch.Tensor:
         """L^-1 for K = m*damp*I + G G^T = L L^T, batched over blocks, in float64."""
         gram.diagonal(dim1=-2, dim2=-1).add_(self.num_grads * self.damp)
@@ -141,7 +173,11 @@ class FisherInverse:
 
     def _check_finite(self, gram: torch.Tensor, seg: Segment, page: Page) -> None:
         """Raise if a row of G holds NaN or Inf: its squared norm, on the Gram diagonal, is not finite."""
-        bad = _checks.nonfinite_rows(gram.diagonal(dim1=-2, dim2=-1).isfinite().all(dim=0))
+        self._raise_nonfinite(
+            _checks.nonfinite_rows(gram.diagonal(dim1=-2, dim2=-1).isfinite().all(dim=0)), seg, page
+        )
+
+    def _raise_nonfinite(self, bad: list[int], seg: Segment, page: Page) -> None:
         if bad:
             raise ValueError(
                 f"grads rows {bad[:10]} contain NaN or Inf (or values too large to square in "
@@ -155,7 +191,19 @@ class FisherInverse:
         _checks.check_vectors(x, self.dim)
         xs = x.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         out = torch.empty_like(xs)
-        for seg, factor in zip(self._segments, self._factors, strict=True):
+        for seg, factor, direct in zip(self._segments, self._factors, self._direct, strict=True):
+            if direct:  # P = damp * F^-1 per block
+                pass_cols = None if self._pass_cols is None else max(self._pass_cols, seg.size)
+                for (page,) in groups(seg, pass_cols):
+                    p = page_of_factor(factor, page).to(self.device)
+                    y = p @ page_of_rows(xs, seg, page).mT
+                    out[:, page.columns(seg)] = y.permute(2, 0, 1).flatten(1)
+                continue
+            # Compiled kernel (kernels.py) where it applies; False: the PyTorch path below.
+            if self.storage == self.device and kernels.blocked_mul(
+                factor, xs, out, seg.start, self.num_grads
+            ):
+                continue
             for group in groups(seg, self._pass_cols):
                 ws = [page_of_factor(factor, p).to(self.device) for p in group] if len(group) == 1 else None
                 coef = None
@@ -181,6 +229,8 @@ class FisherInverse:
         bj, cj = self._locate(j, "j")
         if bi[:2] != bj[:2]:
             return 0.0
+        if self._direct[bi[0]]:
+            return float(self._factors[bi[0]][bi[1], ci, cj]) / self.damp
         w = self._factors[bi[0]][bi[1]]
         dot = torch.dot(w[:, ci].to(torch.float64), w[:, cj].to(torch.float64)).item()
         return ((1.0 if i == j else 0.0) - dot) / self.damp
@@ -200,22 +250,35 @@ class FisherInverse:
         flat = index.reshape(-1).to(torch.int64)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.dim):
             raise ValueError(f"index values must be in [0, {self.dim})")
-        cols = torch.empty(flat.numel(), self.num_grads, dtype=torch.float64, device=self.storage)
-        block_id = torch.empty(flat.numel(), dtype=torch.int64, device=self.storage)
+        n = flat.numel()
+        cols = torch.zeros(n, self.num_grads, dtype=torch.float64, device=self.storage)
+        block_id = torch.empty(n, dtype=torch.int64, device=self.storage)
+        seg_of = torch.empty(n, dtype=torch.int64, device=self.storage)
+        in_block = torch.empty(n, dtype=torch.int64, device=self.storage)
         flat = flat.to(self.storage)
-        for s, (seg, factor) in enumerate(zip(self._segments, self._factors, strict=True)):
+        for s, (seg, factor, direct) in enumerate(
+            zip(self._segments, self._factors, self._direct, strict=True)
+        ):
             inside = (flat >= seg.start) & (flat < seg.start + seg.blocks * seg.size)
-            b, c = (
-                (flat[inside] - seg.start).div(seg.size, rounding_mode="floor"),
-                (flat[inside] - seg.start) % seg.size,
-            )
-            cols[inside] = factor[b, :, c].to(torch.float64)
+            b = (flat[inside] - seg.start).div(seg.size, rounding_mode="floor")
+            c = (flat[inside] - seg.start) % seg.size
+            if not direct:
+                cols[inside] = factor[b, :, c].to(torch.float64)
             block_id[inside] = b + s * (self.dim + 1)
+            seg_of[inside], in_block[inside] = s, c
         g, k = index.shape
         cols, block_id, coord = cols.view(g, k, -1), block_id.view(g, k), flat.view(g, k)
-        same = (block_id.unsqueeze(2) == block_id.unsqueeze(1)).to(torch.float64)
+        same = block_id.unsqueeze(2) == block_id.unsqueeze(1)
         delta = (coord.unsqueeze(2) == coord.unsqueeze(1)).to(torch.float64)
-        return (delta - cols @ cols.mT) * same / self.damp
+        out = (delta - cols @ cols.mT) * same
+        seg_of, in_block = seg_of.view(g, k), in_block.view(g, k)
+        for s, (factor, direct) in enumerate(zip(self._factors, self._direct, strict=True)):
+            if direct:
+                pairs = same & (seg_of == s).unsqueeze(2)
+                rows, a, b = pairs.nonzero(as_tuple=True)
+                blk = block_id[rows, a] - s * (self.dim + 1)
+                out[rows, a, b] = factor[blk, in_block[rows, a], in_block[rows, b]].to(torch.float64)
+        return out / self.damp
 
     def _locate(self, index: int, name: str) -> tuple[tuple[int, int], int]:
         """(segment, block) and column within the block of a flattened coordinate."""

@@ -1,0 +1,181 @@
+"""Benchmark the compiled M-FAC kernels against the PyTorch path they replace and against a floor.
+
+Run from the repository root (no install needed; the first run compiles the kernels, ~1 min)::
+
+    python bench/kernels.py                   # d = 1,000,000, float32, CPU, m x B in 64x128 32x128 ...
+    python bench/kernels.py --quick           # d = 200,000, fewer configurations (about a minute)
+    python bench/kernels.py --device cuda     # the CUDA kernels (COMPRESSOR_KERNELS=on is implied)
+
+One row per kernel and configuration (m gradients, Fisher blocks of B), all times medians of
+``--reps`` interleaved repetitions measured in the same run:
+
+* factor_blocks: ``FisherInverse(G, damp, B)`` with the kernel (COMPRESSOR_KERNELS=on) vs the
+  PyTorch path (=off). Floor: one GEMM ``G @ G.T``, the same ~2 m^2 d flops (the kernel does
+  half a Gram and a triangular solve, both m^2 d, in float64).
+* blocked_mul: ``inv.mul(x)`` with the kernel vs the PyTorch path. Floor: one GEMV ``G @ x``, i.e.
+  the bytes of W (m d values) at the bandwidth a GEMV reaches on this machine.
+
+speed-up = PyTorch / kernel (a kernel is kept where it is >= 1.5x); vs floor = kernel / floor;
+diff = largest |kernel - PyTorch| relative to the largest |PyTorch| (mul outputs, or the diagonal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from compressor.mfac import FisherInverse, kernels  # noqa: E402
+
+GRAD_SCALE = 1e-3
+KEEP = 1.5
+
+
+@contextlib.contextmanager
+def kernel_mode(value: str) -> Iterator[None]:
+    saved = os.environ.get("COMPRESSOR_KERNELS")
+    os.environ["COMPRESSOR_KERNELS"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("COMPRESSOR_KERNELS", None)
+        else:
+            os.environ["COMPRESSOR_KERNELS"] = saved
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    del out
+    return seconds
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each function, the functions alternating within every repetition."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+
+
+def fmt_s(s: float) -> str:
+    return f"{s:.2f} s" if s >= 1 else (f"{s * 1e3:.1f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} µs")
+
+
+def bench_config(m: int, block: int, args: argparse.Namespace, device: torch.device) -> list[list[str]]:
+    gen = torch.Generator().manual_seed(args.seed)
+    grads = (torch.randn(m, args.dim, generator=gen) * GRAD_SCALE).to(device)
+    x = torch.randn(args.dim, generator=gen).to(device)
+    damp = args.damp
+
+    def build(mode: str) -> FisherInverse:
+        with kernel_mode(mode):
+            return FisherInverse(grads, damp, block)
+
+    fast, slow = build("on"), build("off")  # warm-up; and the objects for mul
+    with kernel_mode("on"):  # does the dispatch take the kernel for this shape?
+        used = kernels.factor_blocks(grads, 0, 1, block, damp, torch.empty(block, device=device)) is not None
+        w, xs = torch.zeros(1, m, block, device=device), torch.zeros(1, block, device=device)
+        mul_used = kernels.blocked_mul(w, xs, torch.empty_like(xs), 0, m)
+    label = f"m={m}, B={block}"
+    t = interleaved(
+        {"floor": lambda: grads @ grads.T, "torch": lambda: build("off"), "kernel": lambda: build("on")},
+        args.reps,
+        device,
+    )
+    rows = [row("factor_blocks", label, t, "GEMM G Gᵀ", rel_diff(fast.diag(), slow.diag()), used)]
+
+    def mul(inv: FisherInverse, mode: str) -> torch.Tensor:
+        with kernel_mode(mode):
+            return inv.mul(x)
+
+    y_fast, y_slow = mul(fast, "on"), mul(slow, "off")
+    t = interleaved(
+        {"floor": lambda: grads @ x, "torch": lambda: mul(slow, "off"), "kernel": lambda: mul(fast, "on")},
+        args.reps * 3,
+        device,
+    )
+    rows.append(row("blocked_mul", label, t, "GEMV G x", rel_diff(y_fast, y_slow), mul_used))
+    return rows
+
+
+def row(kernel: str, label: str, t: dict[str, float], floor: str, diff: float, used: bool) -> list[str]:
+    speedup = t["torch"] / t["kernel"]
+    verdict = ("keep" if speedup >= KEEP else "below 1.5x") if used else "not dispatched"
+    return [
+        kernel,
+        label,
+        fmt_s(t["kernel"]),
+        fmt_s(t["torch"]),
+        f"**{speedup:.2f}x**",
+        f"{fmt_s(t['floor'])} ({floor})",
+        f"{t['kernel'] / t['floor']:.2f}x",
+        f"{diff:.1e}",
+        verdict,
+    ]
+
+
+HEADER = ["kernel", "config", "kernel", "PyTorch path", "speed-up", "floor", "vs floor", "diff", "verdict"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dim", type=int, default=1_000_000)
+    p.add_argument(
+        "--configs", default="64x128,32x128,128x128,256x128,64x1024", help="m x B, comma-separated"
+    )
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--damp", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="d = 200,000 and 64x128, 32x128 only")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.dim, args.configs = 200_000, "64x128,32x128"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    with kernel_mode("on"):
+        kernels.module(device.type)  # build (or load) before timing; raises if it cannot build
+    configs = [tuple(int(v) for v in c.lower().split("x")) for c in args.configs.split(",")]
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"### compressor.mfac kernels vs the PyTorch path, d = {args.dim:,}, float32, {name}, "
+        f"torch {torch.__version__}, median of {args.reps} (mul: {3 * args.reps}) interleaved reps\n"
+    )
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for m, block in configs:
+        for cells in bench_config(m, block, args, device):
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

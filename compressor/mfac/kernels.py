@@ -1,0 +1,263 @@
+"""Compiled kernels for the blocked static M-FAC algorithm, each with the PyTorch path as fallback.
+
+The C++ (CPU) and CUDA sources live in ``csrc/`` and are compiled on first use with
+``torch.utils.cpp_extension.load`` into a cache directory; later processes load the cached build
+(well under a second). Only the kernels that measured a gain of at least 1.5x over the PyTorch
+path are here (``bench/kernels.py``):
+
+* ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
+  diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
+* ``blocked_mul``: x_b - W_b^T (W_b x_b) per block in one pass over W (static.py's ``mul``).
+
+Each function returns None / False when the kernel does not apply (shape, device, dtype, layout,
+mode, or a failed build); the caller then runs its PyTorch path, which is always correct.
+
+Environment:
+
+* ``COMPRESSOR_KERNELS``: ``auto`` (default) builds on first use; a failed build prints one
+  warning and the PyTorch path is used (a compile error is remembered in the cache, in
+  ``build-failed.txt``, so later processes do not retry; delete it or use ``on`` to retry).
+  ``on`` raises if the build fails, and also enables the CUDA kernels (GPU-unverified, so
+  ``auto`` does not use them).
+  ``off`` never builds and always uses PyTorch.
+* ``COMPRESSOR_KERNELS_DIR``: the build cache (default ``$XDG_CACHE_HOME/compressor/kernels``,
+  i.e. ``~/.cache/compressor/kernels``). One sub-directory per source/flags/torch/CPU version.
+* ``COMPRESSOR_CSRC``: the directory holding the sources. Default: the ``csrc/`` of the source
+  tree this package was imported from (a checkout or an editable install), else
+  ``<prefix>/share/compressor/csrc`` where a wheel installs them (see ``sources_dir``).
+
+Building needs a C++ compiler, the Python headers and ninja (``pip install ninja``); the CUDA
+build needs a CUDA torch and nvcc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import site
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+#: The fused set-up does its ~2 m^2 B flops per block in float64 (4.5-5.4x a float32 GEMM of the
+#: same flops on 2 CPU cores); the PyTorch path does them as batched float32 GEMMs, which are slow
+#: for small blocks only. Measured (bench/kernels.py, 2 cores, d = 1e6 and 5e5): 2.2-3.8x faster
+#: at B = 128 for m = 32..128; 1.47x at B = 256, 1.4-1.5x at B = 512, 0.9-1.2x at B = 2000, and
+#: 0.45-1.1x at m = 256. Hence the kernel only where it measured >= 1.5x: m <= 128, B <= 128.
+FUSED_MAX_GRADS = 128
+FUSED_MAX_BLOCK = 128
+#: ``blocked_mul`` is used when one block of W fits in this many bytes (it stays in L2 between
+#: the two products); wider blocks (the unblocked case) use PyTorch's two GEMVs.
+MUL_MAX_BLOCK_BYTES = 1 << 20
+#: The CUDA kernels compile and are tested by csrc/gpu_check.sh but have not been measured yet:
+#: ``auto`` leaves them off until a GPU run shows the 1.5x gain; ``on`` enables them.
+CUDA_IN_AUTO = False
+
+_MODES = ("auto", "on", "off")
+# -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (serial without it); the
+# extension then uses the libgomp torch has already loaded, so torch.set_num_threads applies.
+_CPU_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_CUDA_FLAGS = ["-O3"]
+_CPU_SOURCES = ["mfac_cpu.cpp", "mfac_cpu_kernels.h"]
+_CUDA_SOURCES = ["mfac_cuda.cpp", "mfac_cuda_kernels.cu", "mfac_cuda_kernels.h"]
+
+_lock = threading.Lock()
+_modules: dict[str, ModuleType | None] = {}
+
+
+def mode() -> str:
+    """``COMPRESSOR_KERNELS``: auto, on or off (read on every call, so tests can switch it)."""
+    value = os.environ.get("COMPRESSOR_KERNELS", "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"COMPRESSOR_KERNELS must be one of {', '.join(_MODES)}, got {value!r}")
+    return value
+
+
+def sources_dir() -> Path | None:
+    """Where the C++/CUDA sources are (the first of these that holds them):
+
+    COMPRESSOR_CSRC; ``compressor/mfac/csrc`` (should a build copy them into the package); the
+    ``csrc/`` of the source tree this package was imported from (a checkout, an editable install);
+    ``<prefix>/share/compressor/csrc`` (a wheel built with the pyproject ``data-files`` entry in
+    csrc/README.md; sys.prefix and the user base).
+    """
+    here = Path(__file__).resolve().parent
+    candidates = [os.environ.get("COMPRESSOR_CSRC"), here / "csrc", here.parents[1] / "csrc"]
+    candidates += [Path(p) / "share" / "compressor" / "csrc" for p in (sys.prefix, site.getuserbase())]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / _CPU_SOURCES[0]).is_file():
+            return Path(candidate)
+    return None
+
+
+def cache_dir() -> Path:
+    """The root of the build cache (COMPRESSOR_KERNELS_DIR, else ~/.cache/compressor/kernels)."""
+    if os.environ.get("COMPRESSOR_KERNELS_DIR"):
+        return Path(os.environ["COMPRESSOR_KERNELS_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "compressor" / "kernels"
+
+
+def _host_tag() -> str:
+    """What a -march=native build depends on: the machine and its CPU feature flags."""
+    tag = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            tag += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return tag
+
+
+def _build_name(kind: str, src: Path, files: list[str], flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in files:
+        h.update(name.encode() + b"\0" + (src / name).read_bytes())
+    h.update(repr((flags, torch.__version__, sys.version_info[:2], _host_tag())).encode())
+    return f"compressor_mfac_{kind}_{h.hexdigest()[:12]}"
+
+
+def _build(kind: str) -> ModuleType:
+    """Compile (or load from the cache) the ``cpu`` or ``cuda`` extension; raises on failure."""
+    src = sources_dir()
+    if src is None:
+        raise FileNotFoundError("the csrc/ sources were not found (set COMPRESSOR_CSRC)")
+    if kind == "cuda" and not (torch.version.cuda and torch.cuda.is_available()):
+        raise RuntimeError("this torch has no CUDA device")
+    files, flags = (_CPU_SOURCES, _CPU_FLAGS) if kind == "cpu" else (_CUDA_SOURCES, _CPU_FLAGS[:1])
+    cuda_flags = _CUDA_FLAGS if kind == "cuda" else None
+    name = _build_name(kind, src, files, flags + (cuda_flags or []))
+    build_dir = cache_dir() / name
+    failed_marker = build_dir / "build-failed.txt"
+    if failed_marker.exists() and mode() == "auto":
+        raise RuntimeError(f"an earlier build failed, see {failed_marker}")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob(f"{name}*.so")) and not any(build_dir.glob(f"{name}*.pyd")):
+        print(f"compressor: compiling the M-FAC {kind} kernels once into {build_dir} ...", file=sys.stderr)
+    from torch.utils.cpp_extension import load  # imports setuptools: only when building
+
+    try:
+        return load(
+            name=name,
+            sources=[str(src / f) for f in files if not f.endswith(".h")],
+            extra_cflags=flags,
+            extra_cuda_cflags=cuda_flags,
+            extra_ldflags=["-fopenmp"] if kind == "cpu" else None,
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as exc:
+        if "Error building extension" in str(exc):  # the compiler ran and failed: do not retry in auto
+            with contextlib.suppress(OSError):
+                failed_marker.write_text(f"{type(exc).__name__}: {exc}\n(delete this file to retry)\n")
+        raise
+
+
+def module(kind: str = "cpu") -> ModuleType | None:
+    """The compiled ``cpu`` or ``cuda`` extension, or None (mode off, or a failed build in auto).
+
+    Built once per process (and cached on disk). In mode ``on`` a failed build raises.
+    """
+    current = mode()
+    if current == "off" or (kind == "cuda" and current == "auto" and not CUDA_IN_AUTO):
+        return None
+    if kind in _modules and (_modules[kind] is not None or current == "auto"):
+        return _modules[kind]
+    with _lock:
+        if kind in _modules and (_modules[kind] is not None or current == "auto"):
+            return _modules[kind]
+        try:
+            _modules[kind] = _build(kind)
+        except Exception as exc:
+            _modules[kind] = None
+            if current == "on":
+                raise RuntimeError(
+                    f"COMPRESSOR_KERNELS=on, but the {kind} kernels did not build: {exc}"
+                ) from exc
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            warnings.warn(
+                f"compressor.mfac: {kind} kernels unavailable ({type(exc).__name__}: {first_line[:200]}); "
+                "using the PyTorch path (COMPRESSOR_KERNELS=off silences this, =on raises)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _modules[kind]
+
+
+def _module_for(t: torch.Tensor) -> ModuleType | None:
+    if t.device.type == "cpu":
+        return module("cpu")
+    if t.device.type == "cuda":
+        return module("cuda")
+    return None
+
+
+def factor_blocks(
+    grads: torch.Tensor, start: int, blocks: int, size: int, damp: float, diag: torch.Tensor
+) -> torch.Tensor | None:
+    """W (blocks, m, size) for the blocks of ``grads[:, start:start + blocks*size]``, or None.
+
+    Writes ``diag[start:start + blocks*size]``. None when the kernel does not apply or when some
+    block's m*damp*I + G G^T is not positive definite in float64 or holds NaN/Inf: the PyTorch
+    path then runs (and raises its detailed error).
+    """
+    m = grads.shape[0]
+    if size < m:  # a block narrower than m is static.py's direct form, not Woodbury
+        return None
+    if (
+        m > FUSED_MAX_GRADS
+        or size > FUSED_MAX_BLOCK
+        or grads.dtype not in (torch.float32, torch.float64)
+        or grads.dim() != 2
+        or grads.stride(1) != 1
+        or diag.dtype != grads.dtype
+        or diag.device != grads.device
+        or not diag.is_contiguous()
+    ):
+        return None
+    ext = _module_for(grads)
+    if ext is None:
+        return None
+    end = start + blocks * size
+    factor = torch.empty(blocks, m, size, dtype=grads.dtype, device=grads.device)
+    failed = ext.factor_blocks(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
+    return factor if failed < 0 else None
+
+
+def blocked_mul(
+    factor: torch.Tensor, xs: torch.Tensor, out: torch.Tensor, start: int, num_grads: int
+) -> bool:
+    """``out[:, cols] = xs[:, cols] - W^T (W xs[:, cols])`` block by block (no 1/damp); False: not run.
+
+    ``factor`` is a segment's Woodbury factor W (blocks, num_grads, size), ``cols`` its columns
+    from ``start``. Anything else (a direct-form block narrower than num_grads) is refused.
+    """
+    if factor.dim() != 3:
+        return False
+    blocks, m, size = factor.shape
+    if (
+        m != num_grads
+        or size < m
+        or m * size * factor.element_size() > MUL_MAX_BLOCK_BYTES
+        or not factor.is_contiguous()
+        or xs.dtype != factor.dtype
+        or out.dtype != factor.dtype
+        or xs.device != factor.device
+        or out.device != factor.device
+        or xs.stride(1) != 1
+        or out.stride(1) != 1
+    ):
+        return False
+    ext = _module_for(factor)
+    if ext is None:
+        return False
+    end = start + blocks * size
+    ext.blocked_mul(factor, xs[:, start:end], out[:, start:end])
+    return True

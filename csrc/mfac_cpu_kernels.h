@@ -1,0 +1,334 @@
+// Per-block CPU kernels of the blocked static M-FAC algorithm; plain C++ (no torch headers), so that
+// they can be built and timed on their own. mfac_cpu.cpp runs them over blocks with at::parallel_for.
+//
+// Block b holds the gradient slice G_b (m x S). With K_b = m*damp*I + G_b G_b^T = L L^T and
+// W_b = L^-1 G_b:  F_b^-1 x = (x - W_b^T (W_b x)) / damp  and  diag(F_b^-1) = (1 - colsum(W_b^2)) / damp.
+//
+// The inner loops use GCC/Clang vector extensions (64-byte vectors: 16 floats or 8 doubles), so the
+// same source vectorises for AVX-512, AVX2 or NEON; register tiles are RT rows by up to 4 vectors.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace mfac_cpu {
+
+typedef float vf __attribute__((vector_size(64)));
+typedef double vd __attribute__((vector_size(64)));
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef vf type;
+};
+template <>
+struct Vec<double> {
+  typedef vd type;
+};
+
+template <typename V, typename T>
+inline V loadu(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void storeu(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+inline float hsum(const vf& v) {
+  float s = 0.0f;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
+
+inline double hsum(const vd& v) {
+  double s = 0.0;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
+
+constexpr int DL = 8;  // doubles per vector
+constexpr int RT = 4;  // rows per register tile
+
+inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// ------------------------------------------------------------------------------------ factor_block
+
+// Upper triangle of K = A A^T (K[j][i] for j <= i) for A (mp x sp) row-major, mp % RT == 0,
+// sp % DL == 0. RT x RT register tiles, dot products along the columns.
+inline void gram_upper(const double* A, int64_t mp, int64_t sp, double* K) {
+  for (int64_t i0 = 0; i0 < mp; i0 += RT) {
+    const double* a0 = A + (i0 + 0) * sp;
+    const double* a1 = A + (i0 + 1) * sp;
+    const double* a2 = A + (i0 + 2) * sp;
+    const double* a3 = A + (i0 + 3) * sp;
+    for (int64_t j0 = 0; j0 <= i0; j0 += RT) {
+      const double* b0 = A + (j0 + 0) * sp;
+      const double* b1 = A + (j0 + 1) * sp;
+      const double* b2 = A + (j0 + 2) * sp;
+      const double* b3 = A + (j0 + 3) * sp;
+      vd c00 = {}, c01 = {}, c02 = {}, c03 = {}, c10 = {}, c11 = {}, c12 = {}, c13 = {};
+      vd c20 = {}, c21 = {}, c22 = {}, c23 = {}, c30 = {}, c31 = {}, c32 = {}, c33 = {};
+      for (int64_t c = 0; c < sp; c += DL) {
+        const vd x0 = loadu<vd>(a0 + c), x1 = loadu<vd>(a1 + c), x2 = loadu<vd>(a2 + c),
+                 x3 = loadu<vd>(a3 + c);
+        const vd y0 = loadu<vd>(b0 + c), y1 = loadu<vd>(b1 + c), y2 = loadu<vd>(b2 + c),
+                 y3 = loadu<vd>(b3 + c);
+        c00 += x0 * y0; c01 += x0 * y1; c02 += x0 * y2; c03 += x0 * y3;
+        c10 += x1 * y0; c11 += x1 * y1; c12 += x1 * y2; c13 += x1 * y3;
+        c20 += x2 * y0; c21 += x2 * y1; c22 += x2 * y2; c23 += x2 * y3;
+        c30 += x3 * y0; c31 += x3 * y1; c32 += x3 * y2; c33 += x3 * y3;
+      }
+      double* k0 = K + (j0 + 0) * mp + i0;  // K[j0 + s][i0 + r] = row i0 + r . row j0 + s
+      double* k1 = K + (j0 + 1) * mp + i0;
+      double* k2 = K + (j0 + 2) * mp + i0;
+      double* k3 = K + (j0 + 3) * mp + i0;
+      k0[0] = hsum(c00); k1[0] = hsum(c01); k2[0] = hsum(c02); k3[0] = hsum(c03);
+      k0[1] = hsum(c10); k1[1] = hsum(c11); k2[1] = hsum(c12); k3[1] = hsum(c13);
+      k0[2] = hsum(c20); k1[2] = hsum(c21); k2[2] = hsum(c22); k3[2] = hsum(c23);
+      k0[3] = hsum(c30); k1[3] = hsum(c31); k2[3] = hsum(c32); k3[3] = hsum(c33);
+    }
+  }
+}
+
+// In-place Cholesky of the upper triangle of K (mp x mp, row-major, mp % RT == 0): K = U^T U, with
+// U = L^T upper, so that column j of L is row j of U (contiguous). Right-looking by panels of RT
+// rows: factor the panel, then one rank-RT update of the trailing upper triangle, row by row
+// (contiguous loops). Returns false when a pivot is not a finite positive number (K not positive
+// definite in float64, or NaN/Inf in G).
+inline bool cholesky_upper(double* K, int64_t mp) {
+  for (int64_t j0 = 0; j0 < mp; j0 += RT) {
+    for (int64_t j = j0; j < j0 + RT; ++j) {  // the panel: rows j0..j0+RT
+      double* uj = K + j * mp;
+      const double p = uj[j];
+      if (!(p > 0.0) || !std::isfinite(p)) return false;
+      const double d = std::sqrt(p), inv = 1.0 / d;
+      uj[j] = d;
+#pragma omp simd
+      for (int64_t i = j + 1; i < mp; ++i) uj[i] *= inv;
+      for (int64_t k = j + 1; k < j0 + RT; ++k) {
+        double* kk = K + k * mp;
+        const double u = uj[k];
+#pragma omp simd
+        for (int64_t i = k; i < mp; ++i) kk[i] -= u * uj[i];
+      }
+    }
+    const double* u0 = K + (j0 + 0) * mp;
+    const double* u1 = K + (j0 + 1) * mp;
+    const double* u2 = K + (j0 + 2) * mp;
+    const double* u3 = K + (j0 + 3) * mp;
+    for (int64_t k = j0 + RT; k < mp; ++k) {  // trailing rows: K[k][i] -= sum_p U[p][k] U[p][i]
+      double* kk = K + k * mp;
+      const double a0 = u0[k], a1 = u1[k], a2 = u2[k], a3 = u3[k];
+#pragma omp simd
+      for (int64_t i = k; i < mp; ++i) kk[i] -= a0 * u0[i] + a1 * u1[i] + a2 * u2[i] + a3 * u3[i];
+    }
+  }
+  return true;
+}
+
+// Output of the forward substitution: W (m x S, contiguous) in the input dtype, and the column sums
+// of W^2 in float64 (sp values).
+template <typename T>
+struct FactorOut {
+  T* W;
+  int64_t m, S;
+  double* colsum;
+};
+
+// Rows i0..i0+RT of A := L^-1 A (forward substitution), NV vectors of columns from c0; rows < i0 of
+// A already hold W. L[i][j] = U[j][i]: the RT multipliers of step j are contiguous in row j of U.
+// The finished rows are also rounded into out.W and squared into out.colsum.
+template <int NV, typename T>
+inline void trsm_tile(const double* U, int64_t mp, double* A, int64_t sp, int64_t i0, int64_t c0,
+                      const FactorOut<T>& out) {
+  vd acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) acc[r][q] = loadu<vd>(A + (i0 + r) * sp + c0 + q * DL);
+  for (int64_t j = 0; j < i0; ++j) {
+    const double* aj = A + j * sp + c0;
+    const double* uj = U + j * mp + i0;
+    const double l0 = uj[0], l1 = uj[1], l2 = uj[2], l3 = uj[3];
+    for (int q = 0; q < NV; ++q) {
+      const vd w = loadu<vd>(aj + q * DL);
+      acc[0][q] -= l0 * w;
+      acc[1][q] -= l1 * w;
+      acc[2][q] -= l2 * w;
+      acc[3][q] -= l3 * w;
+    }
+  }
+  for (int r = 0; r < RT; ++r) {  // the RT x RT diagonal triangle, row by row
+    for (int s = 0; s < r; ++s) {
+      const double l = U[(i0 + s) * mp + i0 + r];
+      for (int q = 0; q < NV; ++q) acc[r][q] -= l * acc[s][q];
+    }
+    const double inv = 1.0 / U[(i0 + r) * mp + i0 + r];
+    for (int q = 0; q < NV; ++q) acc[r][q] *= inv;
+  }
+  for (int q = 0; q < NV; ++q) {
+    vd cs = loadu<vd>(out.colsum + c0 + q * DL);
+    for (int r = 0; r < RT; ++r) cs += acc[r][q] * acc[r][q];  // padded rows and columns are zero
+    storeu(out.colsum + c0 + q * DL, cs);
+  }
+  for (int r = 0; r < RT; ++r) {
+    for (int q = 0; q < NV; ++q) storeu(A + (i0 + r) * sp + c0 + q * DL, acc[r][q]);
+    if (i0 + r >= out.m) continue;
+    T* w = out.W + (i0 + r) * out.S;
+    for (int q = 0; q < NV; ++q) {
+      const int64_t c = c0 + q * DL;
+      if (c + DL <= out.S) {
+        for (int l = 0; l < DL; ++l) w[c + l] = static_cast<T>(acc[r][q][l]);
+      } else {
+        for (int l = 0; c + l < out.S; ++l) w[c + l] = static_cast<T>(acc[r][q][l]);
+      }
+    }
+  }
+}
+
+// A := L^-1 A in place, A (mp x sp), L = U^T with U upper (mp x mp); writes out.W and out.colsum
+// (which must start at zero).
+template <typename T>
+inline void trsm_lower(const double* U, int64_t mp, double* A, int64_t sp, const FactorOut<T>& out) {
+  for (int64_t i0 = 0; i0 < mp; i0 += RT) {
+    int64_t c0 = 0;
+    for (; c0 + 4 * DL <= sp; c0 += 4 * DL) trsm_tile<4>(U, mp, A, sp, i0, c0, out);
+    for (; c0 < sp; c0 += DL) trsm_tile<1>(U, mp, A, sp, i0, c0, out);
+  }
+}
+
+// Scratch for factor_block: A (mp x sp) and K (mp x mp) in float64, colsum (sp). Zero-initialised
+// once: the padding (rows m..mp, columns S..sp of A) stays zero from block to block, because zero
+// rows of G give zero off-diagonal rows of L and zero rows of W.
+struct Scratch {
+  int64_t m, S, mp, sp;
+  double *A, *K, *colsum;
+};
+
+inline int64_t scratch_doubles(int64_t m, int64_t S) {
+  const int64_t mp = round_up(m, RT), sp = round_up(S, DL);
+  return mp * sp + mp * mp + sp;
+}
+
+inline Scratch make_scratch(int64_t m, int64_t S, double* buf) {
+  Scratch s{m, S, round_up(m, RT), round_up(S, DL), nullptr, nullptr, nullptr};
+  s.A = buf;
+  s.K = s.A + s.mp * s.sp;
+  s.colsum = s.K + s.mp * s.mp;
+  std::fill(buf, buf + scratch_doubles(m, S), 0.0);
+  return s;
+}
+
+// One block: G (m x S, row stride ldg) -> W (m x S, contiguous) and diag (S). False when K is not
+// positive definite in float64 or G holds NaN/Inf (W and diag are then left unspecified).
+template <typename T>
+inline bool factor_block(const T* G, int64_t ldg, double damp, const Scratch& s, T* W, T* diag) {
+  const int64_t m = s.m, S = s.S, mp = s.mp, sp = s.sp;
+  double* A = s.A;
+  double* K = s.K;
+  for (int64_t i = 0; i < m; ++i) {
+    const T* g = G + i * ldg;
+    double* a = A + i * sp;
+#pragma omp simd
+    for (int64_t c = 0; c < S; ++c) a[c] = static_cast<double>(g[c]);
+  }
+  gram_upper(A, mp, sp, K);
+  const double shift = static_cast<double>(m) * damp;
+  for (int64_t i = 0; i < mp; ++i) K[i * mp + i] += (i < m) ? shift : 1.0;  // padding: identity
+  if (!cholesky_upper(K, mp)) return false;
+  double* colsum = s.colsum;
+  std::fill(colsum, colsum + sp, 0.0);
+  trsm_lower(K, mp, A, sp, FactorOut<T>{W, m, S, colsum});
+  const double inv = 1.0 / damp;
+#pragma omp simd
+  for (int64_t c = 0; c < S; ++c) diag[c] = static_cast<T>((1.0 - colsum[c]) * inv);
+  return true;
+}
+
+// -------------------------------------------------------------------------------------- block_mul
+
+// t = W x for W (m x S) row-major, x (S): RT rows at a time, vectors along the columns.
+template <typename T>
+inline void block_gemv(const T* W, int64_t m, int64_t S, const T* x, T* t) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = sizeof(V) / sizeof(T);
+  const int64_t sv = S / L * L;
+  int64_t i = 0;
+  for (; i + RT <= m; i += RT) {
+    const T* w0 = W + (i + 0) * S;
+    const T* w1 = W + (i + 1) * S;
+    const T* w2 = W + (i + 2) * S;
+    const T* w3 = W + (i + 3) * S;
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t c = 0; c < sv; c += L) {
+      const V xv = loadu<V>(x + c);
+      a0 += loadu<V>(w0 + c) * xv;
+      a1 += loadu<V>(w1 + c) * xv;
+      a2 += loadu<V>(w2 + c) * xv;
+      a3 += loadu<V>(w3 + c) * xv;
+    }
+    T s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+    for (int64_t c = sv; c < S; ++c) {
+      s0 += w0[c] * x[c];
+      s1 += w1[c] * x[c];
+      s2 += w2[c] * x[c];
+      s3 += w3[c] * x[c];
+    }
+    t[i] = s0;
+    t[i + 1] = s1;
+    t[i + 2] = s2;
+    t[i + 3] = s3;
+  }
+  for (; i < m; ++i) {
+    const T* wi = W + i * S;
+    V a = {};
+    for (int64_t c = 0; c < sv; c += L) a += loadu<V>(wi + c) * loadu<V>(x + c);
+    T s = hsum(a);
+    for (int64_t c = sv; c < S; ++c) s += wi[c] * x[c];
+    t[i] = s;
+  }
+}
+
+// y = x - W^T t on NV vectors of columns from c0.
+template <typename T, int NV>
+inline void block_update_tile(const T* W, int64_t m, int64_t S, const T* t, const T* x, T* y, int64_t c0) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[NV];
+  for (int q = 0; q < NV; ++q) acc[q] = loadu<V>(x + c0 + q * L);
+  for (int64_t i = 0; i < m; ++i) {
+    const T* wi = W + i * S + c0;
+    const T ti = t[i];
+    for (int q = 0; q < NV; ++q) acc[q] -= ti * loadu<V>(wi + q * L);
+  }
+  for (int q = 0; q < NV; ++q) storeu(y + c0 + q * L, acc[q]);
+}
+
+// y = x - W^T t for W (m x S) row-major; y may not alias x.
+template <typename T>
+inline void block_update(const T* W, int64_t m, int64_t S, const T* t, const T* x, T* y) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = sizeof(V) / sizeof(T);
+  int64_t c0 = 0;
+  for (; c0 + 4 * L <= S; c0 += 4 * L) block_update_tile<T, 4>(W, m, S, t, x, y, c0);
+  for (; c0 + L <= S; c0 += L) block_update_tile<T, 1>(W, m, S, t, x, y, c0);
+  for (int64_t c = c0; c < S; ++c) {
+    T s = x[c];
+    for (int64_t i = 0; i < m; ++i) s -= t[i] * W[i * S + c];
+    y[c] = s;
+  }
+}
+
+// y = x - W^T (W x) for one block; t is scratch of m values.
+template <typename T>
+inline void block_mul(const T* W, int64_t m, int64_t S, const T* x, T* y, T* t) {
+  block_gemv(W, m, S, x, t);
+  block_update(W, m, S, t, x, y);
+}
+
+}  // namespace mfac_cpu

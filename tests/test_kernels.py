@@ -1,0 +1,395 @@
+"""The compiled kernels (compressor/mfac/kernels.py, csrc/) against the PyTorch path they replace.
+
+Each kernel gets fresh random inputs (m not a multiple of 32, blocks that do not divide d, a tail
+block, float32 and float64); its outputs are filled with NaN before the call, and are wider than
+the region it may write, so a missed or a stray write shows. Tolerances: float64 agrees with the
+PyTorch path to 1e-10 (relative); in float32 the kernel's error against a float64 evaluation of
+the same math must not exceed the PyTorch path's own float32 error by more than a small factor
+(the kernel keeps the m x m algebra and W = L^-1 G in float64, so it is usually smaller).
+
+The CPU extension is built once per session (module fixture; ~45 s cold, cached afterwards). CUDA
+tests run only where torch sees a GPU. Without one, the CUDA sources are still compile-checked
+(nvcc -c for the .cu, c++ -fsyntax-only for the torch binding) and the .cu kernels run on CPU
+threads under csrc/cuda_emu.h against the CPU kernels; these jobs run in the background during
+the build.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import realistic_grads
+
+from compressor.mfac import FisherInverse, kernels
+
+F64, F32 = torch.float64, torch.float32
+EPS = {F32: torch.finfo(F32).eps, F64: torch.finfo(F64).eps}
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+HAS_CUDA = torch.cuda.is_available() and bool(torch.version.cuda)
+_JOB = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "start_new_session": True}
+
+
+def _cuda_home() -> Path | None:
+    """CUDA_HOME / CUDA_PATH, else /usr/local/cuda, else the folder above the nvcc on PATH."""
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and (Path(candidate) / "bin" / "nvcc").is_file():
+            return Path(candidate)
+    nvcc = shutil.which("nvcc")
+    return Path(nvcc).resolve().parents[1] if nvcc else None
+
+
+def _emulated_source(cu: str) -> str:
+    """mfac_cuda_kernels.cu rewritten for csrc/cuda_emu.h: CPU threads instead of a GPU."""
+    cu = cu.replace("#include <cuda_runtime.h>", '#include "cuda_emu.h"')
+    cu = cu.replace(
+        "extern __shared__ __align__(16) unsigned char smem_raw[];", "unsigned char* smem_raw = emu_smem;"
+    )
+    cu = cu.replace("static_cast<cudaStream_t>(stream)", "stream")
+    launch = re.compile(r"(\w+<T>)<<<(.+?),\s*(\w+),\s*\w+,\s*\w+>>>\((.*?)\);", re.S)
+    cu, count = launch.subn(lambda m: f"emu_launch(dim3({m[2]}), {m[3]}, [&] {{ {m[1]}({m[4]}); }});", cu)
+    assert count == 2, f"expected 2 kernel launches to rewrite, found {count}"
+    return cu
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_checks():
+    """Start the nvcc / g++ compile checks of the CUDA sources now, so they overlap the CPU build."""
+    home, jobs, tmp = _cuda_home(), {}, tempfile.mkdtemp(prefix="mfac-cuda-check-")
+    if home is not None:
+        nvcc = shutil.which("nvcc") if not (home / "bin" / "nvcc").is_file() else str(home / "bin" / "nvcc")
+        cmd = [nvcc, "-c", "-O3", "-std=c++17", "-arch=sm_90", f"-I{CSRC}", "-o", f"{tmp}/k.o"]
+        jobs["nvcc"] = subprocess.Popen([*cmd, str(CSRC / "mfac_cuda_kernels.cu")], **_JOB)
+        include = Path(torch.__file__).parent / "include"
+        cuda_include = home / "include"
+        cxx = shutil.which("c++") or shutil.which("g++")
+        if cxx and (cuda_include / "cuda_runtime_api.h").is_file():
+            stub = Path(tmp) / "stub"
+            if not (include / "c10/cuda/impl/cuda_cmake_macros.h").is_file():  # a CPU torch lacks it
+                (stub / "c10/cuda/impl").mkdir(parents=True)
+                (stub / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n")
+            flags = [cxx, "-std=c++20", "-fsyntax-only", f"-I{CSRC}", f"-I{stub}", f"-I{include}"]
+            flags += [f"-I{include}/torch/csrc/api/include", f"-I{cuda_include}"]
+            flags += [f"-I{sysconfig.get_paths()['include']}", "-DTORCH_EXTENSION_NAME=check"]
+            jobs["binding"] = subprocess.Popen([*flags, str(CSRC / "mfac_cuda.cpp")], **_JOB)
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx:  # the CUDA kernels' logic on CPU threads (csrc/cuda_emu.h), against the CPU kernels
+        emu = Path(tmp) / "kernels_emu.cpp"
+        emu.write_text(_emulated_source((CSRC / "mfac_cuda_kernels.cu").read_text()))
+        build = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-psabi", f"-I{CSRC}", f'-DKERNELS_EMU="{emu}"']
+        build += [str(CSRC / "cuda_emu_check.cpp"), "-o", f"{tmp}/emu"]
+        jobs["emulation"] = subprocess.Popen(f"{shlex.join(build)} && {tmp}/emu", shell=True, **_JOB)
+    yield jobs
+    for job in jobs.values():
+        if job.poll() is None:  # its own process group: the compiler under a shell goes too
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The CPU extension, built (or loaded from the cache) once; the tests fail if it cannot build."""
+    saved = os.environ.get("COMPRESSOR_KERNELS")
+    os.environ["COMPRESSOR_KERNELS"] = "on"
+    try:
+        yield kernels.module("cpu")
+    finally:
+        if saved is None:
+            os.environ.pop("COMPRESSOR_KERNELS", None)
+        else:
+            os.environ["COMPRESSOR_KERNELS"] = saved
+
+
+@pytest.fixture
+def kernels_on(ext, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+    return ext
+
+
+def _pytorch_path(grads, damp, block_size, monkeypatch) -> FisherInverse:
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
+    try:
+        return FisherInverse(grads, damp, block_size)
+    finally:
+        monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+
+
+def _relmax(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300)).item()
+
+
+# (m, columns before the segment, blocks, block size, columns after): m not a multiple of 32;
+# one block per thread task and many; a size not a multiple of the vector width; size == m.
+CASES = [(37, 5, 9, 128, 3), (7, 0, 40, 33, 11), (64, 17, 3, 100, 0), (45, 0, 1, 45, 2), (130, 3, 2, 257, 1)]
+
+
+# ----------------------------------------------------------------------------------- factor_blocks
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-nb{}-S{}".format(*c[:1], *c[2:4]))
+def test_factor_blocks_matches_the_pytorch_path(ext, gen, monkeypatch, dtype, case):
+    m, before, nb, size, after = case
+    damp = 1e-5
+    g64 = realistic_grads(m, before + nb * size + after, gen)
+    grads = g64.to(dtype)
+    seg = grads[:, before : before + nb * size]
+    W = torch.full((nb, m, size), float("nan"), dtype=dtype)
+    diag = torch.full((before + nb * size + after,), float("nan"), dtype=dtype)
+    failed = ext.factor_blocks(grads[:, before:], nb, size, damp, W, diag[before : before + nb * size])
+    assert failed == -1
+    assert diag[:before].isnan().all() and diag[before + nb * size :].isnan().all()  # no stray writes
+    diag = diag[before : before + nb * size]
+    assert W.isfinite().all() and diag.isfinite().all()
+    torch_path = _pytorch_path(seg.contiguous(), damp, size, monkeypatch)
+    if dtype == F64:
+        assert _relmax(W, torch_path._factors[0]) <= 1e-10
+        assert _relmax(diag, torch_path.diag()) <= 1e-10
+        return
+    exact = _pytorch_path(seg.to(F64).contiguous(), damp, size, monkeypatch)  # same float32 inputs
+    ours, theirs = _relmax(W, exact._factors[0]), _relmax(torch_path._factors[0], exact._factors[0])
+    assert ours <= max(2 * theirs, 10 * EPS[F32]), (ours, theirs)
+    d_ours, d_theirs = _relmax(diag, exact.diag()), _relmax(torch_path.diag(), exact.diag())
+    assert d_ours <= max(2 * d_theirs, 10 * EPS[F32]), (d_ours, d_theirs)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_factor_blocks_when_m_exceeds_the_block(ext, gen, monkeypatch, dtype):
+    """m > B (and m > d): FisherInverse uses its direct form there, but the kernel's Woodbury
+    factor is still exact: I - W_b^T W_b = damp * F_b^-1, the direct form's P."""
+    m, nb, size = 40, 3, 24
+    grads = realistic_grads(m, nb * size, gen).to(dtype)
+    W = torch.full((nb, m, size), float("nan"), dtype=dtype)
+    diag = torch.full((nb * size,), float("nan"), dtype=dtype)
+    assert ext.factor_blocks(grads, nb, size, 1e-5, W, diag) == -1
+    direct = _pytorch_path(grads.to(F64), 1e-5, size, monkeypatch)
+    assert direct._direct == [True]
+    eye = torch.eye(size, dtype=F64)
+    tol = 1e-9 if dtype == F64 else 1e-4
+    assert _relmax(eye - W.double().mT @ W.double(), direct._factors[0]) <= tol
+    assert _relmax(diag, direct.diag()) <= tol
+
+
+def test_factor_blocks_reports_a_nan_block_and_the_pytorch_path_raises(ext, gen, monkeypatch):
+    grads = realistic_grads(20, 300, gen).to(F32)
+    grads[3, 150] = float("nan")
+    W, diag = torch.empty(3, 20, 100), torch.empty(300)
+    assert ext.factor_blocks(grads, 3, 100, 1e-5, W, diag) == 1  # the block holding column 150
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the PyTorch path's error
+        FisherInverse(grads, 1e-5, 100)
+
+
+# ------------------------------------------------------------------------------------- blocked_mul
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-nb{}-S{}".format(*c[:1], *c[2:4]))
+@pytest.mark.parametrize("k", [1, 3])
+def test_blocked_mul_matches_the_pytorch_path(ext, gen, dtype, case, k):
+    m, before, nb, size, after = case
+    d = before + nb * size + after
+    W = torch.randn(nb, m, size, generator=gen, dtype=F64) / (m * size) ** 0.5
+    x = torch.randn(k, d, generator=gen, dtype=F64)
+    x[0, before : before + nb * size] = torch.einsum(
+        "bms,bm->bs", W, torch.randn(nb, m, generator=gen, dtype=F64)
+    ).flatten()  # in the span
+    W, x = W.to(dtype), x.to(dtype)
+    out = torch.full((k, d), float("nan"), dtype=dtype)
+    cols = slice(before, before + nb * size)
+    ext.blocked_mul(W, x[:, cols], out[:, cols])
+    assert out[:, :before].isnan().all() and out[:, cols.stop :].isnan().all()  # no stray writes
+    xb = x[:, cols].unflatten(1, (nb, size)).transpose(0, 1)  # (nb, k, size)
+
+    def reference(w, xs):
+        return (xs - (xs @ w.mT) @ w).transpose(0, 1).flatten(1)
+
+    exact = reference(W.double(), xb.double())
+    ours = out[:, cols]
+    assert ours.isfinite().all()
+    if dtype == F64:
+        assert _relmax(ours, exact) <= 1e-12
+    else:
+        theirs = reference(W, xb)
+        assert _relmax(ours, exact) <= max(4 * _relmax(theirs, exact), 20 * EPS[F32])
+
+
+# -------------------------------------------------------------------------------- FisherInverse
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_fisher_inverse_uses_the_kernels_and_agrees_with_the_fallback(kernels_on, gen, monkeypatch, dtype):
+    """Blocks of 96 over d = 1000 (a tail of 40 < m: direct form, no kernel), m = 45."""
+    grads = realistic_grads(45, 1000, gen).to(dtype)
+    used = {"factor": 0, "mul": 0}
+    real_factor, real_mul = kernels.factor_blocks, kernels.blocked_mul
+
+    def factor_spy(*a, **kw):
+        out = real_factor(*a, **kw)
+        used["factor"] += out is not None
+        return out
+
+    def mul_spy(*a, **kw):
+        ran = real_mul(*a, **kw)
+        used["mul"] += ran
+        return ran
+
+    monkeypatch.setattr(kernels, "factor_blocks", factor_spy)
+    monkeypatch.setattr(kernels, "blocked_mul", mul_spy)
+    fast = FisherInverse(grads, 1e-5, 96)
+    x = torch.randn(3, 1000, generator=gen, dtype=F64).to(dtype)
+    y_fast = fast.mul(x)
+    assert used["factor"] >= 1 and used["mul"] >= 1
+    slow = _pytorch_path(grads, 1e-5, 96, monkeypatch)
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
+    y_slow = slow.mul(x)
+    tol = 1e-10 if dtype == F64 else 1e-3
+    assert _relmax(y_fast, y_slow) <= tol
+    assert _relmax(fast.diag(), slow.diag()) <= tol
+    assert abs(fast.entry(5, 7) - slow.entry(5, 7)) <= tol * abs(slow.entry(5, 5))
+
+
+def test_shapes_the_kernels_refuse(kernels_on, gen):
+    grads = realistic_grads(50, 40, gen).to(F32)  # m > d: one block narrower than m (direct form)
+    diag = torch.empty(40)
+    assert kernels.factor_blocks(grads, 0, 1, 40, 1e-5, diag) is None
+    big = torch.zeros(kernels.FUSED_MAX_GRADS + 1, 300)
+    assert kernels.factor_blocks(big, 0, 1, 300, 1e-5, torch.empty(300)) is None
+    wide = kernels.FUSED_MAX_BLOCK + 1  # measured slower than the PyTorch path's GEMMs
+    assert kernels.factor_blocks(torch.ones(8, wide), 0, 1, wide, 1e-5, torch.empty(wide)) is None
+    assert kernels.factor_blocks(grads.T.contiguous().T, 0, 1, 40, 1e-5, diag) is None  # column stride
+    W = torch.zeros(2, 8, 16)
+    xs = torch.zeros(1, 32)
+    assert not kernels.blocked_mul(W, xs, torch.empty(1, 32), 0, num_grads=9)  # not this m
+    assert not kernels.blocked_mul(torch.zeros(2, 16, 8), xs[:, :16], torch.empty(1, 16), 0, 16)  # S < m
+    assert not kernels.blocked_mul(W, xs.double(), torch.empty(1, 32, dtype=F64), 0, 8)  # dtype
+    assert kernels.blocked_mul(W, xs, torch.empty(1, 32), 0, 8)
+
+
+# ------------------------------------------------------------------------------- mode and loader
+
+
+def test_off_never_builds_and_uses_pytorch(monkeypatch, gen):
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "_build", lambda kind: pytest.fail("built with COMPRESSOR_KERNELS=off"))
+    assert kernels.module("cpu") is None
+    grads = realistic_grads(20, 256, gen)
+    assert kernels.factor_blocks(grads, 0, 2, 128, 1e-5, torch.empty(256, dtype=F64)) is None
+    fi = FisherInverse(grads, 1e-5, 128)
+    assert fi.mul(grads[0]).isfinite().all()
+
+
+def test_a_failed_build_warns_once_then_uses_pytorch(monkeypatch, gen):
+    def broken(kind):
+        raise RuntimeError("compiler exploded\nsecond line of the log")
+
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "_build", broken)
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert kernels.module("cpu") is None
+        assert kernels.module("cpu") is None
+        fi = FisherInverse(realistic_grads(10, 100, gen), 1e-5, 50)
+    assert [str(w.message).count("\n") for w in caught] == [0]
+    assert "compiler exploded" in str(caught[0].message) and "PyTorch path" in str(caught[0].message)
+    assert fi.diag().isfinite().all()
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+    with pytest.raises(RuntimeError, match="COMPRESSOR_KERNELS=on"):
+        kernels.module("cpu")
+
+
+def test_bad_mode_and_sources(monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "sometimes")
+    with pytest.raises(ValueError, match="COMPRESSOR_KERNELS"):
+        kernels.mode()
+    monkeypatch.delenv("COMPRESSOR_CSRC", raising=False)
+    assert kernels.sources_dir() == CSRC
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    assert not kernels.CUDA_IN_AUTO or HAS_CUDA  # auto never builds CUDA code that was not measured
+
+
+def test_import_needs_torch_alone():
+    code = "import sys, compressor.mfac; assert 'torch.utils.cpp_extension' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=CSRC.parent)
+
+
+# -------------------------------------------------------------------------------------------- CUDA
+
+
+def _finished(job: subprocess.Popen, name: str) -> None:
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, f"{name}:\n{out.decode(errors='replace')[-4000:]}"
+
+
+def test_cuda_kernels_compile_with_nvcc(compile_checks):
+    """mfac_cuda_kernels.cu includes no torch header: nvcc alone compiles it."""
+    if "nvcc" not in compile_checks:
+        pytest.skip("nvcc not found")
+    _finished(compile_checks["nvcc"], "nvcc -c mfac_cuda_kernels.cu")
+
+
+def test_cuda_kernels_logic_under_cpu_emulation(compile_checks):
+    """The .cu kernels run on CPU threads (csrc/cuda_emu.h) and match the CPU kernels, NaN-poisoned
+    outputs fully written, no stray writes, chunked launches, global scratch, the NaN-block status."""
+    if "emulation" not in compile_checks:
+        pytest.skip("no C++ compiler")
+    _finished(compile_checks["emulation"], "CUDA kernels under cuda_emu.h")
+
+
+def test_cuda_binding_compiles(compile_checks):
+    """mfac_cuda.cpp against torch's headers (a stub for the one CUDA-build-only header)."""
+    if "binding" not in compile_checks:
+        pytest.skip("no CUDA headers or C++ compiler")
+    _finished(compile_checks["binding"], "c++ -fsyntax-only mfac_cuda.cpp")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-nb{}-S{}".format(*c[:1], *c[2:4]))
+def test_cuda_kernels_match_the_cpu_kernels(ext, gen, monkeypatch, dtype, case):
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+    cuda = kernels.module("cuda")
+    m, before, nb, size, after = case
+    d = before + nb * size + after
+    grads = realistic_grads(m, d, gen).to(dtype)
+    cols = slice(before, before + nb * size)
+    results = {}
+    for dev, module in (("cpu", ext), ("cuda", cuda)):
+        g = grads.to(dev)
+        W = torch.full((nb, m, size), float("nan"), dtype=dtype, device=dev)
+        diag = torch.full((d,), float("nan"), dtype=dtype, device=dev)
+        assert module.factor_blocks(g[:, before:], nb, size, 1e-5, W, diag[cols]) == -1
+        x = g[:2].clone()
+        out = torch.full_like(x, float("nan"))
+        module.blocked_mul(W, x[:, cols], out[:, cols])
+        results[dev] = [t.cpu() for t in (W, diag, out)]
+    tol = 1e-10 if dtype == F64 else 1e-4
+    for ours, ref in zip(results["cuda"], results["cpu"], strict=True):
+        assert ours.isnan().equal(ref.isnan())  # the same entries were written
+        assert _relmax(ours.nan_to_num(), ref.nan_to_num()) <= tol
+    bad = grads.to("cuda")
+    bad[1, before] = float("inf")
+    W = torch.empty(nb, m, size, dtype=dtype, device="cuda")
+    assert (
+        cuda.factor_blocks(
+            bad[:, before:], nb, size, 1e-5, W, torch.empty(nb * size, dtype=dtype, device="cuda")
+        )
+        == 0
+    )
