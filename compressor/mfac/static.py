@@ -147,7 +147,8 @@ class FisherInverse:
             g = page_of_rows(grads, seg, page).to(self.device)  # (blocks, m, size)
             finite = g.square().sum(dim=-1).isfinite().all(dim=0)  # per gradient row
             self._raise_nonfinite(_checks.nonfinite_rows(finite), seg, page)
-            fisher = (g.mT @ g).to(torch.float64).div_(m)
+            g64 = g.to(torch.float64)  # B < m: the B x B Gram is small, accumulate it in float64
+            fisher = (g64.mT @ g64).div_(m)
             fisher.diagonal(dim1=-2, dim2=-1).add_(self.damp)
             chol, info = torch.linalg.cholesky_ex(fisher)
             if bool((info != 0).any()):
