@@ -46,6 +46,24 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+def _launch_rank() -> int:
+    """This process's rank under torchrun (RANK), 0 otherwise."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+def _fail_once(exc: BaseException) -> None:
+    """``_fail`` on the rank that reports ``exc`` (the first that failed), a silent exit elsewhere."""
+    if getattr(exc, "reported_by_rank", None) is not None:
+        raise typer.Exit(code=1)
+    rank = _launch_rank()
+    _fail(f"[rank {rank}] {exc}" if rank else str(exc))
+
+
 def _parse_sets(sets: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in sets or []:
@@ -59,12 +77,21 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean 'the user asked for something wrong' (no traceback)."""
     from .checkpoint import CheckpointError
+    from .distributed import DistributedError
     from .params import PatternError
     from .recipe import RecipeError
     from .sampling import PreflightError
     from .trainer import RunError
 
-    return (RecipeError, RunError, CheckpointError, PatternError, PreflightError, FileNotFoundError)
+    return (
+        RecipeError,
+        RunError,
+        CheckpointError,
+        PatternError,
+        PreflightError,
+        FileNotFoundError,
+        DistributedError,
+    )
 
 
 @app.command()
@@ -93,7 +120,9 @@ def run(
             progress=progress and sys.stdout.isatty(),
         )
     except _user_errors() as exc:
-        _fail(str(exc))
+        _fail_once(exc)
+    if _launch_rank() != 0:
+        return
     folder = resume if resume is not None else output
     typer.echo(
         f"done: accuracy {summary['eval']['accuracy']:.2%}, global sparsity "

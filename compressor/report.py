@@ -241,15 +241,23 @@ class Progress:
 
     ``update(step, loss=..., acc=..., sparsity=...)`` sets the bar to ``step`` completed optimizer
     steps (acc and sparsity are fractions); ``total_steps`` None gives a bar without an end.
-    ``epoch_done`` always prints one line, ``epoch 3/10  loss 0.123  acc 97.1%  sparsity 45.0%
+    ``epoch_done`` prints one line (unless ``quiet``), ``epoch 3/10  loss 0.123  acc 97.1%  sparsity 45.0%
     120 steps/s`` (steps/s over that epoch).
     """
 
-    def __init__(self, total_steps: int | None, enabled: bool = True, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        total_steps: int | None,
+        enabled: bool = True,
+        stream: IO[str] | None = None,
+        *,
+        quiet: bool = False,
+    ) -> None:
         self.total_steps = total_steps
+        self.quiet = quiet  # no bar and no epoch lines (the ranks other than 0 of a distributed run)
         self._stream = stream
         self._console = Console(file=stream or sys.stdout)
-        self.live = enabled and self._console.is_terminal
+        self.live = enabled and not quiet and self._console.is_terminal
         self._bar: rich.progress.Progress | None = None
         self._step: int | None = None
         self._epoch_mark: tuple[int | None, float] = (None, time.perf_counter())
@@ -290,7 +298,9 @@ class Progress:
     ) -> str:
         """Print and return the epoch's one-line summary (metrics: loss, accuracy, ...); restarts steps/s."""
         line = f"epoch {epoch}/{epochs}  {format_fields({**metrics, 'sparsity': sparsity}, self._rate())}"
-        if self._bar is not None:
+        if self.quiet:
+            pass
+        elif self._bar is not None:
             self._bar.console.print(line, highlight=False, markup=False)
         else:
             print(line, file=self._stream or sys.stdout, flush=True)

@@ -6,6 +6,14 @@ statistics, as in the reference pruner) and is put back in its previous mode aft
 parameters' ``.grad`` are restored too, so sampling inside a training step changes nothing.
 Batches come from a private, seeded generator: the same call at the same step draws the same
 batches, which keeps interrupted-and-resumed runs identical.
+
+Under torch.distributed (torchrun, DDP) every rank draws the same seeded stream of m batches and
+computes only its share of the rows: rank r takes the rows [start_r, end_r) where the first m % P
+ranks take one row more than m // P. The shares are then all-gathered in rank order, so every rank
+returns the same (m, d) tensor, row for row the one a single process computes: exactly m
+gradients, none counted twice, no silent m / P. Each rank's batches are its own shard of the
+stream. Gradients are taken on the model inside the DDP wrapper (no all-reduce of its own), after
+rank 0's batch-norm statistics are copied to every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .params import normalize
 
 
@@ -35,13 +44,32 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def preflight(what: str, needed: int, budget: int | None = None, suggestion: str = "") -> None:
-    """Raise PreflightError when ``needed`` bytes exceed 90% of ``budget`` (default: available memory)."""
+def preflight(
+    what: str,
+    needed: int,
+    budget: int | None = None,
+    suggestion: str = "",
+    *,
+    world_size: int | None = None,
+    local_ranks: int | None = None,
+) -> None:
+    """Raise PreflightError when the host's need exceeds 90% of ``budget`` (default: available memory).
+
+    ``needed`` is one process's estimate. Under torch.distributed (``world_size`` P > 1, default:
+    the current group's) every rank holds the full gathered (m, d) buffer like a single process,
+    plus its share of the rows before the gather (at most ceil(m / P) rows, bounded here by
+    ``needed / P``); the ``local_ranks`` ranks on this host (default: torchrun's LOCAL_WORLD_SIZE)
+    share its memory, so the check is ``local_ranks * needed * (1 + 1/P)`` against the budget.
+    """
     budget = available_bytes() if budget is None else budget
-    if needed > 0.9 * budget:
+    world = distributed.world_size() if world_size is None else world_size
+    local = (distributed.local_world_size() if local_ranks is None else local_ranks) if world > 1 else 1
+    total = needed if world <= 1 else int(local * needed * (1 + 1 / world))
+    if total > 0.9 * budget:
         hint = f"; {suggestion}" if suggestion else ""
+        ranks = f" ({local} ranks on this host, {_human(total / local)} each)" if local > 1 else ""
         raise PreflightError(
-            f"{what} needs about {_human(needed)} but only {_human(budget)} is available{hint}"
+            f"{what} needs about {_human(total)}{ranks} but only {_human(budget)} is available{hint}"
         )
 
 
@@ -57,7 +85,8 @@ class GradientSampler:
     """Draws mini-batch gradients of named parameters of ``model`` from ``data``.
 
     Args:
-        model: the model (parameter names may carry DDP's "module." prefix).
+        model: the model, possibly DDP-wrapped (the wrapper is looked through: sampling never
+            triggers DDP's all-reduce).
         data: a Dataset of (input, target) pairs.
         loss_fn: loss(output, target), default cross entropy.
         seed: seeds the sampler's own shuffling (the global RNG is not touched).
@@ -70,7 +99,7 @@ class GradientSampler:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         seed: int = 0,
     ) -> None:
-        self.model = model
+        self.model = distributed.unwrap(model)
         self.data = data
         self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
         self.seed = seed
@@ -90,6 +119,7 @@ class GradientSampler:
         ``names``: parameters (normalized names) whose gradients are concatenated in this order.
         ``select``: optional bool mask per name; only those coordinates are kept (d = their count).
         ``key``: mixed into the shuffling seed (pass the step, so resumed runs draw the same batches).
+        Collective under torch.distributed: every rank must call it with the same arguments.
         """
         if num_grads < 1 or batch_size < 1:
             raise ValueError(f"num_grads and batch_size must be >= 1, got {num_grads} and {batch_size}")
@@ -100,7 +130,11 @@ class GradientSampler:
         chosen = [params[n] for n in names]
         keep = [None if select is None else select[n].reshape(-1) for n in names]
         dim = sum(p.numel() if k is None else int(k.sum()) for p, k in zip(chosen, keep, strict=True))
-        out = torch.empty(num_grads, dim, dtype=torch.float32, device=device)
+        world, rank = distributed.world_size(), distributed.rank()
+        first, count = shard(num_grads, world, rank)
+        if world > 1:
+            distributed.broadcast_buffers(self.model)
+        out = torch.empty(count, dim, dtype=torch.float32, device=device)
         every = list(self.model.parameters())
         saved = [p.grad for p in every]  # all of them: backward writes every parameter's .grad
         was_training = self.model.training
@@ -108,7 +142,9 @@ class GradientSampler:
         self.model.eval()
         try:
             batches = self._batches(batch_size, key)
-            for row in range(num_grads):
+            for _ in range(first):  # the rows of the ranks before this one
+                next(batches)
+            for row in range(count):
                 x, y = next(batches)
                 for p in every:
                     p.grad = None
@@ -124,7 +160,7 @@ class GradientSampler:
             for p, g in zip(every, saved, strict=True):
                 p.grad = g
             self.model.train(was_training)
-        return out
+        return out if world == 1 else gather_rows(out, num_grads, world)
 
     def _batches(self, batch_size: int, key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled batches, cycling through the data as often as needed."""
@@ -134,3 +170,34 @@ class GradientSampler:
                 self.data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False
             )
             yield from loader
+
+
+def shard(m: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, row count) of ``rank``'s share of m rows: the first m % P ranks take one more."""
+    base, extra = divmod(m, world)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+def gather_rows(part: torch.Tensor, m: int, world: int) -> torch.Tensor:
+    """The (m, d) tensor of every rank's rows (``shard``), in rank order, on every rank.
+
+    The shares are padded to ceil(m / P) rows for the all-gather, then packed in place; the result
+    is a view of the first m rows of that (m + P - 1, d) buffer.
+    """
+    import torch.distributed as dist
+
+    home = part.device
+    size = -(-m // world)
+    comm = distributed.comm_device()  # nccl gathers on the GPU, gloo on the CPU
+    padded = torch.zeros(size, part.shape[1], dtype=part.dtype, device=comm)
+    padded[: part.shape[0]] = part
+    del part
+    buffer = torch.empty(size * world, padded.shape[1], dtype=padded.dtype, device=comm)
+    dist.all_gather(list(buffer.chunk(world)), padded)
+    del padded
+    for r in range(world):
+        first, count = shard(m, world, r)
+        if first != r * size:  # rows move towards the front only: one row at a time never overlaps
+            for i in range(count):
+                buffer[first + i] = buffer[r * size + i]
+    return buffer[:m].to(home)

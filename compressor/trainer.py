@@ -5,11 +5,17 @@ The output folder holds checkpoint.pt, recipe.yaml (resolved), recipe.raw.yaml, 
 summary.json and PNG plots. A run killed at any point resumes from its last checkpoint
 (``resume=True``) and ends with the same masks and metrics as an uninterrupted run: the data
 order of each epoch comes from (seed, epoch), and the RNG states are checkpointed.
+
+Under torchrun the same loop runs DDP-style on P ranks: the global batch stays ``train.batch_size``
+(each rank takes batch_size / P of it), gradient sampling and evaluation are sharded, and rank 0
+writes every file. A checkpoint resumes at any world size with the same masks, model and optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -17,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset, default_collate
 
-from . import zoo
+from . import distributed, zoo
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .params import normalize
 from .recipe import Recipe, parse_recipe, resolved_yaml
@@ -79,53 +85,88 @@ def run(
     allow_recipe_change: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train and compress as the recipe says; returns the summary (also written to summary.json)."""
+    """Train and compress as the recipe says; returns the summary (also written to summary.json).
+
+    Under torchrun (``torchrun --nproc_per_node=N -m compressor.cli run ...``, or this function
+    called by every rank) it joins the process group (see ``compressor.distributed``) and trains
+    DDP-style; every rank returns the same summary. Files are written by rank 0 only.
+    """
+    with distributed.distributed() as ctx:
+        return _run(ctx, recipe_path, output, overrides, resume, allow_recipe_change, progress)
+
+
+def _run(
+    ctx: distributed.Context,
+    recipe_path: str | Path | None,
+    output: str | Path,
+    overrides: dict[str, str] | None,
+    resume: bool,
+    allow_recipe_change: bool,
+    progress: bool,
+) -> dict[str, Any]:
     files = RunFiles(Path(output))
-    raw_text = _recipe_text(files, recipe_path, resume, allow_recipe_change)
+    main = ctx.rank == 0
+    raw_text = distributed.on_main(lambda: _recipe_text(files, recipe_path, resume, allow_recipe_change))
     source = str(recipe_path) if recipe_path is not None else str(files.raw_recipe)
-    first = parse_recipe(raw_text, file=source, overrides=overrides)
-    if first.train is None:
-        raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
-    train = first.train
-    torch.manual_seed(train.seed)
-    bundle = zoo.load_data(train.data, seed=train.seed)
-    model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
-    names = [normalize(n) for n, _ in model.named_parameters()]
-    recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
-    loss_fn = LOSSES.get(train.loss)
-    if loss_fn is None:
-        raise RunError(f"train.loss: unknown loss {train.loss!r}; known: {', '.join(LOSSES)}")
-    optimizer = build_optimizer(train.optimizer, model.parameters())
-    batches_per_epoch = math.ceil(len(bundle.train) / train.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
-    files.root.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(files.metrics)
-    session = Session(
-        recipe,
-        model,
-        optimizer,
-        steps_per_epoch=steps_per_epoch,
-        total_epochs=train.epochs,
-        data=bundle.train,
-        loss_fn=loss_fn,
-        metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
-    )
-    _preflight(recipe, session)
+    error: Exception | None = None
+    try:  # everything that may fail on a user error, before the first collective of training
+        first = parse_recipe(raw_text, file=source, overrides=overrides)
+        if first.train is None:
+            raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
+        train = first.train
+        torch.manual_seed(train.seed)
+        bundle = zoo.load_data(train.data, seed=train.seed)
+        model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
+        model.to(ctx.device)
+        names = [normalize(n) for n, _ in model.named_parameters()]
+        recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
+        loss_fn = LOSSES.get(train.loss)
+        if loss_fn is None:
+            raise RunError(f"train.loss: unknown loss {train.loss!r}; known: {', '.join(LOSSES)}")
+        _check_world(recipe, train.batch_size, ctx.world_size)
+        optimizer = build_optimizer(train.optimizer, model.parameters())
+        batches_per_epoch = math.ceil(len(bundle.train) / train.batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
+        if main:
+            files.root.mkdir(parents=True, exist_ok=True)
+        log: Any = MetricsLog(files.metrics) if main else _NoLog()
+        session = Session(
+            recipe,
+            model,
+            optimizer,
+            steps_per_epoch=steps_per_epoch,
+            total_epochs=train.epochs,
+            data=bundle.train,
+            loss_fn=loss_fn,
+            metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
+        )
+        _preflight(recipe, session)
+    except Exception as exc:  # every rank learns of it, so that none waits for a failed one
+        error = exc
+    distributed.agree(error)
     start_epoch, elapsed = 0, 0.0
     if resume:
-        start_epoch, elapsed = _restore(files, session, model)
+        state = distributed.on_main(lambda: load_checkpoint(files.checkpoint))
+        error = None
+        try:
+            start_epoch, elapsed = _restore(state, session, model, ctx)
+        except Exception as exc:
+            error = exc
+        distributed.agree(error)
+        del state
         log.truncate_after(session.step)
-    else:
+    elif main:
         log.reset()
         files.raw_recipe.write_text(raw_text)
         files.recipe.write_text(resolved_yaml(recipe))
+    net = _wrap(model, ctx)
     total_steps = session.total_steps
     epochs = math.ceil(train.epochs)
     began = time.perf_counter() - elapsed
-    with Progress(total_steps, enabled=progress) as bar:
+    with Progress(total_steps, enabled=progress and main, quiet=not main) as bar:
         for epoch in range(start_epoch, epochs):
-            _train_epoch(session, bundle, train, epoch, loss_fn, log, bar)
-            metrics = evaluate(model, bundle.test, loss_fn)
+            _train_epoch(session, bundle, train, epoch, loss_fn, log, bar, net=net, ctx=ctx)
+            metrics = _evaluate(model, bundle.test, loss_fn, ctx)
             log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
             log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
             log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
@@ -135,11 +176,64 @@ def run(
             if total_steps is not None and session.step >= total_steps:
                 break
     session.finalize()
-    final = evaluate(model, bundle.test, loss_fn)
-    summary = _summary(session, log, final, time.perf_counter() - began)
+    final = _evaluate(model, bundle.test, loss_fn, ctx)
+    wall = time.perf_counter() - began
+    summary = distributed.on_main(lambda: _write_summary(files, session, log, final, wall, ctx.world_size))
+    distributed.barrier()
+    return summary
+
+
+def _write_summary(
+    files: RunFiles, session: Session, log: Any, final: dict[str, float], wall: float, world: int
+) -> dict[str, Any]:
+    summary = _summary(session, log, final, wall)
+    if world > 1:
+        summary["world_size"] = world
     write_summary(files.summary, summary)
     plot_run(files.metrics, files.root, summary["sparsity"]["per_parameter"])
     return summary
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: writes nothing."""
+
+    def log(self, *args: Any) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+
+def _check_world(recipe: Recipe, batch_size: int, world: int) -> None:
+    """RunError when the recipe cannot run DDP-style on ``world`` ranks."""
+    if world <= 1:
+        return
+    if batch_size % world:
+        raise RunError(
+            f"train.batch_size {batch_size} is the global batch and must divide evenly over the "
+            f"{world} ranks (each takes batch_size / {world}); use a multiple of {world}, "
+            f"e.g. --set batch_size=... if the recipe has that variable"
+        )
+    shrinking = [m.type for m in recipe.modifiers if m.restructures]
+    if shrinking:
+        raise RunError(
+            f"{', '.join(shrinking)} removes channels, which DDP does not support yet; "
+            "run this recipe in one process (without torchrun)"
+        )
+
+
+def _wrap(model: torch.nn.Module, ctx: distributed.Context) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when there are several ranks, else ``model`` itself."""
+    if ctx.world_size <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # Buffers (batch-norm statistics) are synced at init, then copied from rank 0 where they are read
+    # (sampling, eval, saving) rather than before every forward.
+    sync = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if sync else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, **no_sync)
 
 
 def _recipe_text(files: RunFiles, recipe_path: str | Path | None, resume: bool, allow_change: bool) -> str:
@@ -179,28 +273,60 @@ def _preflight(recipe: Recipe, session: Session) -> None:
 
 
 def _train_epoch(
-    session: Session, bundle: Any, train: Any, epoch: int, loss_fn: Any, log: MetricsLog, bar: Any
+    session: Session,
+    bundle: Any,
+    train: Any,
+    epoch: int,
+    loss_fn: Any,
+    log: Any,
+    bar: Any,
+    *,
+    net: torch.nn.Module | None = None,
+    ctx: distributed.Context | None = None,
 ) -> None:
-    """One pass over the training data, in an order fixed by (seed, epoch)."""
+    """One pass over the training data, in an order fixed by (seed, epoch).
+
+    The order and the global batches are those of one process; with P ranks, rank r takes the
+    r-th of P equal slices of every batch (a last, partial batch is split as evenly as possible)
+    and DDP averages the gradients, each rank's loss weighted so that the step's gradient is the
+    mean over the global batch, as in one process.
+    """
     model = session.model
+    net = model if net is None else net
+    world, rank = (1, 0) if ctx is None else (ctx.world_size, ctx.rank)
+    device = torch.device("cpu") if ctx is None else ctx.device
     model.train()
     order = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
-    loader = DataLoader(bundle.train, batch_size=train.batch_size, shuffle=True, generator=order)
+    # Batches of indices drawn exactly as DataLoader(data, shuffle=True, generator=order) would.
+    index_loader = DataLoader(
+        range(len(bundle.train)), batch_size=train.batch_size, shuffle=True, generator=order
+    )
+    index_batches = list(index_loader)
     total_steps = session.total_steps
-    batches = list(loader)
-    for first in range(0, len(batches), train.grad_accum):
+    for first in range(0, len(index_batches), train.grad_accum):
         if total_steps is not None and session.step >= total_steps:
             return
-        group = batches[first : first + train.grad_accum]
+        group = index_batches[first : first + train.grad_accum]
+        group_size = sum(len(b) for b in group)
         session.optimizer.zero_grad()
         loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in group:
-            out = model(x)
-            loss = loss_fn(out, y)
-            (loss * len(y) / sum(len(b[1]) for b in group)).backward()
-            loss_sum += loss.item() * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            seen += len(y)
+        for i, indices in enumerate(group):
+            mine = indices.tensor_split(world)[rank] if world > 1 else indices
+            share = len(mine) * world  # the loss below is the global batch's mean, as in one process
+            if share == 0:  # still run a sample with weight 0: DDP's all-reduce needs every rank
+                mine = indices[:1]
+            x, y = _fetch(bundle.train, mine, device)
+            sync = world == 1 or i == len(group) - 1
+            with contextlib.nullcontext() if sync else net.no_sync():
+                out = net(x)
+                loss = loss_fn(out, y)
+                (loss * share / group_size).backward()
+            if share:
+                loss_sum += loss.item() * len(y)
+                correct += int((out.argmax(1) == y).sum())
+                seen += len(y)
+        if world > 1:
+            loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen])
         session.before_step()
         session.optimizer.step()
         session.after_step()
@@ -211,47 +337,88 @@ def _train_epoch(
         )
 
 
+def _fetch(data: Any, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``data`` at ``indices``, collated as a DataLoader does."""
+    items = indices.tolist()
+    getitems = getattr(data, "__getitems__", None)
+    samples = getitems(items) if getitems is not None else [data[i] for i in items]
+    x, y = default_collate(samples)
+    return x.to(device), y.to(device)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Any, loss_fn: Any, batch_size: int = 512) -> dict[str, float]:
     """Mean loss and accuracy (fraction) of ``model`` on ``data``, in eval mode (mode restored)."""
+    total, correct, seen = _eval_sums(model, data, loss_fn, batch_size)
+    return {"loss": total / seen, "accuracy": correct / seen}
+
+
+@torch.no_grad()
+def _eval_sums(
+    model: torch.nn.Module, data: Any, loss_fn: Any, batch_size: int = 512
+) -> tuple[float, int, int]:
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, correct, seen = 0.0, 0, 0
     for x, y in DataLoader(data, batch_size=batch_size):
+        x, y = x.to(device), y.to(device)
         out = model(x)
         total += float(loss_fn(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
         seen += len(y)
     model.train(was_training)
+    return total, correct, seen
+
+
+def _evaluate(model: torch.nn.Module, data: Any, loss_fn: Any, ctx: distributed.Context) -> dict[str, float]:
+    """``evaluate``, sharded over the ranks (rank r takes samples r, r + P, ...), rank 0's buffers."""
+    if ctx.world_size <= 1:
+        return evaluate(model, data, loss_fn)
+    distributed.broadcast_buffers(model)
+    part = Subset(data, range(ctx.rank, len(data), ctx.world_size))
+    total, correct, seen = distributed.all_sum(list(_eval_sums(model, part, loss_fn)))
     return {"loss": total / seen, "accuracy": correct / seen}
 
 
 def _checkpoint(
     files: RunFiles, session: Session, model: Any, epoch: int, elapsed: float, raw: str, recipe: Recipe
 ) -> None:
-    """Everything to resume, plus the resolved recipe so that the checkpoint alone rebuilds the model."""
-    save_checkpoint(
-        files.checkpoint,
-        {
-            "model": model.state_dict(),
-            "optimizer": session.base_optimizer.state_dict(),  # a swapped-in one saves itself
-            "session": session.state_dict(),
-            "rng": rng_state(),
-            "epoch": epoch,
-            "elapsed": elapsed,
-            "recipe_sha256": hashlib.sha256(raw.encode()).hexdigest(),
-            "recipe": resolved_yaml(recipe),
-        },
-    )
+    """Everything to resume, plus the resolved recipe so that the checkpoint alone rebuilds the model.
+
+    Collective under torch.distributed: rank 0's buffers and every rank's RNG state are gathered,
+    and rank 0 alone writes the file (atomically); an error there is raised on every rank.
+    """
+    distributed.broadcast_buffers(model)
+    rngs = distributed.all_gather_objects(rng_state())
+    state = {
+        "model": model.state_dict(),
+        "optimizer": session.base_optimizer.state_dict(),  # a swapped-in one saves itself
+        "session": session.state_dict(),
+        "rng": rngs[0],
+        "epoch": epoch,
+        "elapsed": elapsed,
+        "recipe_sha256": hashlib.sha256(raw.encode()).hexdigest(),
+        "recipe": resolved_yaml(recipe),
+    }
+    if len(rngs) > 1:
+        state["rng_ranks"] = rngs  # per-rank RNG, restored when resuming at the same world size
+    distributed.on_main(lambda: save_checkpoint(files.checkpoint, state))
 
 
-def _restore(files: RunFiles, session: Session, model: Any) -> tuple[int, float]:
-    state = load_checkpoint(files.checkpoint)
+def _restore(
+    state: dict[str, Any], session: Session, model: Any, ctx: distributed.Context
+) -> tuple[int, float]:
+    """Load a checkpoint's state into a fresh model and session (any world size wrote it)."""
     resume_shapes(session, state["model"])  # channel-pruned checkpoint: shrink the fresh model to it
     model.load_state_dict(state["model"])
     session.base_optimizer.load_state_dict(state["optimizer"])
     session.load_state_dict(state["session"])
-    set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == ctx.world_size:
+        set_rng_state(ranks[ctx.rank])
+    else:  # another world size: every rank continues from rank 0's state
+        set_rng_state(state["rng"])
     return int(state["epoch"]), float(state.get("elapsed", 0.0))
 
 
