@@ -2,10 +2,13 @@
 
 Needs torch alone. ``FisherInverse`` is the static algorithm (paper 3.1),
 ``SlidingFisherInverse`` the dynamic one (3.2) and ``MFAC`` the optimizer built on it (4.2).
+``ShardedSlidingFisherInverse`` is the dynamic window sharded by coordinates over torch.distributed
+ranks (``MFAC(..., shard=True)``).
 """
 
 from .dynamic import SlidingFisherInverse
 from .optim import MFAC
+from .sharded import ShardedSlidingFisherInverse
 from .static import FisherInverse
 
-__all__ = ["MFAC", "FisherInverse", "SlidingFisherInverse"]
+__all__ = ["MFAC", "FisherInverse", "ShardedSlidingFisherInverse", "SlidingFisherInverse"]

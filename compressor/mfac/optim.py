@@ -6,6 +6,10 @@ At each step, over all parameters flattened into one d-vector:
     window.update(g);  u = F^-1 g        (one ``update_mul``: two passes over the window)
     v = mu * v + (1 - mu) * u            (optional momentum, an average of preconditioned steps)
     p = p - lr * v
+
+With ``shard=True`` the window is a ``ShardedSlidingFisherInverse`` (sharded.py): each rank of a
+torch.distributed group keeps m x d/P of it, and the step above is computed with one all-reduce of m
+numbers and one all-gather of d values. Every rank then applies the same full update to its replica.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 
 from . import _checks
-from .dynamic import SlidingFisherInverse
+from .sharded import Group, sliding_window
 
 WINDOW_KEY = "mfac_window"
 
@@ -34,9 +38,21 @@ class MFAC(torch.optim.Optimizer):
         damp: the dampening lambda > 0 of F.
         weight_decay: L2 coefficient, added to the gradient before it enters the window.
         momentum: mu in [0, 1); 0 disables momentum.
+        shard: shard the window by coordinates over the ranks of ``process_group`` (needs an
+            initialized torch.distributed group, else RuntimeError; world size 1 works and gives
+            the unsharded result). False (the default) is the single-process optimizer.
+        process_group: the group to shard over (shard=True only); None: the default group.
 
     A parameter whose ``.grad`` is None contributes a zero gradient (plus weight decay); a step
-    where no parameter has a gradient does nothing. Memory: the window, m x d values.
+    where no parameter has a gradient does nothing. Memory: the window, m x d values (sharded over P
+    ranks: m x ceil(d / P) per rank).
+
+    Sharded (``shard=True``), every rank must call ``step``, ``state_dict`` and ``load_state_dict``
+    (they are collectives) and the gradients must be the same on every rank, as DistributedDataParallel
+    makes them (``opt.window.check_inputs = True`` checks it at each step, for debugging). The updates
+    are then bitwise identical on every rank and equal to the unsharded ones to float32 rounding.
+    ``state_dict`` holds the whole window in the unsharded form, so it loads at any world size,
+    sharded or not.
 
     Example::
 
@@ -52,6 +68,9 @@ class MFAC(torch.optim.Optimizer):
         damp: float = 1e-5,
         weight_decay: float = 0.0,
         momentum: float = 0.0,
+        *,
+        shard: bool = False,
+        process_group: Group = None,
     ) -> None:
         _check_hyper(lr=lr, weight_decay=weight_decay, momentum=momentum)
         self._building = True
@@ -67,7 +86,10 @@ class MFAC(torch.optim.Optimizer):
         dtype, device = kinds.pop()
         if dtype not in _checks.FLOAT_DTYPES:
             raise ValueError(f"MFAC supports float32 and float64 parameters, got {dtype}")
-        self.window = SlidingFisherInverse(sum(p.numel() for p in flat), num_grads, damp, device, dtype)
+        dim = sum(p.numel() for p in flat)
+        self.window = sliding_window(
+            dim, num_grads, damp, device, dtype, shard=shard, process_group=process_group
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the window's dimension is fixed once built."""
@@ -114,13 +136,15 @@ class MFAC(torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """The standard optimizer state plus the window (``mfac_window``), for an exact resume."""
+        """The standard optimizer state plus the window (``mfac_window``), for an exact resume.
+
+        Sharded, a collective that gathers the whole (m, d) window on every rank (transient memory)."""
         state = super().state_dict()
         state[WINDOW_KEY] = self.window.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict`` of an MFAC over parameters of the same shapes."""
+        """Restore a ``state_dict`` of an MFAC over parameters of the same shapes (any world size)."""
         state_dict = dict(state_dict)
         window = state_dict.pop(WINDOW_KEY, None)
         if window is None:
