@@ -11,6 +11,12 @@ each step); leave ``params`` unset to train every trainable parameter with M-FAC
 Order with ``LearningRate``: a learning-rate schedule sets the lr of ``session.optimizer`` at its
 ``before_step``. List it *after* this modifier so that, at the step where M-FAC is swapped in, the
 schedule already acts on M-FAC (and, at ``end``, on the training optimizer it hands back to).
+
+``shard: true`` splits the window by coordinates over the ranks of a torch.distributed run (each
+rank keeps m x kept/P values; see compressor/mfac/sharded.py). It applies only where
+torch.distributed is initialized with a world size > 1; elsewhere the window is whole, so the same
+recipe runs on one process. Sharded, the optimizer's ``state_dict`` is a collective: every rank must
+build the checkpoint (rank 0 writes it); the state loads at any world size.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import Field, PrivateAttr, field_validator
 
 from compressor.mfac import SlidingFisherInverse
+from compressor.mfac.sharded import Group, check_shard, sliding_window
 from compressor.modifier import Modifier
 
 if TYPE_CHECKING:
@@ -43,6 +51,8 @@ class MaskedMFAC(torch.optim.Optimizer):
         lr, num_grads, damp, weight_decay, momentum: as in ``compressor.mfac.MFAC``.
         masks: parameter -> bool tensor of its shape (True: kept), read live at every step (for
             example the buffers of a ``compressor.masks.MaskSet``). Parameters without one are dense.
+        shard, process_group: as in ``compressor.mfac.MFAC``: the window sharded by coordinates over
+            torch.distributed ranks (the masks, and so the kept coordinates, must match on every rank).
 
     Each step gathers the kept gradient coordinates (weight decay folded in: g = grad + wd * p)
     into one vector, runs ``SlidingFisherInverse.update_mul`` on it, applies momentum
@@ -69,6 +79,9 @@ class MaskedMFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        shard: bool = False,
+        process_group: Group = None,
     ) -> None:
         _check_hyper(lr=lr, weight_decay=weight_decay, momentum=momentum)
         if isinstance(num_grads, bool) or not isinstance(num_grads, int) or num_grads < 1:
@@ -79,6 +92,8 @@ class MaskedMFAC(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
         self._building = False
         self.num_grads, self.damp = num_grads, float(damp)
+        self._shard = {"shard": shard, "process_group": process_group}
+        check_shard(shard, process_group)
         flat = self._params()
         kinds = {(p.dtype, p.device) for p in flat}
         if len(kinds) != 1:
@@ -135,7 +150,9 @@ class MaskedMFAC(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = _reindex(buf, old, new, p)
         dim = sum(p.numel() if idx is None else idx.numel() for p, idx in zip(params, index, strict=True))
         self.window = (
-            SlidingFisherInverse(dim, self.num_grads, self.damp, self._device, self._dtype) if dim else None
+            sliding_window(dim, self.num_grads, self.damp, self._device, self._dtype, **self._shard)
+            if dim
+            else None
         )
 
     def sync_masks(self) -> bool:
@@ -252,6 +269,11 @@ def _reindex(
     return full.reshape(p.shape).clone() if new is None else full.index_select(0, new)
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several ranks of an initialized torch.distributed run."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _check_hyper(**values: float) -> None:
     """lr >= 0, weight_decay >= 0, 0 <= momentum < 1, all finite numbers."""
     limits = {"lr": (0.0, math.inf), "weight_decay": (0.0, math.inf), "momentum": (0.0, 1.0)}
@@ -282,6 +304,9 @@ class MFACOptimizer(Modifier):
     params: list[str] | None = Field(
         None, min_length=1, description="exact names, globs or re: patterns; None: all trainable parameters"
     )
+    shard: bool = Field(
+        False, strict=True, description="shard the window over torch.distributed ranks (world size > 1 only)"
+    )
 
     _names: list[str] = PrivateAttr(default_factory=list)
     _optimizer: MaskedMFAC | None = PrivateAttr(default=None)
@@ -299,8 +324,10 @@ class MFACOptimizer(Modifier):
         return list(self.params or [])
 
     def gradient_bytes(self, num_params: int) -> int:
-        """The window: num_grads float32 gradients of the selected (at most all) weights."""
-        return 4 * self.num_grads * num_params
+        """The window: num_grads float32 gradients of the selected (at most all) weights; sharded over
+        P ranks, this rank's num_grads x ceil(num_params / P)."""
+        ranks = dist.get_world_size() if self.shard and _distributed() else 1
+        return 4 * self.num_grads * -(-num_params // ranks)
 
     @property
     def optimizer(self) -> MaskedMFAC | None:
@@ -351,6 +378,7 @@ class MFACOptimizer(Modifier):
                 weight_decay=self.weight_decay,
                 momentum=self.momentum,
                 masks=masks,
+                shard=self.shard and _distributed(),
             )
             session.swap_optimizer(self._optimizer)
         if self._pending is not None:

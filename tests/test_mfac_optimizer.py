@@ -12,7 +12,7 @@ from conftest import dense_fisher
 from pydantic import Field, ValidationError
 from torch import nn
 
-from compressor.mfac import MFAC
+from compressor.mfac import MFAC, SlidingFisherInverse
 from compressor.modifier import Modifier
 from compressor.session import Session
 from modifiers.learning_rate import LearningRate
@@ -308,3 +308,16 @@ def test_settings_are_validated():
     with pytest.raises(ValidationError, match="params"):
         MFACOptimizer(lr=0.1, params=[])
     assert MFACOptimizer(lr=0.1).num_grads == 1024
+    with pytest.raises(ValidationError, match="shard"):
+        MFACOptimizer(lr=0.1, shard="yes")
+
+
+def test_shard_is_inert_on_a_single_process():
+    """shard: true applies only under torch.distributed with several ranks: here the window is whole."""
+    mfac = MFACOptimizer(lr=0.05, num_grads=2, damp=1e-3, shard=True)
+    assert mfac.gradient_bytes(1000) == 4 * 2 * 1000
+    model = _model(2)
+    session = Session([mfac], model, torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch=4)
+    _train(session, _batches(2), 0, 2)
+    assert type(mfac.optimizer.window) is SlidingFisherInverse and mfac.optimizer.window.count == 2
+    session.finalize()
