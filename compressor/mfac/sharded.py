@@ -179,7 +179,7 @@ class ShardedSlidingFisherInverse(SlidingFisherInverse):
         """The whole window in ``SlidingFisherInverse.state_dict`` form, gathered from every rank.
 
         A collective: every rank must call it and every rank gets the same dict (rank 0 saves it).
-        Transient memory per rank: the full (m, d) window plus one block of m/P rows in flight.
+        Transient memory per rank: the full (m, d) window plus about 2 m d / P values in flight.
         """
         full = torch.empty(self.num_grads, self.dim, dtype=self.dtype, device=self.device)
         rows = -(-self.num_grads // self.world_size)
