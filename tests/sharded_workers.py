@@ -175,11 +175,42 @@ def job_masked(rank: int, args: dict[str, Any]) -> dict[str, Any]:
     return {"traj": run_steps(opt, params, seed, range(6)), "dim": opt.dim}  # type: ignore[arg-type]
 
 
+def train_session(shard: bool, steps: int = 5) -> dict[str, Any]:
+    """The recipe path: a Session whose MFACOptimizer (``shard``) trains a small net on fixed batches."""
+    from compressor.session import Session
+    from modifiers.mfac_optimizer import MFACOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    mfac = MFACOptimizer(lr=0.05, num_grads=3, damp=1e-3, momentum=0.5, shard=shard)
+    session = Session([mfac], model, torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch=4)
+    gen = torch.Generator().manual_seed(1234)
+    for _ in range(steps):
+        x, y = torch.randn(10, 6, generator=gen), torch.randint(0, 3, (10,), generator=gen)
+        session.optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        session.before_step()
+        session.optimizer.step()
+        session.after_step()
+    out = {
+        "params": flat(list(model.parameters())),
+        "window": type(mfac.optimizer.window).__name__,
+        "preflight": mfac.gradient_bytes(1001),
+    }
+    session.finalize()
+    return out
+
+
+def job_modifier(rank: int, args: dict[str, Any]) -> dict[str, Any]:
+    return train_session(shard=True)
+
+
 JOBS: dict[str, Callable[[int, dict[str, Any]], dict[str, Any]]] = {
     "train": job_train,
     "resume": job_resume,
     "window": job_window,
     "masked": job_masked,
+    "modifier": job_modifier,
 }
 
 

@@ -26,6 +26,7 @@ from sharded_workers import (
     resume,
     run_steps,
     spawn,
+    train_session,
 )
 
 from compressor.mfac import MFAC
@@ -66,8 +67,9 @@ def two(seed: int, folder: Any, reference: dict[str, Any]) -> dict[str, list[dic
         ("train", {"seed": seed, "save": str(folder / "sharded2.pt"), "unsharded_state": str(unsharded)}),
         ("window", {"seed": seed}),
         ("masked", {"seed": seed}),
+        ("modifier", {}),
     ]
-    return dict(zip(["train", "window", "masked"], spawn(2, str(folder), jobs), strict=True))
+    return dict(zip(["train", "window", "masked", "modifier"], spawn(2, str(folder), jobs), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +163,16 @@ def test_masked_mfac_sharded_matches_unsharded(two, seed):
     ref = run_steps(opt, params, seed, range(6))  # type: ignore[arg-type]
     assert ranks[0]["dim"] == opt.dim < DIM
     assert movement_error(ranks[0]["traj"], ref, flat(make_params(seed))) <= TOL
+
+
+def test_recipe_modifier_shards_under_two_ranks(two):
+    ranks = two["modifier"]
+    assert all(r["window"] == "ShardedSlidingFisherInverse" for r in ranks)
+    assert all(r["preflight"] == 4 * 3 * 501 for r in ranks)  # this rank's ceil(1001 / 2) columns
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    ref = train_session(shard=True)  # one process: the setting is inert, the window whole
+    assert ref["window"] == "SlidingFisherInverse"
+    torch.testing.assert_close(ranks[0]["params"], ref["params"], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 3 ranks
