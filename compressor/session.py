@@ -43,7 +43,9 @@ class Session:
         optimizer: the training optimizer (a modifier may swap it; ``session.optimizer`` is current).
         steps_per_epoch: optimizer steps per epoch; converts epoch positions into steps.
         total_epochs: length of training, for modifiers whose ``end`` is None (optional).
-        data: a Dataset of (input, target) pairs for modifiers that sample gradients.
+        data: a Dataset of (input, target) pairs for modifiers that sample gradients. Under DDP give
+            every rank the whole set: sampling is collective, each rank computes its share of the
+            rows and all gather the same m (``compressor.sampling``).
         loss_fn: loss(output, target) for those modifiers (default: cross entropy).
         metrics: optional callback(step, name, value) receiving what modifiers log.
     """
