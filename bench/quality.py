@@ -9,11 +9,21 @@ Writes ``bench/results/quality.md`` (tables, mean +- std over seeds) and PNG plo
 
 a) one-shot: a dense mnist-cnn (trained per seed) pruned in one step to 50..95% by magnitude and by
    M-FAC (m in {16, 64, 256}; 1 or 16 sub-steps, i.e. 0 or 16 recomputations; Fisher blocks of 128
-   coordinates or one block per layer), test accuracy right after pruning, no fine-tuning;
+   coordinates or one block per layer), test accuracy and test loss right after pruning, no
+   fine-tuning (accuracy saturates on this small test set; the loss increase is the finer measure);
 b) gradual to 90%: recipes/mnist_mfac_gradual.yaml against recipes/mnist_gmp_gradual.yaml (same
    schedule and fine-tuning), final test accuracy;
 c) optimizers from scratch, same epochs: M-FAC (m = 512, no momentum) against SGD, SGD with
    momentum and Adam: final training loss, test accuracy, and step time over SGD's in the same run.
+   Every optimizer runs at the setting that won its own sweep (part d), and M-FAC also at the
+   reference's defaults (lr 1e-3, damp 1e-5);
+d) the sweep: for each optimizer a small grid (lr; for M-FAC lr x damp), seed 0, the same epochs,
+   trained on 90% of the training split and scored by loss on the held-out 10% (never the test set);
+e) structured: the dense models of a) with 50% of the channels of conv1, conv2 and fc1 removed in one
+   shot by StructuredPruning, magnitude against second-order importance, no fine-tuning.
+
+Each part keeps its raw results in ``quality_<part>.json`` beside the report, so parts can run in
+separate invocations (``--parts e``) and the report is rebuilt from all of them.
 
 Every pruned weight set is the same for both methods (all conv and linear weights, global ranking).
 """
@@ -22,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import statistics
 import sys
 import time
@@ -29,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, random_split
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -40,14 +52,23 @@ from compressor.trainer import evaluate, run  # noqa: E402
 from compressor.zoo import build_model, load_data  # noqa: E402
 from modifiers.magnitude import MagnitudePruning  # noqa: E402
 from modifiers.mfac_pruning import MFACPruning  # noqa: E402
+from modifiers.structured import StructuredPruning  # noqa: E402
 
 PRUNED = ["re:(conv|fc)\\d\\.weight"]
 LOSS = torch.nn.functional.cross_entropy
 
 
-def train_dense(seed: int, epochs: int, data: Any) -> torch.nn.Module:
-    """mnist-cnn trained with SGD (lr 0.05, momentum 0.9, batch 64) for ``epochs``."""
+def train_dense(seed: int, epochs: int, data: Any, cache: Path | None = None) -> torch.nn.Module:
+    """mnist-cnn trained with SGD (lr 0.05, momentum 0.9, batch 64) for ``epochs``.
+
+    With ``cache`` (a folder), the trained weights are kept there and reused by later parts.
+    """
     model = build_model("mnist-cnn", data.input_shape, data.num_classes, seed=seed)
+    size = sum(p.numel() for p in model.parameters())
+    path = cache / f"dense-mnist-cnn-{size}-seed{seed}-epochs{epochs}.pt" if cache else None
+    if path is not None and path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for epoch in range(epochs):
         order = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -55,28 +76,31 @@ def train_dense(seed: int, epochs: int, data: Any) -> torch.nn.Module:
             opt.zero_grad()
             LOSS(model(x), y).backward()
             opt.step()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
     return model
 
 
-def one_shot(model: torch.nn.Module, modifier: Any, data: Any, seed: int) -> float:
-    """Test accuracy of a copy of ``model`` pruned in one step by ``modifier`` (no fine-tuning)."""
+def one_shot(model: torch.nn.Module, modifier: Any, data: Any, seed: int) -> dict[str, float]:
+    """Test loss and accuracy of a copy of ``model`` pruned in one step by ``modifier`` (no fine-tuning)."""
     pruned = copy.deepcopy(model)
     opt = torch.optim.SGD(pruned.parameters(), lr=0.0)
     session = Session([modifier], pruned, opt, steps_per_epoch=1, data=data.train, loss_fn=LOSS)
     session.sampler.seed = seed
     session.before_step()  # start == end == 0: the one pruning step happens here
     session.after_step()
-    return evaluate(pruned, data.test, LOSS)["accuracy"]
+    return evaluate(pruned, data.test, LOSS)
 
 
 def one_shot_study(
-    seeds: list[int], sparsities: list[float], grads: list[int], recomps: list[int], epochs: int
+    seeds: list[int], sparsities: list[float], grads: list[int], recomps: list[int], epochs: int, cache: Path
 ):
     data = load_data("mnist")
-    rows: dict[tuple[str, float], list[float]] = {}
+    rows: dict[tuple[str, float], list[dict[str, float]]] = {}
     for seed in seeds:
-        dense = train_dense(seed, epochs, data)
-        rows.setdefault(("dense", 0.0), []).append(evaluate(dense, data.test, LOSS)["accuracy"])
+        dense = train_dense(seed, epochs, data, cache)
+        rows.setdefault(("dense", 0.0), []).append(evaluate(dense, data.test, LOSS))
         for s in sparsities:
             mag = MagnitudePruning(type="MagnitudePruning", params=PRUNED, start=0, end=0, final_sparsity=s)
             rows.setdefault(("magnitude", s), []).append(one_shot(dense, mag, data, seed))
@@ -96,12 +120,41 @@ def one_shot_study(
                         label = f"M-FAC m={m} R={r} B={block or 'layer'}"
                         began = time.perf_counter()
                         rows.setdefault((label, s), []).append(one_shot(dense, mfac, data, seed))
+                        got = rows[(label, s)][-1]
                         print(
-                            f"seed {seed} {s:.0%} {label}: {rows[(label, s)][-1]:.2%} "
+                            f"seed {seed} {s:.0%} {label}: {got['accuracy']:.2%} loss {got['loss']:.4f} "
                             f"({time.perf_counter() - began:.1f} s)",
                             flush=True,
                         )
-            print(f"seed {seed} {s:.0%} magnitude: {rows[('magnitude', s)][-1]:.2%}", flush=True)
+            got = rows[("magnitude", s)][-1]
+            print(f"seed {seed} {s:.0%} magnitude: {got['accuracy']:.2%} loss {got['loss']:.4f}", flush=True)
+    return rows
+
+
+STRUCTURED = ["conv1.weight", "conv2.weight", "fc1.weight"]
+
+
+def structured_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, list[dict[str, float]]]:
+    """Half the channels of conv1, conv2 and fc1 removed in one shot by each importance, no fine-tuning."""
+    data = load_data("mnist")
+    rows: dict[str, list[dict[str, float]]] = {}
+    for seed in seeds:
+        dense = train_dense(seed, epochs, data, cache)
+        rows.setdefault("dense", []).append(evaluate(dense, data.test, LOSS))
+        for importance in ("magnitude", "second_order"):
+            modifier = StructuredPruning(
+                type="StructuredPruning",
+                params=STRUCTURED,
+                start=0,
+                channel_sparsity=0.5,
+                importance=importance,
+            )
+            got = one_shot(dense, modifier, data, seed)
+            rows.setdefault(importance, []).append(got)
+            print(
+                f"seed {seed} channels 50% {importance}: {got['accuracy']:.2%} loss {got['loss']:.4f}",
+                flush=True,
+            )
     return rows
 
 
@@ -128,49 +181,113 @@ def gradual_study(seeds: list[int], out: Path) -> dict[str, list[dict[str, Any]]
     return results
 
 
-def optimizer_study(seeds: list[int], epochs: int) -> dict[str, list[dict[str, float]]]:
+REFERENCE_MFAC = {"lr": 1e-3, "damp": 1e-5}
+SWEEP: dict[str, list[dict[str, float]]] = {
+    "SGD": [{"lr": lr} for lr in (0.01, 0.05, 0.2)],
+    "SGD momentum 0.9": [{"lr": lr} for lr in (0.005, 0.02, 0.05)],
+    "Adam": [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)],
+    "M-FAC m=512": [{"lr": lr, "damp": damp} for lr in (1e-4, 1e-3, 1e-2) for damp in (1e-5, 1e-4, 1e-3)],
+}
+
+
+def make_optimizer(name: str, params: Any, hyper: dict[str, float]) -> torch.optim.Optimizer:
+    """One of the compared optimizers (``name`` a key of SWEEP) with its hyperparameters."""
     from compressor.mfac import MFAC
 
-    data = load_data("mnist")
-    makers = {
-        "SGD": lambda p: torch.optim.SGD(p, lr=0.05),
-        "SGD momentum 0.9": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-        "Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
-        "M-FAC m=512": lambda p: MFAC(p, lr=1e-3, num_grads=512, damp=1e-5),
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=hyper["lr"])
+    if name == "SGD momentum 0.9":
+        return torch.optim.SGD(params, lr=hyper["lr"], momentum=0.9)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=hyper["lr"])
+    return MFAC(params, lr=hyper["lr"], num_grads=512, damp=hyper["damp"])
+
+
+def train_from_scratch(
+    name: str, hyper: dict[str, float], seed: int, epochs: int, train: Any, held_out: Any, data: Any
+) -> dict[str, float]:
+    """mnist-cnn trained from scratch (batch 64): last epoch's train loss, held-out loss/accuracy, times."""
+    model = build_model("mnist-cnn", data.input_shape, data.num_classes, seed=seed)
+    opt = make_optimizer(name, model.parameters(), hyper)
+    step_time, iter_time, steps, last_loss = 0.0, 0.0, 0, float("nan")
+    for epoch in range(epochs):
+        order = torch.Generator().manual_seed(seed * 1000 + epoch)
+        total, seen = 0.0, 0
+        for x, y in DataLoader(train, batch_size=64, shuffle=True, generator=order):
+            started = time.perf_counter()
+            opt.zero_grad()
+            loss = LOSS(model(x), y)
+            loss.backward()
+            began = time.perf_counter()
+            opt.step()
+            ended = time.perf_counter()
+            step_time += ended - began
+            iter_time += ended - started
+            steps += 1
+            total += loss.item() * len(y)
+            seen += len(y)
+        last_loss = total / seen
+    scores = evaluate(model, held_out, LOSS)
+    return {
+        "loss": last_loss,
+        "held_out_loss": scores["loss"],
+        "accuracy": scores["accuracy"],
+        "step_s": step_time / steps,
+        "iter_s": iter_time / steps,
     }
-    results: dict[str, list[dict[str, float]]] = {}
-    for seed in seeds:
-        for name, make in makers.items():
-            model = build_model("mnist-cnn", data.input_shape, data.num_classes, seed=seed)
-            opt = make(model.parameters())
-            step_time, iter_time, steps, last_loss = 0.0, 0.0, 0, float("nan")
-            for epoch in range(epochs):
-                order = torch.Generator().manual_seed(seed * 1000 + epoch)
-                total, seen = 0.0, 0
-                for x, y in DataLoader(data.train, batch_size=64, shuffle=True, generator=order):
-                    started = time.perf_counter()
-                    opt.zero_grad()
-                    loss = LOSS(model(x), y)
-                    loss.backward()
-                    began = time.perf_counter()
-                    opt.step()
-                    ended = time.perf_counter()
-                    step_time += ended - began
-                    iter_time += ended - started
-                    steps += 1
-                    total += loss.item() * len(y)
-                    seen += len(y)
-                last_loss = total / seen
-            acc = evaluate(model, data.test, LOSS)["accuracy"]
-            results.setdefault(name, []).append(
-                {"loss": last_loss, "accuracy": acc, "step_s": step_time / steps, "iter_s": iter_time / steps}
-            )
+
+
+def sweep_study(epochs: int) -> dict[str, list[tuple[dict[str, float], dict[str, float]]]]:
+    """Each optimizer's grid on seed 0: 90% of the training split to train, 10% to score (by loss)."""
+    data = load_data("mnist")
+    n_val = len(data.train) // 10
+    fit, val = random_split(data.train, [len(data.train) - n_val, n_val], torch.Generator().manual_seed(0))
+    results: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}
+    for name, grid in SWEEP.items():
+        for hyper in grid:
+            got = train_from_scratch(name, hyper, 0, epochs, fit, val, data)
+            if not math.isfinite(got["held_out_loss"]):
+                got["held_out_loss"] = math.inf
+            results.setdefault(name, []).append((hyper, got))
             print(
-                f"seed {seed} {name}: loss {last_loss:.4f} acc {acc:.2%} "
-                f"step {1e3 * step_time / steps:.2f} ms",
+                f"sweep {name} {hyper}: train loss {got['loss']:.4f} val loss {got['held_out_loss']:.4f} "
+                f"val acc {got['accuracy']:.2%}",
                 flush=True,
             )
     return results
+
+
+def best_settings(sweep: dict[str, list[tuple[dict[str, float], dict[str, float]]]]) -> dict[str, dict]:
+    """Each optimizer's setting with the lowest held-out loss (the reference defaults without a sweep)."""
+    if not sweep:
+        return {name: (REFERENCE_MFAC if "M-FAC" in name else grid[1]) for name, grid in SWEEP.items()}
+    return {name: min(runs, key=lambda r: r[1]["held_out_loss"])[0] for name, runs in sweep.items()}
+
+
+def optimizer_study(
+    seeds: list[int], epochs: int, settings: dict[str, dict[str, float]]
+) -> dict[str, list[dict[str, float]]]:
+    """Each optimizer at ``settings`` (and M-FAC at the reference defaults) from scratch, per seed."""
+    data = load_data("mnist")
+    runs = {f"{name} ({_hyper(h)})": (name, h) for name, h in settings.items()}
+    reference = f"M-FAC m=512 ({_hyper(REFERENCE_MFAC)}, reference defaults)"
+    if settings.get("M-FAC m=512") != REFERENCE_MFAC:
+        runs[reference] = ("M-FAC m=512", REFERENCE_MFAC)
+    results: dict[str, list[dict[str, float]]] = {}
+    for seed in seeds:
+        for label, (name, hyper) in runs.items():
+            got = train_from_scratch(name, hyper, seed, epochs, data.train, data.test, data)
+            results.setdefault(label, []).append(got)
+            print(
+                f"seed {seed} {label}: loss {got['loss']:.4f} acc {got['accuracy']:.2%} "
+                f"step {1e3 * got['step_s']:.2f} ms",
+                flush=True,
+            )
+    return results
+
+
+def _hyper(hyper: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in hyper.items())
 
 
 def _ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -179,31 +296,92 @@ def _ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def write_report(
-    out: Path, one: dict, gradual: dict, optim: dict, seeds: list[int], sparsities: list[float]
-) -> str:
+def write_report(out: Path, parts: dict[str, Any], sparsities: list[float]) -> str:
+    """quality.md (and the one-shot plot) from whichever parts have results."""
+    seeds = sorted({seed for name, part in parts.items() if name != "d" for seed in part["seeds"]})
     lines = [f"# Quality: M-FAC against magnitude and first-order methods (mnist-cnn, seeds {seeds})", ""]
-    if one:
-        lines += _one_shot_table(one, sparsities)
-    if gradual:
-        lines += _gradual_table(gradual)
-    if optim:
-        lines += _optimizer_table(optim)
+    if "a" in parts:
+        lines += _one_shot_table(parts["a"]["rows"], sparsities, "accuracy")
+        lines += _one_shot_table(parts["a"]["rows"], sparsities, "loss")
+    if "b" in parts:
+        lines += _gradual_table(parts["b"]["rows"])
+    if "c" in parts:
+        lines += _optimizer_table(parts["c"]["rows"])
+    if "d" in parts:
+        lines += _sweep_table(parts["d"]["rows"])
+    if "e" in parts:
+        lines += _structured_table(parts["e"]["rows"])
     text = "\n".join(lines) + "\n"
     (out / "quality.md").write_text(text)
-    if one:
-        _plot_one_shot(out / "quality_oneshot.png", one, sparsities)
+    if "a" in parts:
+        _plot_one_shot(out / "quality_oneshot.png", parts["a"]["rows"], sparsities)
     return text
 
 
-def _one_shot_table(one: dict, sparsities: list[float]) -> list[str]:
-    lines = ["## a) One-shot pruning, test accuracy (%) without fine-tuning", ""]
+def save_part(out: Path, part: str, seeds: list[int], rows: Any) -> None:
+    """Keep a part's raw results (bench/results/quality_<part>.json) so parts can run separately."""
+    if part == "a":
+        rows = [[method, s, values] for (method, s), values in rows.items()]
+    (out / f"quality_{part}.json").write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=1))
+
+
+def load_parts(out: Path) -> dict[str, Any]:
+    """Every part saved by ``save_part`` in ``out``."""
+    parts = {}
+    for part in "abcde":
+        path = out / f"quality_{part}.json"
+        if path.is_file():
+            parts[part] = json.loads(path.read_text())
+            if part == "a":
+                parts[part]["rows"] = {(m, s): values for m, s, values in parts[part]["rows"]}
+    return parts
+
+
+def _one_shot_table(one: dict, sparsities: list[float], measure: str) -> list[str]:
+    title = "test accuracy (%)" if measure == "accuracy" else "test loss (cross-entropy, lower is better)"
+    lines = [f"## a) One-shot pruning, {title} without fine-tuning", ""]
     methods = list(dict.fromkeys(m for m, _ in one if m != "dense"))
     lines.append("| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
     lines.append("|---|" + "---|" * len(sparsities))
-    lines.append("| dense | " + " | ".join(_ms(one[("dense", 0.0)]) for _ in sparsities) + " |")
+    scale, digits = (100.0, 2) if measure == "accuracy" else (1.0, 4)
+
+    def cell(runs: list[dict[str, float]]) -> str:
+        return _ms([r[measure] for r in runs], scale=scale, digits=digits)
+
+    lines.append("| dense | " + " | ".join(cell(one[("dense", 0.0)]) for _ in sparsities) + " |")
     for method in methods:
-        lines.append(f"| {method} | " + " | ".join(_ms(one[(method, s)]) for s in sparsities) + " |")
+        best = {s: min(statistics.fmean(r["loss"] for r in one[(m, s)]) for m in methods) for s in sparsities}
+        cells = []
+        for s in sparsities:
+            text = cell(one[(method, s)])
+            mean_loss = statistics.fmean(r["loss"] for r in one[(method, s)])
+            cells.append(f"**{text}**" if measure == "loss" and mean_loss == best[s] else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _structured_table(rows: dict[str, list[dict[str, float]]]) -> list[str]:
+    lines = ["## e) One-shot removal of 50% of the channels (conv1, conv2, fc1), no fine-tuning", ""]
+    lines += ["| importance | test accuracy (%) | test loss |", "|---|---|---|"]
+    for name, runs in rows.items():
+        acc = _ms([r["accuracy"] for r in runs])
+        loss = _ms([r["loss"] for r in runs], scale=1.0, digits=4)
+        lines.append(f"| {name} | {acc} | {loss} |")
+    return [*lines, ""]
+
+
+def _sweep_table(sweep: dict) -> list[str]:
+    lines = ["## d) Sweep (seed 0; trained on 90% of the training split, scored on the held-out 10%)", ""]
+    lines += ["| optimizer | setting | final train loss | held-out loss | held-out accuracy (%) |"]
+    lines += ["|---|---|---|---|---|"]
+    for name, runs in sweep.items():
+        best = min(runs, key=lambda r: r[1]["held_out_loss"])[0]
+        for hyper, got in runs:
+            mark = " (chosen)" if hyper == best else ""
+            lines.append(
+                f"| {name} | {_hyper(hyper)}{mark} | {got['loss']:.4f} | {got['held_out_loss']:.4f} | "
+                f"{100 * got['accuracy']:.2f} |"
+            )
     return [*lines, ""]
 
 
@@ -225,8 +403,9 @@ def _optimizer_table(optim: dict) -> list[str]:
         "| optimizer | final train loss | test accuracy (%) | step time / SGD's | iteration time / SGD's |",
         "|---|---|---|---|---|",
     ]
-    sgd = statistics.fmean(r["step_s"] for r in optim["SGD"])
-    sgd_iter = statistics.fmean(r["iter_s"] for r in optim["SGD"])
+    baseline = optim[next(name for name in optim if name.startswith("SGD ("))]
+    sgd = statistics.fmean(r["step_s"] for r in baseline)
+    sgd_iter = statistics.fmean(r["iter_s"] for r in baseline)
     for name, runs in optim.items():
         loss, acc = _ms([r["loss"] for r in runs], scale=1.0, digits=4), _ms([r["accuracy"] for r in runs])
         step = statistics.fmean(r["step_s"] for r in runs) / sgd
@@ -239,42 +418,55 @@ def _plot_one_shot(path: Path, one: dict, sparsities: list[float]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 5))
+    fig = Figure(figsize=(12, 5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for method in dict.fromkeys(m for m, _ in one if m != "dense"):
-        means = [100 * statistics.fmean(one[(method, s)]) for s in sparsities]
-        style = "k--o" if method == "magnitude" else "-o"
-        ax.plot([100 * s for s in sparsities], means, style, label=method, markersize=3)
-    ax.set_xlabel("sparsity (% of conv and linear weights)")
-    ax.set_ylabel("test accuracy after one-shot pruning (%)")
-    ax.set_title("One-shot pruning of mnist-cnn: M-FAC vs magnitude")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    for i, (measure, scale, label) in enumerate(
+        [("accuracy", 100.0, "test accuracy after one-shot pruning (%)"), ("loss", 1.0, "test loss (log)")]
+    ):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for method in dict.fromkeys(m for m, _ in one if m != "dense"):
+            means = [scale * statistics.fmean(r[measure] for r in one[(method, s)]) for s in sparsities]
+            style = "k--o" if method == "magnitude" else "-o"
+            ax.plot([100 * s for s in sparsities], means, style, label=method, markersize=3)
+        if measure == "loss":
+            ax.set_yscale("log")
+        ax.set_xlabel("sparsity (% of conv and linear weights)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("One-shot pruning of mnist-cnn: M-FAC vs magnitude (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, m in {16, 64}, R in {0, 4}")
+    parser.add_argument("--quick", action="store_true", help="1 seed, m 16 or 64, R 0 or 4, less training")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--parts", default="abc", help="which studies to run (a, b, c)")
+    parser.add_argument("--parts", default="aebdc", help="studies to run (a-e; c uses d's choice)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     sparsities = [0.5, 0.7, 0.8, 0.9, 0.95]
     grads, recomps = ([16, 64], [0, 4]) if args.quick else ([16, 64, 256], [0, 16])
     args.out.mkdir(parents=True, exist_ok=True)
-    one = (
-        one_shot_study(seeds, sparsities, grads, recomps, epochs=2 if args.quick else 8)
-        if "a" in args.parts
-        else {}
-    )
-    gradual = gradual_study(seeds, args.out / "runs") if "b" in args.parts else {}
-    optim = optimizer_study(seeds, epochs=1 if args.quick else 5) if "c" in args.parts else {}
-    print(write_report(args.out, one, gradual, optim, seeds, sparsities))
+    cache = args.out / "runs"
+    dense_epochs = 2 if args.quick else 8
+    if "a" in args.parts:
+        one = one_shot_study(seeds, sparsities, grads, recomps, dense_epochs, cache)
+        save_part(args.out, "a", seeds, one)
+    if "e" in args.parts:
+        save_part(args.out, "e", seeds, structured_study(seeds, dense_epochs, cache))
+    if "b" in args.parts:
+        save_part(args.out, "b", seeds, gradual_study(seeds, args.out / "runs"))
+    optimizer_epochs = 1 if args.quick else 5
+    if "d" in args.parts:
+        save_part(args.out, "d", [0], sweep_study(optimizer_epochs))
+    if "c" in args.parts:
+        sweep = load_parts(args.out).get("d", {}).get("rows", {})
+        rows = optimizer_study(seeds, optimizer_epochs, best_settings(sweep))
+        save_part(args.out, "c", seeds, rows)
+    print(write_report(args.out, load_parts(args.out), sparsities))
 
 
 if __name__ == "__main__":
