@@ -91,11 +91,12 @@ def checkpoint_table(path: Path) -> Table:
 
 
 def onnx_table(path: Path) -> Table:
-    """Sparsity of every initializer with at least 2 dimensions of an ONNX model."""
+    """Sparsity of every constant with at least 2 dimensions of an ONNX model: initializers, sparse
+    initializers (as written by ``compressor export --compress``) and Constant nodes."""
     import onnx
-    from onnx import numpy_helper
+
+    from .onnx_tensors import constant_tensors
 
     model = onnx.load(str(path))
-    tensors = [(i.name, torch.from_numpy(numpy_helper.to_array(i).copy())) for i in model.graph.initializer]
-    tensors = [(n, t) for n, t in tensors if t.dim() >= 2]
+    tensors = [(n, torch.from_numpy(a.copy())) for n, a in constant_tensors(model).items() if a.ndim >= 2]
     return _sparsity_rows(_new_table(f"{path}: sparsity per initializer"), tensors)

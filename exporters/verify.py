@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from compressor.onnx_tensors import constant_tensors
+
 from .compliance import describe, violations
 from .matching import closest_unmatched, match_tensors
 from .numerics import Numerics, compare
 from .prepare import Prepared
 from .report import TensorRow
-from .tensors import constant_tensors
 
 
 @dataclass

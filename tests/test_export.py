@@ -91,7 +91,7 @@ def _checkpoint_sparsity(path: Path) -> dict[str, tuple[int, float]]:
 
 def _onnx_zero_counts(path: Path) -> list[tuple[tuple[int, ...], int]]:
     """(shape, zeros) of every float tensor in the file, dense and sparse initializers alike."""
-    from exporters.tensors import constant_tensors
+    from compressor.onnx_tensors import constant_tensors
 
     tensors = constant_tensors(onnx.load(str(path)))
     return [(a.shape, int((a == 0).sum())) for a in tensors.values() if a.dtype.kind == "f"]
@@ -171,6 +171,23 @@ def test_compress_is_smaller_and_still_verifies(cnn, cnn_export):
     dense_out = ort.InferenceSession(cnn_export.output).run(None, {"input": x})[0]
     sparse_out = ort.InferenceSession(report.output).run(None, {"input": x})[0]
     np.testing.assert_array_equal(dense_out, sparse_out)
+
+
+def test_inspect_reads_sparse_initializers(cnn, cnn_export):
+    """`compressor inspect` shows the same tensors and sparsities for the compressed file as for the
+    dense one (sparse initializers densified, not skipped)."""
+    from compressor.inspection import onnx_table
+    from compressor.report import render_text
+
+    report = export_checkpoint(cnn, cnn.parent / "inspect.onnx", compress=True)
+    assert report.sparse_initializers
+
+    def rows(path: str) -> list[str]:
+        lines = render_text(onnx_table(Path(path)), width=200).splitlines()
+        return sorted(line for line in lines if "%" in line)
+
+    dense_rows, sparse_rows = rows(cnn_export.output), rows(report.output)
+    assert len(dense_rows) >= 4 and dense_rows == sparse_rows
 
 
 def load_inputs(n: int) -> np.ndarray:
