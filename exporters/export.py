@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import onnx
+import torch
 
 from compressor.atomic import atomic_write
 
@@ -21,6 +22,8 @@ from .report import REPORT_NAME, ExportReport
 from .verify import verify
 
 DEFAULT_SAMPLES = 300
+#: protobuf's limit on one serialized message: a larger ONNX file needs external data files.
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 def export_checkpoint(
@@ -58,6 +61,7 @@ def export_checkpoint(
     if samples < 1:
         raise ExportError(f"samples must be >= 1, got {samples}")
     prepared = prepare(source, samples)
+    _check_size(prepared.model)
     if fixed is not None and fixed > len(prepared.inputs):
         raise ExportError(f"--batch {fixed} is larger than the {len(prepared.inputs)} test samples available")
     example = prepared.inputs[: fixed or min(2, len(prepared.inputs))]
@@ -119,6 +123,16 @@ def _output_path(source: Path, output: str | os.PathLike[str] | None) -> Path:
     if same or target.parent / REPORT_NAME == source:
         raise ExportError(f"refusing to write over the input checkpoint {source}; choose another --output")
     return target
+
+
+def _check_size(model: torch.nn.Module) -> None:
+    """Refuse, before exporting, models whose weights alone exceed protobuf's 2 GiB message limit."""
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if size > PROTOBUF_LIMIT:
+        raise ExportError(
+            f"the model's weights take {size / 2**30:.2f} GiB, over ONNX's 2 GiB limit for a single file; "
+            "exporting with external data files is not supported yet"
+        )
 
 
 def _batch_size(batch: Literal["dynamic"] | int | str) -> int | None:

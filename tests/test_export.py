@@ -173,6 +173,17 @@ def test_compress_is_smaller_and_still_verifies(cnn, cnn_export):
     np.testing.assert_array_equal(dense_out, sparse_out)
 
 
+def test_models_over_the_protobuf_limit_are_refused_before_export(digits, tmp_path, monkeypatch):
+    state = load_checkpoint(digits)["model"]
+    size = sum(t.numel() * t.element_size() for n, t in state.items() if not n.endswith(MASK_SUFFIX))
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", size - 1)
+    with pytest.raises(ExportError, match=r"over ONNX's 2 GiB limit.*external data"):
+        export_checkpoint(digits, tmp_path / "big.onnx")
+    assert not (tmp_path / "big.onnx").exists()
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", size + 10**6)
+    assert export_checkpoint(digits, tmp_path / "fits.onnx").passed
+
+
 def test_inspect_reads_sparse_initializers(cnn, cnn_export):
     """`compressor inspect` shows the same tensors and sparsities for the compressed file as for the
     dense one (sparse initializers densified, not skipped)."""
