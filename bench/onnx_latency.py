@@ -4,6 +4,7 @@ Run from the repository root::
 
     python bench/onnx_latency.py              # trains the three models (about 2-3 minutes), then times
     python bench/onnx_latency.py --reuse      # reuse the runs already in --out
+    python bench/onnx_latency.py --prepare-only   # train and export only (time later, on a quiet machine)
 
 Each model is trained by its recipe, exported with ``compressor export`` (verified against
 onnxruntime), and timed in onnxruntime at batch 1 and 32 with 1 and 2 intra-op threads. The three
@@ -103,8 +104,11 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse trained runs found in --out")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--prepare-only", action="store_true", help="train and export, do not time")
     args = parser.parse_args()
     models = prepare(args.out, args.reuse)
+    if args.prepare_only:
+        return
     times = time_models(models, args.rounds, args.reps)
     text = "### onnxruntime latency (median per call; b = batch, t = intra-op threads)\n\n" + table(
         models, times
