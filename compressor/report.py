@@ -294,7 +294,7 @@ class Progress:
             self._bar.update(self._task, completed=step, info=format_fields(fields, self._rate()))
 
     def epoch_done(
-        self, epoch: int, epochs: int, metrics: Mapping[str, float], sparsity: float | None = None
+        self, epoch: int, epochs: int, metrics: Mapping[str, float | None], sparsity: float | None = None
     ) -> str:
         """Print and return the epoch's one-line summary (metrics: loss, accuracy, ...); restarts steps/s."""
         line = f"epoch {epoch}/{epochs}  {format_fields({**metrics, 'sparsity': sparsity}, self._rate())}"

@@ -144,43 +144,50 @@ def _run(
     except Exception as exc:  # every rank learns of it, so that none waits for a failed one
         error = exc
     distributed.agree(error)
-    start_epoch, elapsed = 0, 0.0
-    if resume:
-        state = distributed.on_main(lambda: load_checkpoint(files.checkpoint))
-        error = None
-        try:
-            start_epoch, elapsed = _restore(state, session, model, ctx)
-        except Exception as exc:
-            error = exc
-        distributed.agree(error)
-        del state
-        log.truncate_after(session.step)
-    elif main:
-        log.reset()
-        files.raw_recipe.write_text(raw_text)
-        files.recipe.write_text(resolved_yaml(recipe))
-    net = _wrap(model, ctx)
-    total_steps = session.total_steps
-    epochs = math.ceil(train.epochs)
-    began = time.perf_counter() - elapsed
-    with Progress(total_steps, enabled=progress and main, quiet=not main) as bar:
-        for epoch in range(start_epoch, epochs):
-            _train_epoch(session, bundle, train, epoch, loss_fn, log, bar, net=net, ctx=ctx)
-            metrics = _evaluate(model, bundle.test, loss_fn, ctx)
-            log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
-            log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
-            log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
-            shown = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
-            bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
-            _checkpoint(files, session, model, epoch + 1, time.perf_counter() - began, raw_text, recipe)
-            if total_steps is not None and session.step >= total_steps:
-                break
-    session.finalize()
-    final = _evaluate(model, bundle.test, loss_fn, ctx)
-    wall = time.perf_counter() - began
-    summary = distributed.on_main(lambda: _write_summary(files, session, log, final, wall, ctx.world_size))
-    distributed.barrier()
-    return summary
+    try:
+        start_epoch, elapsed = 0, 0.0
+        if resume:
+            state = distributed.on_main(lambda: load_checkpoint(files.checkpoint))
+            error = None
+            try:
+                start_epoch, elapsed = _restore(state, session, model, ctx)
+            except Exception as exc:
+                error = exc
+            distributed.agree(error)
+            del state
+            log.truncate_after(session.step)
+        elif main:
+            log.reset()
+            files.raw_recipe.write_text(raw_text)
+            files.recipe.write_text(resolved_yaml(recipe))
+        net = _wrap(model, ctx)
+        total_steps = session.total_steps
+        epochs = math.ceil(train.epochs)
+        began = time.perf_counter() - elapsed
+        with Progress(total_steps, enabled=progress and main, quiet=not main) as bar:
+            for epoch in range(start_epoch, epochs):
+                _train_epoch(session, bundle, train, epoch, loss_fn, log, bar, net=net, ctx=ctx)
+                last = epoch + 1 == epochs or (total_steps is not None and session.step >= total_steps)
+                shown: dict[str, float | None] = {"eval_loss": None, "eval_accuracy": None}
+                if last or (epoch + 1) % train.eval_every == 0:
+                    metrics = _evaluate(model, bundle.test, loss_fn, ctx)
+                    log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
+                    log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
+                    log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
+                    shown = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
+                bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
+                _checkpoint(files, session, model, epoch + 1, time.perf_counter() - began, raw_text, recipe)
+                if last:
+                    break
+        session.finalize()
+        final = _evaluate(model, bundle.test, loss_fn, ctx)
+        wall = time.perf_counter() - began
+        world = ctx.world_size
+        summary = distributed.on_main(lambda: _write_summary(files, session, log, final, wall, world))
+        distributed.barrier()
+        return summary
+    finally:
+        log.close()  # the CSV handle (every row is already flushed)
 
 
 def _write_summary(
@@ -196,6 +203,9 @@ def _write_summary(
 
 class _NoLog:
     """The metrics log of ranks other than 0: writes nothing."""
+
+    def close(self) -> None:
+        pass
 
     def log(self, *args: Any) -> None:
         pass

@@ -129,7 +129,12 @@ def test_top_level_rules(text: str, line: str) -> None:
         ),
         (
             ("  epochs: 4\n", "  epochs: 4\n  eval_every: -1\n"),
-            "r.yaml:6:15: train.eval_every: Input should be greater than 0, got -1",
+            "r.yaml:6:15: train.eval_every: Input should be greater than or equal to 1, got -1",
+        ),
+        (
+            ("  epochs: 4\n", "  epochs: 4\n  eval_every: 0.5\n"),
+            "r.yaml:6:15: train.eval_every: Input should be a valid integer, "
+            "got a number with a fractional part",
         ),
         (
             ("  epochs: 4\n", "  epochs: 4\n  seed: 1.5\n"),

@@ -208,3 +208,25 @@ def test_memory_preflight_stops_before_training(tmp_path, monkeypatch):
         assert not (tmp_path / "run" / "checkpoint.pt").exists()
     finally:
         registry.unregister("modifiers", "Greedy")
+
+
+def test_eval_every_evaluates_on_its_epochs_and_after_the_last(tmp_path):
+    text = RECIPE.read_text().replace("  batch_size: 64\n", "  batch_size: 64\n  eval_every: 2\n")
+    assert "eval_every: 2" in text
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    result = CliRunner().invoke(
+        app, ["run", str(recipe), "--output", str(tmp_path / "run"), "--set", "epochs=5"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = _metrics(tmp_path / "run" / "metrics.csv")
+    evaluated = sorted({float(r["epoch"]) for r in rows if r["split"] == "eval" and r["name"] == "accuracy"})
+    assert evaluated == [2.0, 4.0, 5.0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval"]["accuracy"] == pytest.approx(
+        next(
+            float(r["value"])
+            for r in rows
+            if r["split"] == "eval" and r["name"] == "accuracy" and r["epoch"] == "5.0"
+        )
+    )

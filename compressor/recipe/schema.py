@@ -145,7 +145,9 @@ class TrainSection(BaseModel):
     optimizer: OptimizerSection
     loss: str = "cross_entropy"
     grad_accum: Int = Field(1, ge=1, description="batches per optimizer step")
-    eval_every: Float = Field(1.0, gt=0, description="epochs between evaluations")
+    eval_every: Int = Field(
+        1, ge=1, description="evaluate on the test split every this many epochs, and after the last one"
+    )
 
 
 def _error(kind: str, loc: tuple[int | str, ...], message: str, value: Any) -> InitErrorDetails:
