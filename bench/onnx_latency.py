@@ -64,6 +64,9 @@ def time_models(models: dict[str, dict], rounds: int, reps: int) -> dict[tuple[s
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            # no busy-waiting worker threads: an idle session's spinning pool would steal the cores
+            # of the session being timed (the sessions are timed in interleaved rounds)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(str(info["onnx"]), options, providers=["CPUExecutionProvider"])
             x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28)).astype(np.float32)
             feed = {session.get_inputs()[0].name: x}
