@@ -165,13 +165,11 @@ def job_window(rank: int, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_masked(rank: int, args: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's MaskedMFAC with shard=True, masked coordinates included, for a few steps."""
-    from modifiers.mfac_optimizer import MaskedMFAC
-
+    """MFAC with masks and shard=True, masked coordinates included, for a few steps."""
     seed = args["seed"]
     params = make_params(seed)
     masks = {params[0]: torch.rand(params[0].shape, generator=torch.Generator().manual_seed(seed)) < 0.5}
-    opt = MaskedMFAC(groups(params), **HYPER, masks=masks, shard=True)
+    opt = MFAC(groups(params), **HYPER, masks=masks, shard=True)
     return {"traj": run_steps(opt, params, seed, range(6)), "dim": opt.dim}  # type: ignore[arg-type]
 
 

@@ -1,4 +1,4 @@
-"""MaskedMFAC against compressor.mfac.MFAC and a dense inverse over the kept coordinates; the
+"""compressor.mfac.MFAC with masks against plain MFAC and a dense inverse over the kept coordinates; the
 MFACOptimizer modifier's swap window, masks and exact resume in a real Session."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from compressor.mfac import MFAC, SlidingFisherInverse
 from compressor.modifier import Modifier
 from compressor.session import Session
 from modifiers.learning_rate import LearningRate
-from modifiers.mfac_optimizer import MaskedMFAC, MFACOptimizer
+from modifiers.mfac_optimizer import MFACOptimizer
 
 # ----------------------------------------------------------------------------- the optimizer
 
@@ -25,7 +25,7 @@ def _tensors(gen: torch.Generator, shapes: list[tuple[int, ...]], dtype=torch.fl
     return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
 
 
-def test_without_masks_matches_mfac_step_for_step(gen):
+def test_masks_that_keep_everything_match_plain_mfac_step_for_step(gen):
     m, shapes = 4, [(5, 3), (3,), (2, 2)]
     a = _tensors(gen, shapes)
     b = [t.detach().clone().requires_grad_() for t in a]
@@ -34,7 +34,8 @@ def test_without_masks_matches_mfac_step_for_step(gen):
         return [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02, "momentum": 0.0}]
 
     hyper = dict(lr=0.05, num_grads=m, damp=1e-3, weight_decay=0.01, momentum=0.7)
-    ref, opt = MFAC(groups(a), **hyper), MaskedMFAC(groups(b), **hyper)
+    keep_all = {t: torch.ones(t.shape, dtype=torch.bool) for t in (b[0], b[2])}
+    ref, opt = MFAC(groups(a), **hyper), MFAC(groups(b), **hyper, masks=keep_all)
     for step in range(2 * m + 1):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             g = torch.randn(x.shape, generator=gen, dtype=x.dtype)
@@ -90,7 +91,7 @@ def test_masked_matches_dense_inverse_over_kept_coordinates(gen, change_at):
     masks[0][0, 0] = False
     hyper = dict(lr=0.1, m=m, damp=1e-2, wd=0.05, mu=0.6)
     oracle = DenseMaskedMFAC(params, masks, **hyper)
-    opt = MaskedMFAC(
+    opt = MFAC(
         params,
         lr=0.1,
         num_grads=m,
@@ -126,8 +127,8 @@ def test_state_dict_round_trip_and_mask_check(gen):
     masks = _masks(gen, shapes, 0.5)
     masks[0][0, 0] = False
 
-    def make(ps: list[torch.Tensor]) -> MaskedMFAC:
-        return MaskedMFAC(ps, lr=0.1, num_grads=2, damp=1e-2, momentum=0.5, masks={ps[0]: masks[0]})
+    def make(ps: list[torch.Tensor]) -> MFAC:
+        return MFAC(ps, lr=0.1, num_grads=2, damp=1e-2, momentum=0.5, masks={ps[0]: masks[0]})
 
     opt = make(params)
     params[0].grad = torch.randn(4, 3, generator=gen, dtype=torch.float64)
@@ -228,7 +229,7 @@ def test_swap_window_masks_and_hand_back():
     _train(session, batches, 0, 2)
     sgd_state = {k: v["momentum_buffer"].clone() for k, v in base.state.items()}
     _train(session, batches, 2, 7)
-    assert [kind for _, kind, _ in mods[-1].seen] == ["base"] * 2 + ["MaskedMFAC"] * 5
+    assert [kind for _, kind, _ in mods[-1].seen] == ["base"] * 2 + ["MFAC"] * 5
     assert all(torch.equal(base.state[k]["momentum_buffer"], v) for k, v in sgd_state.items())
     opt = mods[1].optimizer
     kept = sum(p.numel() for p in model.parameters()) - int((~session.masks.mask("0.weight")).sum())

@@ -31,7 +31,6 @@ from sharded_workers import (
 
 from compressor.mfac import MFAC
 from compressor.mfac.sharded import shard_range
-from modifiers.mfac_optimizer import MaskedMFAC
 
 TOL = 1e-5  # relative error of the parameters' movement against the unsharded optimizer
 
@@ -61,7 +60,7 @@ def reference(seed: int, folder: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def two(seed: int, folder: Any, reference: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """One spawn of 2 ranks: training and resume, the window alone, the recipe's MaskedMFAC."""
+    """One spawn of 2 ranks: training and resume, the window alone, MFAC with masks."""
     unsharded = folder / "unsharded.pt"  # written by the reference fixture
     jobs = [
         ("train", {"seed": seed, "save": str(folder / "sharded2.pt"), "unsharded_state": str(unsharded)}),
@@ -159,7 +158,7 @@ def test_masked_mfac_sharded_matches_unsharded(two, seed):
     assert_same_on_every_rank([r["traj"] for r in ranks])
     params = make_params(seed)
     masks = {params[0]: torch.rand(params[0].shape, generator=torch.Generator().manual_seed(seed)) < 0.5}
-    opt = MaskedMFAC(groups(params), **HYPER, masks=masks)
+    opt = MFAC(groups(params), **HYPER, masks=masks)
     ref = run_steps(opt, params, seed, range(6))  # type: ignore[arg-type]
     assert ranks[0]["dim"] == opt.dim < DIM
     assert movement_error(ranks[0]["traj"], ref, flat(make_params(seed))) <= TOL
@@ -200,7 +199,7 @@ def test_settings_errors_without_a_process_group():
     with pytest.raises(ValueError, match="only used with shard=True"):
         MFAC(p, process_group=object())
     with pytest.raises(RuntimeError, match="initialized"):
-        MaskedMFAC(p, shard=True)
+        MFAC(p, shard=True)
 
 
 @pytest.mark.parametrize(("dim", "world"), [(577, 2), (10, 3), (2, 3), (1, 4), (12, 4)])

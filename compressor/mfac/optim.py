@@ -15,15 +15,18 @@ numbers and one all-gather of d values. Every rank then applies the same full up
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from . import _checks
-from .sharded import Group, sliding_window
+from ._kept import Fingerprint, kept_index, mask_fingerprint, reindex
+from .dynamic import SlidingFisherInverse
+from .sharded import Group, check_shard, sliding_window
 
 WINDOW_KEY = "mfac_window"
+MASKS_KEY = "mfac_masks"
 
 
 class MFAC(torch.optim.Optimizer):
@@ -42,6 +45,11 @@ class MFAC(torch.optim.Optimizer):
             initialized torch.distributed group, else RuntimeError; world size 1 works and gives
             the unsharded result). False (the default) is the single-process optimizer.
         process_group: the group to shard over (shard=True only); None: the default group.
+        masks: parameter -> bool tensor of its shape (True: kept), read live at every step (for
+            example the buffers of a ``compressor.masks.MaskSet``). The window then holds only the
+            kept coordinates: memory and time linear in the density (paper, sparse fine-tuning).
+            Masked coordinates get no update (left bit for bit as they are). Parameters without a
+            mask are dense. With ``shard=True`` the masks must match on every rank.
 
     A parameter whose ``.grad`` is None contributes a zero gradient (plus weight decay); a step
     where no parameter has a gradient does nothing. Memory: the window, m x d values (sharded over P
@@ -53,6 +61,12 @@ class MFAC(torch.optim.Optimizer):
     are then bitwise identical on every rank and equal to the unsharded ones to float32 rounding.
     ``state_dict`` holds the whole window in the unsharded form, so it loads at any world size,
     sharded or not.
+
+    When the masks change (a fingerprint, the count and a checksum of the kept indices of each
+    mask, is compared at every ``step``), the window is rebuilt over the new set of coordinates:
+    **the gradients of the old window are dropped** and it fills again from empty. The momentum of
+    coordinates kept by both the old and the new masks is carried over; newly kept ones start at 0.
+    ``rebuilds`` counts these; ``dim`` is the number of coordinates the window covers.
 
     Example::
 
@@ -69,6 +83,7 @@ class MFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         momentum: float = 0.0,
         *,
+        masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
         shard: bool = False,
         process_group: Group = None,
     ) -> None:
@@ -78,18 +93,29 @@ class MFAC(torch.optim.Optimizer):
         self._building = False
         self.num_grads = _checks.check_positive_int(num_grads, "num_grads")
         self.damp = _checks.check_damp(damp)
+        check_shard(shard, process_group)
+        self._shard = {"shard": shard, "process_group": process_group}
         flat = self._params()
         kinds = {(p.dtype, p.device) for p in flat}
         if len(kinds) != 1:
             found = sorted(map(str, kinds))
             raise ValueError(f"MFAC needs all parameters on one device with one dtype, got {found}")
-        dtype, device = kinds.pop()
-        if dtype not in _checks.FLOAT_DTYPES:
-            raise ValueError(f"MFAC supports float32 and float64 parameters, got {dtype}")
-        dim = sum(p.numel() for p in flat)
-        self.window = sliding_window(
-            dim, num_grads, damp, device, dtype, shard=shard, process_group=process_group
-        )
+        self._dtype, self._device = kinds.pop()
+        if self._dtype not in _checks.FLOAT_DTYPES:
+            raise ValueError(f"MFAC supports float32 and float64 parameters, got {self._dtype}")
+        self._masked = masks is not None
+        by_id = {id(p): m for p, m in (masks or {}).items()}
+        self._masks: list[torch.Tensor | None] = [by_id.pop(id(p), None) for p in flat]
+        if by_id:
+            raise ValueError(f"masks given for {len(by_id)} tensor(s) that are not among the parameters")
+        for p, mask in zip(flat, self._masks, strict=True):
+            if mask is not None and (mask.dtype != torch.bool or mask.shape != p.shape):
+                raise ValueError(f"a mask must be a bool tensor of its parameter's shape {tuple(p.shape)}")
+        self._index: list[torch.Tensor | None] = [None] * len(flat)
+        self._fingerprint: Fingerprint = [None] * len(flat)
+        self.window: SlidingFisherInverse | None = None
+        self.rebuilds = 0
+        self._rebuild(self._current_fingerprint())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the window's dimension is fixed once built."""
@@ -101,56 +127,126 @@ class MFAC(torch.optim.Optimizer):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    @property
+    def dim(self) -> int:
+        """Coordinates the window covers: the kept entries of masked parameters plus all others."""
+        return 0 if self.window is None else self.window.dim
+
+    # ------------------------------------------------------------------ masks
+
+    def _current_fingerprint(self) -> Fingerprint:
+        return [None if mask is None else mask_fingerprint(mask) for mask in self._masks]
+
+    def _rebuild(self, fingerprint: Fingerprint) -> None:
+        """Index the kept coordinates of ``fingerprint``'s masks; a fresh, empty window over them."""
+        old_index, params = self._index, self._params()
+        index = [kept_index(p, m, mark) for p, m, mark in zip(params, self._masks, fingerprint, strict=True)]
+        self._index, self._fingerprint = index, fingerprint
+        for p, old, new in zip(params, old_index, index, strict=True):
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                self.state[p]["momentum_buffer"] = reindex(buf, old, new, p)
+        dim = sum(p.numel() if idx is None else idx.numel() for p, idx in zip(params, index, strict=True))
+        if dim == 0 and self._masked:  # everything masked off: nothing to train
+            self.window = None
+            return
+        self.window = sliding_window(dim, self.num_grads, self.damp, self._device, self._dtype, **self._shard)
+
+    def sync_masks(self) -> bool:
+        """Rebuild the window if the masks changed since it was built; returns whether it did."""
+        fingerprint = self._current_fingerprint()
+        if fingerprint == self._fingerprint:
+            return False
+        self._rebuild(fingerprint)
+        self.rebuilds += 1
+        return True
+
+    # ------------------------------------------------------------------ step
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One M-FAC step; ``closure`` (re-evaluating the loss with gradients) is optional."""
+        """One M-FAC step over the kept coordinates; ``closure`` (re-evaluating the loss) is optional."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.sync_masks()
         params = self._params()
-        if all(p.grad is None for p in params):
+        if self.window is None or all(p.grad is None for p in params):
             return loss
-        pieces = []
+        pieces, at = [], 0
         for group in self.param_groups:
+            wd = group["weight_decay"]
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("MFAC does not support sparse gradients")
                 grad = torch.zeros_like(p) if p.grad is None else p.grad
-                if group["weight_decay"]:
-                    grad = grad.add(p, alpha=group["weight_decay"])
-                pieces.append(grad.reshape(-1))
+                idx = self._index[at]
+                at += 1
+                if idx is None:
+                    pieces.append((grad.add(p, alpha=wd) if wd else grad).reshape(-1))
+                else:
+                    g = grad.reshape(-1).index_select(0, idx)
+                    pieces.append(g.add(p.reshape(-1).index_select(0, idx), alpha=wd) if wd else g)
         step = self.window.update_mul(torch.cat(pieces))
-        offset = 0
+        offset, at = 0, 0
         for group in self.param_groups:
             mu = group["momentum"]
             for p in group["params"]:
-                u = step[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
+                idx = self._index[at]
+                at += 1
+                n = p.numel() if idx is None else idx.numel()
+                u = step[offset : offset + n]
+                offset += n
+                if idx is None:
+                    u = u.view_as(p)
                 if mu:
                     state = self.state[p]
                     if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
+                        state["momentum_buffer"] = torch.zeros_like(u)
                     u = state["momentum_buffer"].mul_(mu).add_(u, alpha=1.0 - mu)
-                p.add_(u, alpha=-group["lr"])
+                if idx is None:
+                    p.add_(u, alpha=-group["lr"])
+                elif p.is_contiguous():
+                    p.view(-1).index_add_(0, idx, u, alpha=-group["lr"])
+                else:  # e.g. channels_last: scatter into a dense update of the logical layout
+                    full = torch.zeros(p.numel(), dtype=p.dtype, device=p.device).index_copy_(0, idx, u)
+                    p.add_(full.view(p.shape), alpha=-group["lr"])
         return loss
 
+    # ------------------------------------------------------------------ state
+
     def state_dict(self) -> dict[str, Any]:
-        """The standard optimizer state plus the window (``mfac_window``), for an exact resume.
+        """The standard optimizer state plus the window (``mfac_window``) and, with masks, their
+        fingerprint (``mfac_masks``), for an exact resume.
 
         Sharded, a collective that gathers the whole (m, d) window on every rank (transient memory)."""
         state = super().state_dict()
-        state[WINDOW_KEY] = self.window.state_dict()
+        state[WINDOW_KEY] = None if self.window is None else self.window.state_dict()
+        if self._masked:
+            state[MASKS_KEY] = [None if mark is None else list(mark) for mark in self._fingerprint]
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a ``state_dict`` of an MFAC over parameters of the same shapes (any world size)."""
+        """Restore a ``state_dict`` of an MFAC over parameters of the same shapes (any world size);
+        with masks, they must be those the state was saved with (ValueError otherwise)."""
         state_dict = dict(state_dict)
-        window = state_dict.pop(WINDOW_KEY, None)
-        if window is None:
-            raise ValueError(f"not an MFAC state dict: the '{WINDOW_KEY}' entry is missing")
+        if WINDOW_KEY not in state_dict or (self._masked and MASKS_KEY not in state_dict):
+            keys = f"'{WINDOW_KEY}'" + (f" or '{MASKS_KEY}'" if self._masked else "")
+            raise ValueError(f"not an MFAC state dict: {keys} is missing")
+        window = state_dict.pop(WINDOW_KEY)
+        marks = state_dict.pop(MASKS_KEY, None)
+        if self._masked:
+            saved = [None if mark is None else (int(mark[0]), int(mark[1])) for mark in marks]
+            self.sync_masks()
+            if saved != self._fingerprint:
+                raise ValueError(
+                    "the masks differ from those the M-FAC state was saved with; restore the model "
+                    "(its mask buffers) from the same checkpoint before the optimizer state"
+                )
         super().load_state_dict(state_dict)
-        self.window.load_state_dict(window)
+        if self.window is not None:
+            self.window.load_state_dict(window)
 
 
 def _check_hyper(**values: float) -> None:
