@@ -20,7 +20,9 @@ c) optimizers from scratch, same epochs: M-FAC (m = 512, no momentum) against SG
 d) the sweep: for each optimizer a small grid (lr; for M-FAC lr x damp), seed 0, the same epochs,
    trained on 90% of the training split and scored by loss on the held-out 10% (never the test set);
 e) structured: the dense models of a) with 50% of the channels of conv1, conv2 and fc1 removed in one
-   shot by StructuredPruning, magnitude against second-order importance, no fine-tuning.
+   shot by StructuredPruning, magnitude against second-order importance, no fine-tuning;
+f) why M-FAC and magnitude agree on these models: the empirical Fisher's scale against damp, and
+   one-shot pruning to 90/95/98% at damps from 1e-5 down to 1e-8.
 
 Each part keeps its raw results in ``quality_<part>.json`` beside the report, so parts can run in
 separate invocations (``--parts e``) and the report is rebuilt from all of them.
@@ -135,6 +137,63 @@ def one_shot_study(
                         )
             got = rows[("magnitude", s)][-1]
             print(f"seed {seed} {s:.0%} magnitude: {got['accuracy']:.2%} loss {got['loss']:.4f}", flush=True)
+    return rows
+
+
+DAMPS = (1e-5, 1e-6, 1e-7, 1e-8)
+DAMP_SPARSITIES = (0.9, 0.95, 0.98)
+
+
+def damp_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, Any]:
+    """Why M-FAC and magnitude agree on the trained model: the empirical Fisher's scale against damp.
+
+    Per seed: the training loss, mean diag(G^T G / m) of 64 sampled gradients against damp, the
+    overlap of M-FAC's and magnitude's 90% pruned sets; then one-shot pruning to 90/95/98% by
+    magnitude and by M-FAC (m = 64, B = 128) at each damp in DAMPS, and with 16 recomputations at 1e-7.
+    """
+    from compressor.mfac import FisherInverse
+    from compressor.sampling import GradientSampler
+
+    data = load_data("mnist")
+    rows: dict[str, list[dict[str, float]]] = {}
+    for seed in seeds:
+        dense = train_dense(seed, epochs, data, cache)
+        names = ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+        grads = GradientSampler(dense, data.train, LOSS, seed=seed).sample(names, 64, 32)
+        w = torch.cat([dict(dense.named_parameters())[n].detach().reshape(-1) for n in names])
+        fisher_diag = grads.double().pow(2).mean(0)
+        keep = int(0.9 * w.numel())
+        by_magnitude = set(torch.argsort(w.abs())[:keep].tolist())
+        diag = {
+            "train_loss": evaluate(dense, data.train, LOSS)["loss"],
+            "mean_fisher_diag": float(fisher_diag.mean()),
+        }
+        for damp in DAMPS:
+            saliency = w.double() ** 2 / FisherInverse(grads, damp, block_size=128).diag().double()
+            diag[f"above_{damp:g}"] = float((fisher_diag > damp).double().mean())
+            diag[f"overlap_{damp:g}"] = (
+                len(set(torch.argsort(saliency)[:keep].tolist()) & by_magnitude) / keep
+            )
+        rows.setdefault("diagnostics", []).append(diag)
+        for s in DAMP_SPARSITIES:
+            mag = MagnitudePruning(type="MagnitudePruning", params=PRUNED, start=0, end=0, final_sparsity=s)
+            rows.setdefault(f"magnitude {s:.0%}", []).append(one_shot(dense, mag, data, seed))
+            for damp, r in [(d, 1) for d in DAMPS] + [(1e-7, 16)]:
+                mfac = MFACPruning(
+                    type="MFACPruning",
+                    params=PRUNED,
+                    start=0,
+                    end=0,
+                    final_sparsity=s,
+                    num_grads=64,
+                    block_size=128,
+                    damp=damp,
+                    num_recomputations=r,
+                )
+                label = f"M-FAC damp={damp:g} R={r if r > 1 else 0} {s:.0%}"
+                rows.setdefault(label, []).append(one_shot(dense, mfac, data, seed))
+                got = rows[label][-1]
+                print(f"seed {seed} {label}: {got['accuracy']:.2%} loss {got['loss']:.4f}", flush=True)
     return rows
 
 
@@ -319,6 +378,8 @@ def write_report(out: Path, parts: dict[str, Any], sparsities: list[float]) -> s
         lines += _sweep_table(parts["d"]["rows"])
     if "e" in parts:
         lines += _structured_table(parts["e"]["rows"])
+    if "f" in parts:
+        lines += _damp_table(parts["f"]["rows"])
     text = "\n".join(lines) + "\n"
     (out / "quality.md").write_text(text)
     if "a" in parts:
@@ -337,7 +398,7 @@ def save_part(out: Path, part: str, seeds: list[int], rows: Any) -> None:
 def load_parts(out: Path) -> dict[str, Any]:
     """Every part saved by ``save_part`` in ``out``, the runs of separate seed sets merged by seed."""
     parts: dict[str, Any] = {}
-    for part in "abcde":
+    for part in "abcdef":
         saved = [json.loads(p.read_text()) for p in sorted(out.glob(f"quality_{part}_seeds*.json"))]
         if not saved:
             continue
@@ -383,6 +444,35 @@ def _structured_table(rows: dict[str, list[dict[str, float]]]) -> list[str]:
         acc = _ms([r["accuracy"] for r in runs])
         loss = _ms([r["loss"] for r in runs], scale=1.0, digits=4)
         lines.append(f"| {name} | {acc} | {loss} |")
+    return [*lines, ""]
+
+
+def _damp_table(rows: dict[str, list[dict[str, float]]]) -> list[str]:
+    diag = rows["diagnostics"]
+    lines = ["## f) Why M-FAC and magnitude agree here: the empirical Fisher against damp", ""]
+    lines += [
+        f"Dense models: training loss {_ms([d['train_loss'] for d in diag], 1.0, 4)}; mean diagonal of "
+        f"G^T G / m (64 gradients of 32 images) {statistics.fmean(d['mean_fisher_diag'] for d in diag):.2e}.",
+        "",
+        "| damp | coordinates with diag(G^T G / m) > damp | 90% pruned set shared with magnitude's |",
+        "|---|---|---|",
+    ]
+    for damp in DAMPS:
+        above = _ms([d[f"above_{damp:g}"] for d in diag], digits=2)
+        overlap = _ms([d[f"overlap_{damp:g}"] for d in diag], digits=2)
+        lines.append(f"| {damp:g} | {above} % | {overlap} % |")
+    lines += ["", "One-shot test loss / accuracy (%), m = 64, B = 128:", ""]
+    methods = ["magnitude"] + [f"M-FAC damp={d:g} R=0" for d in DAMPS] + ["M-FAC damp=1e-07 R=16"]
+    lines += ["| method | " + " | ".join(f"{s:.0%}" for s in DAMP_SPARSITIES) + " |"]
+    lines += ["|---|" + "---|" * len(DAMP_SPARSITIES)]
+    for method in methods:
+        cells = []
+        for s in DAMP_SPARSITIES:
+            runs = rows[f"{method} {s:.0%}"]
+            cells.append(
+                f"{_ms([r['loss'] for r in runs], 1.0, 4)} / {_ms([r['accuracy'] for r in runs], digits=1)}"
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -459,7 +549,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, m 16 or 64, R 0 or 4, less training")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--parts", default="aebdc", help="studies to run (a-e; c uses d's choice)")
+    parser.add_argument("--parts", default="aefbdc", help="studies to run (a-f; c uses d's choice)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")
     parser.add_argument("--seed-list", default=None, help="run these seeds only, e.g. 1,2 (merged on report)")
     args = parser.parse_args()
@@ -476,6 +566,8 @@ def main() -> None:
         save_part(args.out, "a", seeds, one)
     if "e" in args.parts:
         save_part(args.out, "e", seeds, structured_study(seeds, dense_epochs, cache))
+    if "f" in args.parts:
+        save_part(args.out, "f", seeds, damp_study(seeds, dense_epochs, cache))
     if "b" in args.parts:
         save_part(args.out, "b", seeds, gradual_study(seeds, args.out / "runs"))
     optimizer_epochs = 1 if args.quick else 5

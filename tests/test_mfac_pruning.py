@@ -148,6 +148,35 @@ def test_one_update_matches_dense_obs_with_exactly_m_gradients(gen: torch.Genera
     _check_obs(session, before, masks, finv, [[q] for q in removed])
 
 
+def test_obs_step_raises_a_quadratic_loss_by_exactly_the_predicted_saliency(gen: torch.Generator) -> None:
+    """On L(w) = L* + 1/2 dw^T H dw with H = F = damp*I + G^T G / m (the Hessian M-FAC assumes), the
+    pruning step removes the weight of least saliency w_q^2 / (2 [H^-1]_qq) and raises L by exactly
+    that; zeroing it without the update would cost 1/2 w_q^2 H_qq, more."""
+    m, damp = 10, 0.1
+    modifier = MFACPruning(
+        params=NAMES, final_sparsity=0.02, start=0, end=0, num_grads=m, damp=damp, block_size=1000
+    )
+    session = _session(gen, modifier)  # 6*5 + 5*4 = 50 weights: 2% is exactly one
+    masks = {n: session.masks.mask(n).clone() for n in NAMES}
+    before = _remaining(session)
+    spy = Spy(session)
+    session.before_step()
+    session.after_step()
+
+    g = spy.calls[0]["grads"].double()
+    hessian = damp * torch.eye(before.numel(), dtype=torch.float64) + g.T @ g / m
+    finv = torch.linalg.inv(hessian)
+    saliency = before.square() / (2 * finv.diagonal())
+    (q,) = _removed_coords(session, masks)
+    assert q == int(saliency.argmin())
+    after = torch.cat([session.params[n].detach()[masks[n]] for n in NAMES]).double()
+    assert after[q] == 0.0
+    dw = after - before
+    increase = 0.5 * dw @ hessian @ dw
+    assert increase == pytest.approx(float(saliency[q]), rel=1e-4)
+    assert 0.5 * before[q] ** 2 * hessian[q, q] > increase * (1 + 1e-3)
+
+
 # ---------------------------------------------------------------------- 2. Fisher blocks
 
 
