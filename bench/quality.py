@@ -95,6 +95,28 @@ def one_shot(model: torch.nn.Module, modifier: Any, data: Any, seed: int) -> dic
     return evaluate(pruned, data.test, LOSS)
 
 
+def one_shot_magnitude(sparsity: float) -> MagnitudePruning:
+    """Global magnitude pruning of PRUNED to ``sparsity`` in one step."""
+    return MagnitudePruning(type="MagnitudePruning", params=PRUNED, start=0, end=0, final_sparsity=sparsity)
+
+
+def one_shot_mfac(
+    sparsity: float, num_grads: int, substeps: int, block: int | None, damp: float = 1e-5
+) -> MFACPruning:
+    """M-FAC OBS pruning of PRUNED to ``sparsity`` in one step of ``substeps`` sub-steps (grad batch 32)."""
+    return MFACPruning(
+        type="MFACPruning",
+        params=PRUNED,
+        start=0,
+        end=0,
+        final_sparsity=sparsity,
+        num_grads=num_grads,
+        num_recomputations=substeps,
+        block_size=block,
+        damp=damp,
+    )
+
+
 #: (m, R) settings of part a not run: m = 256 with 16 recomputations samples 2 x 16 x 256 gradients
 #: of 32 images per pruning (about 6 minutes each on these 2 cores, 90 minutes for 3 seeds x 5 sparsities).
 LEFT_OUT = {(256, 16)}
@@ -109,23 +131,13 @@ def one_shot_study(
         dense = train_dense(seed, epochs, data, cache)
         rows.setdefault(("dense", 0.0), []).append(evaluate(dense, data.test, LOSS))
         for s in sparsities:
-            mag = MagnitudePruning(type="MagnitudePruning", params=PRUNED, start=0, end=0, final_sparsity=s)
-            rows.setdefault(("magnitude", s), []).append(one_shot(dense, mag, data, seed))
+            rows.setdefault(("magnitude", s), []).append(one_shot(dense, one_shot_magnitude(s), data, seed))
             for m in grads:
                 for r in recomps:
                     if (m, r) in LEFT_OUT:
                         continue
                     for block in (128, None):
-                        mfac = MFACPruning(
-                            type="MFACPruning",
-                            params=PRUNED,
-                            start=0,
-                            end=0,
-                            final_sparsity=s,
-                            num_grads=m,
-                            num_recomputations=max(1, r),
-                            block_size=block,
-                        )
+                        mfac = one_shot_mfac(s, m, max(1, r), block)
                         label = f"M-FAC m={m} R={r} B={block or 'layer'}"
                         began = time.perf_counter()
                         rows.setdefault((label, s), []).append(one_shot(dense, mfac, data, seed))
@@ -176,20 +188,11 @@ def damp_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, Any]:
             )
         rows.setdefault("diagnostics", []).append(diag)
         for s in DAMP_SPARSITIES:
-            mag = MagnitudePruning(type="MagnitudePruning", params=PRUNED, start=0, end=0, final_sparsity=s)
-            rows.setdefault(f"magnitude {s:.0%}", []).append(one_shot(dense, mag, data, seed))
+            rows.setdefault(f"magnitude {s:.0%}", []).append(
+                one_shot(dense, one_shot_magnitude(s), data, seed)
+            )
             for damp, r in [(d, 1) for d in DAMPS] + [(1e-7, 16)]:
-                mfac = MFACPruning(
-                    type="MFACPruning",
-                    params=PRUNED,
-                    start=0,
-                    end=0,
-                    final_sparsity=s,
-                    num_grads=64,
-                    block_size=128,
-                    damp=damp,
-                    num_recomputations=r,
-                )
+                mfac = one_shot_mfac(s, 64, r, 128, damp)
                 label = f"M-FAC damp={damp:g} R={r if r > 1 else 0} {s:.0%}"
                 rows.setdefault(label, []).append(one_shot(dense, mfac, data, seed))
                 got = rows[label][-1]
