@@ -98,8 +98,8 @@ class SlidingFisherInverse:
         """Write g into the next slot and its products into G G^T; returns p = G g (m,) in float64."""
         self._check_gradient(g, "g")
         slot = self.next_slot
-        self.grads[slot].copy_(g)
-        p = (self.grads @ self.grads[slot]).to(torch.float64)
+        self.grads[slot].copy_(self._local(g))
+        p = self._all_reduce(self.grads @ self.grads[slot])
         self.gram[slot, :] = p
         self.gram[:, slot] = p
         self.next_slot = (slot + 1) % self.num_grads
@@ -134,6 +134,14 @@ class SlidingFisherInverse:
                 )
             self._chol = chol
         return self._chol
+
+    def _local(self, x: torch.Tensor) -> torch.Tensor:
+        """The coordinates of x (k, d) this window holds: all of them (a slice when sharded)."""
+        return x
+
+    def _all_reduce(self, p: torch.Tensor) -> torch.Tensor:
+        """Partial products G x summed over the holders of the coordinates, float64 (here: one)."""
+        return p.to(torch.float64)
 
     def _check_gradient(self, g: torch.Tensor, name: str) -> None:
         if not isinstance(g, torch.Tensor) or tuple(g.shape) != (self.dim,):

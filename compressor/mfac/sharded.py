@@ -124,20 +124,10 @@ class ShardedSlidingFisherInverse(SlidingFisherInverse):
         """This rank's columns of x (k, d), in the window's dtype and device."""
         return x[..., self.start : self.stop].to(device=self.device, dtype=self.dtype)
 
-    def _insert(self, g: torch.Tensor) -> torch.Tensor:
-        """Write slice r of g into the next slot, G g into G G^T; returns p = G g (m,) float64."""
-        self._check_gradient(g, "g")
+    def _check_gradient(self, g: torch.Tensor, name: str) -> None:
+        super()._check_gradient(g, name)
         if self.check_inputs and self.world_size > 1:
             self._check_same_everywhere(g)
-        slot = self.next_slot
-        self.grads[slot].copy_(self._local(g))
-        p = self._all_reduce(self.grads @ self.grads[slot])
-        self.gram[slot, :] = p
-        self.gram[:, slot] = p
-        self.next_slot = (slot + 1) % self.num_grads
-        self.count += 1
-        self._chol = None
-        return p
 
     def update_mul(self, g: torch.Tensor) -> torch.Tensor:
         """``update(g)`` then ``mul(g)`` for g (d,), sharing the pass G g; returns F^-1 g (d,)."""
