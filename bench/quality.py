@@ -372,6 +372,7 @@ def write_report(out: Path, parts: dict[str, Any], sparsities: list[float]) -> s
     if "a" in parts:
         lines += _one_shot_table(parts["a"]["rows"], sparsities, "accuracy")
         lines += _one_shot_table(parts["a"]["rows"], sparsities, "loss")
+        lines += _paired_table(parts["a"]["rows"], sparsities)
         lines += [f"Not run (time): {', '.join(f'm={m} R={r}' for m, r in sorted(LEFT_OUT))}.", ""]
     if "b" in parts:
         lines += _gradual_table(parts["b"]["rows"])
@@ -438,6 +439,26 @@ def _one_shot_table(one: dict, sparsities: list[float], measure: str) -> list[st
             cells.append(f"**{text}**" if measure == "loss" and mean_loss == best[s] else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def _paired_table(one: dict, sparsities: list[float]) -> list[str]:
+    """Per seed, magnitude's test loss minus the method's (positive: the method pruned better)."""
+    lines = [
+        "## a) Paired by seed: magnitude's test loss minus the method's (> 0: better than magnitude)",
+        "",
+    ]
+    lines.append("| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |")
+    lines.append("|---|" + "---|" * len(sparsities))
+    for method in dict.fromkeys(m for m, _ in one if m not in ("dense", "magnitude")):
+        cells = []
+        for s in sparsities:
+            diffs = [
+                b["loss"] - a["loss"] for a, b in zip(one[(method, s)], one[("magnitude", s)], strict=True)
+            ]
+            wins = sum(d > 0 for d in diffs)
+            cells.append(f"{_ms(diffs, 1.0, 4)} ({wins}/{len(diffs)})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, "", "(k/n): the seeds on which the method's loss is lower than magnitude's.", ""]
 
 
 def _structured_table(rows: dict[str, list[dict[str, float]]]) -> list[str]:
