@@ -551,15 +551,18 @@ def _plot_one_shot(path: Path, one: dict, sparsities: list[float]) -> None:
     fig = Figure(figsize=(12, 5))
     FigureCanvasAgg(fig)
     for i, (measure, scale, label) in enumerate(
-        [("accuracy", 100.0, "test accuracy after one-shot pruning (%)"), ("loss", 1.0, "test loss (log)")]
+        [
+            ("accuracy", 100.0, "test accuracy after one-shot pruning (%)"),
+            ("loss", 1.0, "test loss after one-shot pruning"),
+        ]
     ):
         ax = fig.add_subplot(1, 2, i + 1)
         for method in dict.fromkeys(m for m, _ in one if m != "dense"):
             means = [scale * statistics.fmean(r[measure] for r in one[(method, s)]) for s in sparsities]
             style = "k--o" if method == "magnitude" else "-o"
             ax.plot([100 * s for s in sparsities], means, style, label=method, markersize=3)
-        if measure == "loss":
-            ax.set_yscale("log")
+        dense = scale * statistics.fmean(r[measure] for r in one[("dense", 0.0)])
+        ax.axhline(dense, color="grey", linewidth=1, linestyle=":", label="dense")
         ax.set_xlabel("sparsity (% of conv and linear weights)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
