@@ -384,6 +384,9 @@ def write_report(out: Path, parts: dict[str, Any], sparsities: list[float]) -> s
         lines += _structured_table(parts["e"]["rows"])
     if "f" in parts:
         lines += _damp_table(parts["f"]["rows"])
+    notes = out / "quality_notes.md"  # the reading of these results, written by hand
+    if notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     text = "\n".join(lines) + "\n"
     (out / "quality.md").write_text(text)
     if "a" in parts:

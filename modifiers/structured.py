@@ -35,8 +35,9 @@ Importance of channel c:
     pruned one after the other in model order, each with fresh gradients of the already pruned model.
 
     Measured one-shot (50% of conv1, conv2, fc1 channels, no fine-tuning, test accuracy; magnitude
-    vs second_order defaults): mnist-cnn 92.2% vs 96.2% (dense 96-97%, 2 seeds); digits-cnn 48.5%
-    vs 90.0% (dense 98%, 4 seeds). Without the update the saliency alone gives 94.2% on mnist-cnn;
+    vs second_order defaults): mnist-cnn 94.4% vs 96.4% (dense 97.2%, 3 seeds, bench/quality.py
+    part e); digits-cnn 48.5% vs 90.0% (dense 98%, 4 seeds). Without the update the saliency alone
+    gave 94.2% on the earlier 16/32-channel mnist-cnn (92.2% magnitude, 96.2% with the update);
     ``scope: group`` or a small damp with the update fall back to magnitude's level or below (the
     producer's slices do not measure the channel's removal, and with m << d an almost undamped
     update overfits the m sampled gradients).
