@@ -101,7 +101,12 @@ def one_shot_magnitude(sparsity: float) -> MagnitudePruning:
 
 
 def one_shot_mfac(
-    sparsity: float, num_grads: int, substeps: int, block: int | None, damp: float = 1e-5
+    sparsity: float,
+    num_grads: int,
+    substeps: int,
+    block: int | None,
+    damp: float = 1e-5,
+    relative: bool = False,
 ) -> MFACPruning:
     """M-FAC OBS pruning of PRUNED to ``sparsity`` in one step of ``substeps`` sub-steps (grad batch 32)."""
     return MFACPruning(
@@ -114,6 +119,7 @@ def one_shot_mfac(
         num_recomputations=substeps,
         block_size=block,
         damp=damp,
+        relative_damp=relative,
     )
 
 
@@ -154,6 +160,14 @@ def one_shot_study(
 
 DAMPS = (1e-5, 1e-6, 1e-7, 1e-8)
 DAMP_SPARSITIES = (0.9, 0.95, 0.98)
+#: (damp, sub-steps, relative_damp) of part f: absolute damps, then damps relative to mean diag(G^T G / m)
+DAMP_SETTINGS = [(d, 1, False) for d in DAMPS] + [(1e-7, 16, False)]
+DAMP_SETTINGS += [(d, 1, True) for d in (1.0, 0.1, 0.01)] + [(0.1, 16, True)]
+
+
+def _damp_label(damp: float, substeps: int, relative: bool) -> str:
+    kind = "relative damp" if relative else "damp"
+    return f"M-FAC {kind}={damp:g} R={substeps if substeps > 1 else 0}"
 
 
 def damp_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, Any]:
@@ -161,7 +175,7 @@ def damp_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, Any]:
 
     Per seed: the training loss, mean diag(G^T G / m) of 64 sampled gradients against damp, the
     overlap of M-FAC's and magnitude's 90% pruned sets; then one-shot pruning to 90/95/98% by
-    magnitude and by M-FAC (m = 64, B = 128) at each damp in DAMPS, and with 16 recomputations at 1e-7.
+    magnitude and by M-FAC (m = 64, B = 128) at each setting of DAMP_SETTINGS.
     """
     from compressor.mfac import FisherInverse
     from compressor.sampling import GradientSampler
@@ -191,9 +205,9 @@ def damp_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, Any]:
             rows.setdefault(f"magnitude {s:.0%}", []).append(
                 one_shot(dense, one_shot_magnitude(s), data, seed)
             )
-            for damp, r in [(d, 1) for d in DAMPS] + [(1e-7, 16)]:
-                mfac = one_shot_mfac(s, 64, r, 128, damp)
-                label = f"M-FAC damp={damp:g} R={r if r > 1 else 0} {s:.0%}"
+            for damp, r, relative in DAMP_SETTINGS:
+                mfac = one_shot_mfac(s, 64, r, 128, damp, relative)
+                label = f"{_damp_label(damp, r, relative)} {s:.0%}"
                 rows.setdefault(label, []).append(one_shot(dense, mfac, data, seed))
                 got = rows[label][-1]
                 print(f"seed {seed} {label}: {got['accuracy']:.2%} loss {got['loss']:.4f}", flush=True)
@@ -489,11 +503,13 @@ def _damp_table(rows: dict[str, list[dict[str, float]]]) -> list[str]:
         overlap = _ms([d[f"overlap_{damp:g}"] for d in diag], digits=2)
         lines.append(f"| {damp:g} | {above} % | {overlap} % |")
     lines += ["", "One-shot test loss / accuracy (%), m = 64, B = 128:", ""]
-    methods = ["magnitude"] + [f"M-FAC damp={d:g} R=0" for d in DAMPS] + ["M-FAC damp=1e-07 R=16"]
+    methods = ["magnitude"] + [_damp_label(*setting) for setting in DAMP_SETTINGS]
     lines += ["| method | " + " | ".join(f"{s:.0%}" for s in DAMP_SPARSITIES) + " |"]
     lines += ["|---|" + "---|" * len(DAMP_SPARSITIES)]
     for method in methods:
         cells = []
+        if f"{method} {DAMP_SPARSITIES[0]:.0%}" not in rows:
+            continue  # a setting added after these results were measured
         for s in DAMP_SPARSITIES:
             runs = rows[f"{method} {s:.0%}"]
             cells.append(

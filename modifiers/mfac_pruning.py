@@ -5,9 +5,12 @@ sub-steps R, with densities interpolated geometrically, density_j = (1-s0) * ((1
 Each sub-step:
 
 1. samples m mini-batch gradients of the *remaining* weights at the current weights;
-2. builds F^-1 over them, F = damp*I + G^T G / m (``FisherInverse``): blocks of ``block_size``
+2. builds F^-1 over them, F = lambda*I + G^T G / m (``FisherInverse``): blocks of ``block_size``
    coordinates over the concatenated remaining weights of all parameters, or one full block per
-   parameter (``block_size: null``);
+   parameter (``block_size: null``). lambda = ``damp`` (absolute, the paper's), or with
+   ``relative_damp: true`` lambda = damp * mean(diag(G^T G / m)), the mean empirical Fisher
+   diagonal of this sub-step's gradients: the same setting then suits models whose gradients are
+   tiny (a model that fits its training data; see bench/results/quality.md, part f);
 3. scores: unstructured w_q^2 / (2 [F^-1]_qq); for a group structure the group OBS saliency
    w_Q^T ([F^-1]_QQ)^-1 w_Q / 2, given to every weight of the group (``select_masks`` averages);
    for N:M, in every group of M the subset Q of M-N weights with the smallest joint saliency gets
@@ -53,6 +56,9 @@ class MFACPruning(PruningModifier):
     )
     grad_batch_size: int = Field(32, ge=1, description="samples per gradient (mini-batch size)")
     damp: float = Field(1e-5, gt=0.0, allow_inf_nan=False, description="dampening lambda of F")
+    relative_damp: bool = Field(
+        False, strict=True, description="lambda = damp * mean(diag(G^T G / m)) of each sub-step's gradients"
+    )
     block_size: int | None = Field(
         128, ge=1, description="Fisher blocks over the remaining weights; null: one block per parameter"
     )
@@ -132,6 +138,15 @@ class MFACPruning(PruningModifier):
             session.log(f"sparsity/{name}", session.masks.sparsity(name))
         self._last_update = session.step
 
+    def damping(self, grads: torch.Tensor) -> float:
+        """lambda for the (m, d) gradients ``grads``: ``damp``, or damp * mean(g_ij^2) when relative
+        (``damp`` itself when every sampled gradient is zero)."""
+        if not self.relative_damp:
+            return self.damp
+        # ||G||_F^2 / (m d), accumulated in float64 without a float64 copy of G
+        scale = float(torch.linalg.vector_norm(grads, dtype=torch.float64)) ** 2 / max(grads.numel(), 1)
+        return self.damp * scale if scale > 0.0 else self.damp
+
     # ------------------------------------------------------------------ one sub-step
 
     @torch.no_grad()
@@ -151,7 +166,7 @@ class MFACPruning(PruningModifier):
             select=current,
             device=self.grads_device or device,
         )
-        fisher = _Fisher(grads, sizes, self.damp, self.block_size, device)
+        fisher = _Fisher(grads, sizes, self.damping(grads), self.block_size, device)
         del grads
         # Per parameter: the coordinate of each flattened weight in its Fisher part (-1: pruned).
         coords = []

@@ -177,6 +177,39 @@ def test_obs_step_raises_a_quadratic_loss_by_exactly_the_predicted_saliency(gen:
     assert 0.5 * before[q] ** 2 * hessian[q, q] > increase * (1 + 1e-3)
 
 
+def test_relative_damp_is_a_fraction_of_the_mean_fisher_diagonal_and_scale_free(gen: torch.Generator) -> None:
+    """relative_damp: lambda = damp * mean(diag(G^T G / m)); the step equals dense OBS with that
+    lambda, and gradients 1000x larger (a model that fits its data less) give the same masks and
+    weights, where an absolute damp would not."""
+    m, damp = 12, 0.05
+    net = _net(gen)
+    data_seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    runs = []
+    for scale in (1.0, 1000.0):
+        modifier = MFACPruning(
+            params=NAMES, final_sparsity=0.5, start=0, end=0, num_grads=m, damp=damp, block_size=1000,
+            relative_damp=True,
+        )  # fmt: skip
+        session = _session(torch.Generator().manual_seed(data_seed), modifier, copy.deepcopy(net))
+        masks = {n: session.masks.mask(n).clone() for n in NAMES}
+        before = _remaining(session)
+        inner = session.sampler.sample
+        session.sampler.sample = lambda *a, _inner=inner, _s=scale, **k: _inner(*a, **k) * _s
+        spy = Spy(session)
+        session.before_step()
+        session.after_step()
+        runs.append((session, spy.calls[0]["grads"]))
+    (small, g_small), (large, g_large) = runs
+    torch.testing.assert_close(g_large, g_small * 1000.0)
+    lam = damp * float(g_small.double().square().mean())
+    _check_obs(small, before, masks, _dense_inverse(g_small, lam, [(0, before.numel())]), [
+        [q] for q in _removed_coords(small, masks)
+    ])  # fmt: skip
+    for name in NAMES:
+        assert torch.equal(small.masks.mask(name), large.masks.mask(name))
+        torch.testing.assert_close(small.params[name], large.params[name], rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- 2. Fisher blocks
 
 
@@ -390,6 +423,7 @@ def test_blocks_structure_prunes_whole_tiles_by_group_saliency(gen: torch.Genera
         ({"block_size": 0}, "greater than or equal to 1"),
         ({"num_recomputations": 0}, "greater than or equal to 1"),
         ({"grads_device": "tpu"}, "grads_device"),
+        ({"relative_damp": "yes"}, "valid boolean"),
     ],
 )
 def test_invalid_settings_are_rejected(settings: dict, message: str) -> None:
