@@ -34,14 +34,17 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the default group (0 without one)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """Ranks in the default group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that writes files and prints."""
     return rank() == 0
 
 
@@ -57,6 +60,7 @@ def launched() -> bool:
 
 
 def timeout_s() -> float:
+    """Seconds a collective waits for the other ranks (COMPRESSOR_DIST_TIMEOUT_S, default 900)."""
     value = os.environ.get("COMPRESSOR_DIST_TIMEOUT_S", "")
     try:
         return float(value) if value else DEFAULT_TIMEOUT_S
@@ -117,6 +121,7 @@ def comm_device() -> torch.device:
 
 
 def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
     if active():
         dist.barrier()
 

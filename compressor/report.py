@@ -109,6 +109,7 @@ class MetricsLog:
         self._open()
 
     def close(self) -> None:
+        """Close the file (every row is already flushed)."""
         self._file.close()
 
     def __enter__(self) -> MetricsLog:

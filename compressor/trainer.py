@@ -49,22 +49,27 @@ class RunFiles:
 
     @property
     def checkpoint(self) -> Path:
+        """checkpoint.pt: model, masks, optimizer, schedule, RNG (every epoch)."""
         return self.root / "checkpoint.pt"
 
     @property
     def recipe(self) -> Path:
+        """recipe.yaml: the resolved recipe."""
         return self.root / "recipe.yaml"
 
     @property
     def raw_recipe(self) -> Path:
+        """recipe.raw.yaml: the recipe as given."""
         return self.root / "recipe.raw.yaml"
 
     @property
     def metrics(self) -> Path:
+        """metrics.csv: long-format metrics."""
         return self.root / "metrics.csv"
 
     @property
     def summary(self) -> Path:
+        """summary.json: final accuracy, sparsity, wall time."""
         return self.root / "summary.json"
 
 

@@ -26,6 +26,7 @@ class Numerics:
 
     @property
     def ok(self) -> bool:
+        """Both differences within their thresholds."""
         return self.max_abs_diff <= self.atol and self.max_rel_diff <= self.rtol
 
     def failure(self, what: str = "onnxruntime") -> str | None:

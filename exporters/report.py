@@ -40,13 +40,16 @@ class TensorRow:
 
     @property
     def checkpoint_sparsity(self) -> float:
+        """Fraction of zeros of the parameter in the checkpoint."""
         return self.checkpoint_zeros / max(self.numel, 1)
 
     @property
     def onnx_sparsity(self) -> float | None:
+        """Fraction of zeros of the matched ONNX initializer (None: not matched)."""
         return None if self.onnx_zeros is None else self.onnx_zeros / max(self.numel, 1)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, sparsities included."""
         out = asdict(self)
         out["checkpoint_sparsity"] = self.checkpoint_sparsity
         out["onnx_sparsity"] = self.onnx_sparsity
@@ -79,13 +82,16 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
+        """True when every check passed."""
         return not self.failures
 
     @property
     def size_ratio(self) -> float | None:
+        """Compressed file size over the dense export's (None without --compress)."""
         return self.file_bytes / self.dense_bytes if self.compressed and self.dense_bytes else None
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what export_report.json holds)."""
         out = asdict(self)
         out["tensors"] = [row.to_dict() for row in self.tensors]
         out["passed"] = self.passed

@@ -21,6 +21,7 @@ class MagnitudePruning(PruningModifier):
     type: Literal["MagnitudePruning"] = "MagnitudePruning"
 
     def scores(self, session: Session, names: list[str]) -> dict[str, torch.Tensor]:
+        """|w| per weight of each parameter (the smallest are pruned)."""
         return {name: session.params[name].detach().abs() for name in names}
 
 

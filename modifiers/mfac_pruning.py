@@ -97,6 +97,7 @@ class MFACPruning(PruningModifier):
         return next(v for k, v in reversed(self.num_grads.items()) if k <= sparsity + 1e-9)
 
     def max_grads(self) -> int:
+        """The largest number of gradients any sub-step samples (for the memory preflight)."""
         return self.num_grads if isinstance(self.num_grads, int) else max(self.num_grads.values())
 
     def gradient_bytes(self, num_params: int) -> int:
