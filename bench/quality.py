@@ -271,6 +271,8 @@ SWEEP: dict[str, list[dict[str, float]]] = {
     "Adam": [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3)],
     "M-FAC m=512": [{"lr": lr, "damp": damp} for lr in (1e-4, 1e-3, 1e-2) for damp in (1e-5, 1e-4, 1e-3)],
 }
+#: the same grid with the Fisher divided by the gradients in the window, not m, while it fills
+SWEEP["M-FAC m=512 count scaling"] = SWEEP["M-FAC m=512"]
 
 
 def make_optimizer(name: str, params: Any, hyper: dict[str, float]) -> torch.optim.Optimizer:
@@ -283,7 +285,8 @@ def make_optimizer(name: str, params: Any, hyper: dict[str, float]) -> torch.opt
         return torch.optim.SGD(params, lr=hyper["lr"], momentum=0.9)
     if name == "Adam":
         return torch.optim.Adam(params, lr=hyper["lr"])
-    return MFAC(params, lr=hyper["lr"], num_grads=512, damp=hyper["damp"])
+    scaled = name.endswith("count scaling")
+    return MFAC(params, lr=hyper["lr"], num_grads=512, damp=hyper["damp"], count_scaling=scaled)
 
 
 def train_from_scratch(
@@ -320,13 +323,18 @@ def train_from_scratch(
     }
 
 
-def sweep_study(epochs: int) -> dict[str, list[tuple[dict[str, float], dict[str, float]]]]:
-    """Each optimizer's grid on seed 0: 90% of the training split to train, 10% to score (by loss)."""
+def sweep_study(
+    epochs: int, only: list[str] | None = None
+) -> dict[str, list[tuple[dict[str, float], dict[str, float]]]]:
+    """Each optimizer's grid (or those in ``only``) on seed 0: 90% of the training split to train,
+    10% to score (by loss)."""
     data = load_data("mnist")
     n_val = len(data.train) // 10
     fit, val = random_split(data.train, [len(data.train) - n_val, n_val], torch.Generator().manual_seed(0))
     results: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {}
     for name, grid in SWEEP.items():
+        if only and name not in only:
+            continue
         for hyper in grid:
             got = train_from_scratch(name, hyper, 0, epochs, fit, val, data)
             if not math.isfinite(got["held_out_loss"]):
@@ -354,7 +362,7 @@ def optimizer_study(
     data = load_data("mnist")
     runs = {f"{name} ({_hyper(h)})": (name, h) for name, h in settings.items()}
     reference = f"M-FAC m=512 ({_hyper(REFERENCE_MFAC)}, reference defaults)"
-    if settings.get("M-FAC m=512") != REFERENCE_MFAC:
+    if "M-FAC m=512" in settings and settings["M-FAC m=512"] != REFERENCE_MFAC:
         runs[reference] = ("M-FAC m=512", REFERENCE_MFAC)
     results: dict[str, list[dict[str, float]]] = {}
     for seed in seeds:
@@ -598,6 +606,7 @@ def main() -> None:
     parser.add_argument("--parts", default="aefbdc", help="studies to run (a-f; c uses d's choice)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")
     parser.add_argument("--seed-list", default=None, help="run these seeds only, e.g. 1,2 (merged on report)")
+    parser.add_argument("--only", default=None, help="parts c, d: these optimizers only (comma-separated)")
     args = parser.parse_args()
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     if args.seed_list:
@@ -617,11 +626,21 @@ def main() -> None:
     if "b" in args.parts:
         save_part(args.out, "b", seeds, gradual_study(seeds, args.out / "runs"))
     optimizer_epochs = 1 if args.quick else 5
+    only = args.only.split(",") if args.only else None
     if "d" in args.parts:
-        save_part(args.out, "d", [0], sweep_study(optimizer_epochs))
+        rows = sweep_study(optimizer_epochs, only)
+        if only:  # keep the other optimizers' sweep
+            rows = {**load_parts(args.out).get("d", {}).get("rows", {}), **rows}
+        save_part(args.out, "d", [0], rows)
     if "c" in args.parts:
         sweep = load_parts(args.out).get("d", {}).get("rows", {})
-        rows = optimizer_study(seeds, optimizer_epochs, best_settings(sweep))
+        settings = best_settings(sweep)
+        if only:
+            settings = {name: hyper for name, hyper in settings.items() if name in only}
+        rows = optimizer_study(seeds, optimizer_epochs, settings)
+        if only:  # keep the other optimizers' runs of the same seeds
+            saved = args.out / f"quality_c_seeds{'-'.join(map(str, seeds))}.json"
+            rows = {**(json.loads(saved.read_text())["rows"] if saved.is_file() else {}), **rows}
         save_part(args.out, "c", seeds, rows)
     print(write_report(args.out, load_parts(args.out), sparsities))
 

@@ -58,6 +58,9 @@ class MFACOptimizer(Modifier):
     params: list[str] | None = Field(
         None, min_length=1, description="exact names, globs or re: patterns; None: all trainable parameters"
     )
+    count_scaling: bool = Field(
+        False, strict=True, description="F = damp I + G^T G / min(count, m): no oversized steps while filling"
+    )
     shard: bool = Field(
         False, strict=True, description="shard the window over torch.distributed ranks (world size > 1 only)"
     )
@@ -132,6 +135,7 @@ class MFACOptimizer(Modifier):
                 weight_decay=self.weight_decay,
                 momentum=self.momentum,
                 masks=masks,
+                count_scaling=self.count_scaling,
                 shard=self.shard and _distributed(),
             )
             session.swap_optimizer(self._optimizer)

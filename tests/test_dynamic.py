@@ -184,3 +184,32 @@ def test_cuda_window_matches_cpu(gen):
         y_cpu = cpu.update_mul(g)
         y_gpu = gpu.update_mul(g.cuda())
         assert y_gpu.is_cuda and rel_err(y_gpu.cpu(), y_cpu) <= 1e-10
+
+
+@pytest.mark.parametrize("steps", [1, 7, 16, 16 + 5], ids=lambda s: f"{s}updates")
+def test_count_scaling_divides_by_the_gradients_in_the_window(gen, steps):
+    """count_scaling: F = damp*I + G^T G / n, n = min(count, m): the dense inverse with the n real
+    rows while the window fills, the same as 1/m once it is full."""
+    m, d, damp = 16, 500, 1e-4
+    stream = realistic_grads(steps, d, gen)
+    scaled = SlidingFisherInverse(d, m, damp, dtype=F64, count_scaling=True)
+    plain = SlidingFisherInverse(d, m, damp, dtype=F64)
+    for t in range(steps):
+        newest = scaled.update_mul(stream[t].to(F64))
+        plain.update(stream[t].to(F64))
+    n = min(steps, m)
+    rows = torch.stack(list(stream[:steps][-m:])).to(F64)
+    finv = torch.linalg.inv(dense_fisher(rows, damp))  # 1/n over the n real rows
+    assert rel_err(newest, stream[steps - 1].to(F64) @ finv) <= TOL64
+    x = probe_vectors(rows, gen)
+    assert rel_err(scaled.mul(x), x @ finv) <= TOL64
+    same = torch.allclose(scaled.mul(x), plain.mul(x), rtol=1e-12, atol=0.0)
+    assert same == (n == m)  # differs from 1/m exactly while the window is not full
+
+
+def test_count_scaling_empty_window_and_bad_value():
+    fisher = SlidingFisherInverse(10, 4, 0.5, dtype=F64, count_scaling=True)
+    x = torch.arange(10, dtype=F64)
+    assert torch.allclose(fisher.mul(x), x / 0.5)  # no gradient yet: F = damp * I
+    with pytest.raises(ValueError, match="count_scaling must be True or False"):
+        SlidingFisherInverse(10, 4, 0.5, count_scaling=1)

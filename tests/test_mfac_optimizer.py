@@ -322,3 +322,15 @@ def test_shard_is_inert_on_a_single_process():
     _train(session, _batches(2), 0, 2)
     assert type(mfac.optimizer.window) is SlidingFisherInverse and mfac.optimizer.window.count == 2
     session.finalize()
+
+
+@pytest.mark.parametrize("count_scaling", [False, True])
+def test_count_scaling_reaches_the_window(count_scaling):
+    mfac = MFACOptimizer(lr=0.05, num_grads=4, damp=1e-3, count_scaling=count_scaling)
+    model = _model(3)
+    session = Session([mfac], model, torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch=4)
+    _train(session, _batches(2), 0, 2)
+    assert mfac.optimizer.window.count_scaling is count_scaling
+    session.finalize()
+    with pytest.raises(ValidationError, match="count_scaling"):
+        MFACOptimizer(lr=0.05, count_scaling="yes")

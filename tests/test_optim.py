@@ -167,3 +167,20 @@ def test_unsupported_parameters_and_groups():
     opt = MFAC([torch.nn.Parameter(torch.zeros(3))])
     with pytest.raises(ValueError, match="after construction"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+def test_count_scaling_steps_with_the_fisher_of_the_gradients_so_far(gen):
+    """MFAC(count_scaling=True): step t moves p by -lr * (damp*I + G_t^T G_t / t)^-1 g_t while t < m."""
+    d, m, lr, damp = 30, 8, 0.1, 1e-2
+    p = torch.randn(d, generator=gen, dtype=torch.float64, requires_grad=True)
+    opt = MFAC([p], lr=lr, num_grads=m, damp=damp, count_scaling=True)
+    seen = []
+    for _ in range(3):
+        g = torch.randn(d, generator=gen, dtype=torch.float64)
+        seen.append(g)
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        expected = -lr * torch.linalg.solve(dense_fisher(torch.stack(seen), damp), g)
+        torch.testing.assert_close(p.detach() - before, expected, rtol=1e-9, atol=1e-12)
+    assert opt.window.count_scaling

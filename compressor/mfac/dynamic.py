@@ -1,7 +1,11 @@
 """The dynamic M-FAC algorithm (paper section 3.2): F^-1 over a sliding window of m gradients.
 
 F = damp * I + (1/m) * G^T G over the m window slots (rows of G); empty slots are zero rows and
-the 1/m stays m. The paper keeps the m x m matrices G G^T, D and B and re-runs the recursions
+the 1/m stays m (the paper's and the reference's choice), or, with ``count_scaling=True``, 1/n with
+n = min(count, m) the gradients in the window, so that the Fisher is not under-scaled while the
+window fills (then K = n*damp*I + G G^T below).
+
+The paper keeps the m x m matrices G G^T, D and B and re-runs the recursions
 (8)-(10) after each replaced gradient; they amount to a factorisation of
 K = m*damp*I + G G^T (D is the U of its LU, B a scaled inverse of its unit-lower factor). Here
 K is factored directly by a float64 Cholesky, K = L L^T, so that
@@ -31,6 +35,8 @@ class SlidingFisherInverse:
         damp: the dampening lambda > 0.
         device: where the window lives and the arithmetic runs (default: CPU).
         dtype: float32 or float64, the dtype of the window; the m x m algebra is always float64.
+        count_scaling: divide G^T G by the number of gradients in the window, min(count, m), instead
+            of m (no under-scaled Fisher, so no oversized steps, during the first m updates).
 
     Memory: the window (m x d values of ``dtype``) plus three m x m float64 matrices.
 
@@ -48,7 +54,12 @@ class SlidingFisherInverse:
         damp: float = 1e-5,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        *,
+        count_scaling: bool = False,
     ) -> None:
+        if not isinstance(count_scaling, bool):
+            raise ValueError(f"count_scaling must be True or False, got {count_scaling!r}")
+        self.count_scaling = count_scaling
         self.dim = _checks.check_positive_int(dim, "dim")
         self.num_grads = _checks.check_positive_int(num_grads, "num_grads")
         self.damp = _checks.check_damp(damp)
@@ -122,10 +133,12 @@ class SlidingFisherInverse:
         return torch.addmm(xs, coef.T, self.grads, alpha=-1.0).div_(self.damp)
 
     def _factor(self) -> torch.Tensor:
-        """Cholesky factor of K = m*damp*I + G G^T, float64, recomputed after each update."""
+        """Cholesky factor of K = n*damp*I + G G^T (n = m, or the gradients in the window with
+        count_scaling), float64, recomputed after each update."""
         if self._chol is None:
+            n = max(1, min(self.count, self.num_grads)) if self.count_scaling else self.num_grads
             k = self.gram.clone()
-            k.diagonal().add_(self.num_grads * self.damp)
+            k.diagonal().add_(n * self.damp)
             chol, info = torch.linalg.cholesky_ex(k)
             if int(info) != 0:
                 raise ValueError(

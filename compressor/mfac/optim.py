@@ -45,6 +45,9 @@ class MFAC(torch.optim.Optimizer):
             initialized torch.distributed group, else RuntimeError; world size 1 works and gives
             the unsharded result). False (the default) is the single-process optimizer.
         process_group: the group to shard over (shard=True only); None: the default group.
+        count_scaling: F = damp*I + G^T G / n with n the gradients in the window so far (min(count,
+            m)) instead of m: no oversized steps while the window fills (the reference's later
+            ``fix_scaling``). False (the default) is the paper's 1/m.
         masks: parameter -> bool tensor of its shape (True: kept), read live at every step (for
             example the buffers of a ``compressor.masks.MaskSet``). The window then holds only the
             kept coordinates: memory and time linear in the density (paper, sparse fine-tuning).
@@ -84,6 +87,7 @@ class MFAC(torch.optim.Optimizer):
         momentum: float = 0.0,
         *,
         masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
+        count_scaling: bool = False,
         shard: bool = False,
         process_group: Group = None,
     ) -> None:
@@ -94,7 +98,7 @@ class MFAC(torch.optim.Optimizer):
         self.num_grads = _checks.check_positive_int(num_grads, "num_grads")
         self.damp = _checks.check_damp(damp)
         check_shard(shard, process_group)
-        self._shard = {"shard": shard, "process_group": process_group}
+        self._window_options = dict(shard=shard, process_group=process_group, count_scaling=count_scaling)
         flat = self._params()
         kinds = {(p.dtype, p.device) for p in flat}
         if len(kinds) != 1:
@@ -150,7 +154,9 @@ class MFAC(torch.optim.Optimizer):
         if dim == 0 and self._masked:  # everything masked off: nothing to train
             self.window = None
             return
-        self.window = sliding_window(dim, self.num_grads, self.damp, self._device, self._dtype, **self._shard)
+        self.window = sliding_window(
+            dim, self.num_grads, self.damp, self._device, self._dtype, **self._window_options
+        )
 
     def sync_masks(self) -> bool:
         """Rebuild the window if the masks changed since it was built; returns whether it did."""

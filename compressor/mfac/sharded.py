@@ -72,11 +72,13 @@ class ShardedSlidingFisherInverse(SlidingFisherInverse):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         process_group: Group = None,
+        *,
+        count_scaling: bool = False,
     ) -> None:
         dim = _checks.check_positive_int(dim, "dim")
         # The base checks the settings and builds the m x m state; its window is the slice set below
         # (built for d = 1 here, so that no full (m, d) window is ever allocated).
-        super().__init__(1, num_grads, damp, device, dtype)
+        super().__init__(1, num_grads, damp, device, dtype, count_scaling=count_scaling)
         self.dim = dim
         self.group = process_group
         self.world_size, self.rank = _membership(process_group)
@@ -216,12 +218,15 @@ def sliding_window(
     *,
     shard: bool = False,
     process_group: Group = None,
+    count_scaling: bool = False,
 ) -> SlidingFisherInverse:
     """A ``SlidingFisherInverse`` (d, m), or its sharded form when ``shard`` is True."""
     check_shard(shard, process_group)
     if not shard:
-        return SlidingFisherInverse(dim, num_grads, damp, device, dtype)
-    return ShardedSlidingFisherInverse(dim, num_grads, damp, device, dtype, process_group)
+        return SlidingFisherInverse(dim, num_grads, damp, device, dtype, count_scaling=count_scaling)
+    return ShardedSlidingFisherInverse(
+        dim, num_grads, damp, device, dtype, process_group, count_scaling=count_scaling
+    )
 
 
 def check_shard(shard: bool, process_group: Group = None) -> None:
