@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
+from .mfac.sharded import shard_range
 from .params import normalize
 
 
@@ -173,9 +174,10 @@ class GradientSampler:
 
 
 def shard(m: int, world: int, rank: int) -> tuple[int, int]:
-    """(first row, row count) of ``rank``'s share of m rows: the first m % P ranks take one more."""
-    base, extra = divmod(m, world)
-    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+    """(first row, row count) of ``rank``'s share of m rows: the first m % P ranks take one more
+    (the split of the sharded M-FAC window's coordinates, ``shard_range``)."""
+    start, stop = shard_range(m, world, rank)
+    return start, stop - start
 
 
 def gather_rows(part: torch.Tensor, m: int, world: int) -> torch.Tensor:
