@@ -52,9 +52,9 @@ if str(ROOT) not in sys.path:
 from compressor.session import Session  # noqa: E402
 from compressor.trainer import evaluate, run  # noqa: E402
 from compressor.zoo import build_model, load_data  # noqa: E402
+from modifiers.channel_pruning import StructuredPruning  # noqa: E402
 from modifiers.magnitude import MagnitudePruning  # noqa: E402
 from modifiers.mfac_pruning import MFACPruning  # noqa: E402
-from modifiers.structured import StructuredPruning  # noqa: E402
 
 PRUNED = ["re:(conv|fc)\\d\\.weight"]
 LOSS = torch.nn.functional.cross_entropy

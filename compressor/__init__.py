@@ -1,7 +1,8 @@
 """compressor: recipe-driven model compression for PyTorch, built around M-FAC.
 
 Kept light on purpose: ``import compressor.mfac`` needs torch alone. The engine's names
-(``Session``, ``load_recipe``, ``Recipe``, ``RecipeError``) load on first use.
+(``Session``, ``load_recipe``, ``Recipe``, ``RecipeError``, ``CompressorError``) load on first use.
+``CompressorError`` is the base of every error a user can cause (``compressor.errors``).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "CompressorError": ("compressor.errors", "CompressorError"),
     "Session": ("compressor.session", "Session"),
     "load_recipe": ("compressor.recipe", "load_recipe"),
     "Recipe": ("compressor.recipe", "Recipe"),
     "RecipeError": ("compressor.recipe", "RecipeError"),
 }
 
-__all__ = ["Recipe", "RecipeError", "Session", "__version__", "load_recipe"]
+__all__ = ["CompressorError", "Recipe", "RecipeError", "Session", "__version__", "load_recipe"]
 
 
 def __getattr__(name: str) -> Any:

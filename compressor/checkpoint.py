@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write
+from .errors import CompressorError
 
 FORMAT = "compressor-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CompressorError, ValueError):
     """A file that is not a readable compressor checkpoint (missing, truncated, tampered, foreign)."""
 
 

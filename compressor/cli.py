@@ -76,22 +76,9 @@ def _parse_sets(sets: list[str] | None) -> dict[str, str]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean 'the user asked for something wrong' (no traceback)."""
-    from .checkpoint import CheckpointError
-    from .distributed import DistributedError
-    from .params import PatternError
-    from .recipe import RecipeError
-    from .sampling import PreflightError
-    from .trainer import RunError
+    from .errors import CompressorError
 
-    return (
-        RecipeError,
-        RunError,
-        CheckpointError,
-        PatternError,
-        PreflightError,
-        FileNotFoundError,
-        DistributedError,
-    )
+    return (CompressorError, FileNotFoundError)
 
 
 @app.command()
@@ -186,6 +173,7 @@ def export(
         export_fn = registry.get("exporters", "onnx")
     except registry.RegistryError as exc:
         _fail(f"{exc}; reinstall the package (pip install -e .) to register its exporters")
+    # A third-party exporter may name its own user errors; ours are CompressorErrors.
     errors = _user_errors() + tuple(getattr(export_fn, "user_errors", ()))
     try:
         report = export_fn(

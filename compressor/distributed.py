@@ -18,13 +18,15 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from .errors import CompressorError
+
 T = TypeVar("T")
 
 #: Seconds a collective may wait for the other ranks (env COMPRESSOR_DIST_TIMEOUT_S overrides).
 DEFAULT_TIMEOUT_S = 900.0
 
 
-class DistributedError(RuntimeError):
+class DistributedError(CompressorError, RuntimeError):
     """A rank failed (its message is carried), or the torchrun environment is unusable."""
 
 

@@ -17,12 +17,14 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable
 
+from .errors import CompressorError
+
 #: Prefixes added by wrappers: DDP / DataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 REGEX_PREFIX = "re:"
 
 
-class PatternError(ValueError):
+class PatternError(CompressorError, ValueError):
     """A parameter pattern that matches nothing (or is not a valid regex); names the closest names."""
 
     def __init__(self, pattern: str, closest: list[str], reason: str = "matches no parameter") -> None:

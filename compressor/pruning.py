@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
+from .mask_patterns import NM, NM_TOLERANCE, Structure, select_masks, validate
 from .modifier import Modifier, Position, StepPosition, to_step
 from .params import match_params
 from .schedules import sparsity_at, update_steps
-from .structures import NM, NM_TOLERANCE, Structure, select_masks, validate
 
 if TYPE_CHECKING:
     from .session import Session

@@ -16,6 +16,8 @@ import difflib
 from importlib.metadata import entry_points
 from typing import Any
 
+from .errors import CompressorError
+
 KINDS = {
     "modifiers": "compressor.modifiers",
     "exporters": "compressor.exporters",
@@ -26,7 +28,7 @@ _registered: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 _loaded: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 
 
-class RegistryError(KeyError):
+class RegistryError(CompressorError, KeyError):
     """An unknown name; the message lists the closest known names."""
 
     def __str__(self) -> str:

@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
+from .errors import CompressorError
 from .masks import MaskSet
 from .modifier import Modifier, to_step
 from .params import match_params, normalize
 from .sampling import GradientSampler
 
 
-class LifecycleError(RuntimeError):
+class LifecycleError(CompressorError, RuntimeError):
     """A hook was called out of order (for example after_step without before_step)."""
 
 

@@ -26,18 +26,19 @@ import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from . import distributed, zoo
+from .channel_surgery import resume_shapes
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .errors import CompressorError
 from .params import normalize
+from .preflight import preflight
 from .recipe import Recipe, parse_recipe, resolved_yaml
 from .report import MetricsLog, Progress, plot_run, write_summary
-from .sampling import preflight
 from .session import Session
-from .structure import resume_shapes
 
 LOSSES = {"cross_entropy": torch.nn.functional.cross_entropy}
 
 
-class RunError(ValueError):
+class RunError(CompressorError, ValueError):
     """A user error in how a run was asked for (bad recipe for a run, resume mismatch)."""
 
 

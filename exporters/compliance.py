@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor.structures import NM, Blocks, as_structure
+from compressor.mask_patterns import NM, Blocks, as_structure
 
 
 def describe(spec: Any) -> str:

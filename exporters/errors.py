@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from compressor.errors import CompressorError
 
-class ExportError(ValueError):
+
+class ExportError(CompressorError, ValueError):
     """The export cannot be done as asked (bad option, output over the input, model not rebuildable)."""
 
 

@@ -109,10 +109,6 @@ def export_checkpoint(
     return report
 
 
-#: The CLI prints these as one message (no traceback); CheckpointError and RecipeError it knows.
-export_checkpoint.user_errors = (ExportError,)  # type: ignore[attr-defined]
-
-
 def _output_path(source: Path, output: str | os.PathLike[str] | None) -> Path:
     target = Path(output) if output is not None else source.with_suffix(".onnx")
     if target.is_dir():

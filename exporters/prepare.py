@@ -16,10 +16,10 @@ from torch import nn
 
 from compressor import zoo
 from compressor.checkpoint import load_checkpoint
+from compressor.mask_patterns import as_structure
 from compressor.masks import MASK_SUFFIX, MaskSet, mask_names
 from compressor.params import match_params, normalize
 from compressor.recipe import parse_recipe
-from compressor.structures import as_structure
 
 from .errors import ExportError
 
@@ -108,11 +108,11 @@ def _test_inputs(test: Any, samples: int) -> torch.Tensor:
 
 
 def _match_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], example: torch.Tensor) -> nn.Module:
-    """Resize physically pruned layers with ``compressor.structure.match_shapes`` when that module exists."""
+    """Resize channel-pruned layers with ``compressor.channel_surgery.match_shapes`` (when importable)."""
     try:
-        module = importlib.import_module("compressor.structure")
+        module = importlib.import_module("compressor.channel_surgery")
     except ModuleNotFoundError as exc:
-        if exc.name == "compressor.structure":
+        if exc.name == "compressor.channel_surgery":
             return model
         raise
     match = getattr(module, "match_shapes", None)

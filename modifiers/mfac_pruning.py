@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field, StrictInt, field_validator
 
+from compressor.mask_patterns import NM, Blocks, Structure, select_masks
 from compressor.mfac import FisherInverse
 from compressor.pruning import PruningModifier
-from compressor.structures import NM, Blocks, Structure, select_masks
 
 if TYPE_CHECKING:
     from compressor.session import Session

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compressor.sampling import PreflightError, preflight, shard
+from compressor.preflight import PreflightError, preflight
+from compressor.sampling import shard
 
 
 @pytest.mark.parametrize(("m", "world"), [(7, 2), (8, 2), (5, 3), (2, 4), (1, 1), (64, 5)])

@@ -13,7 +13,8 @@ from torch.utils.data import TensorDataset
 from compressor import registry
 from compressor.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from compressor.modifier import Modifier
-from compressor.sampling import GradientSampler, PreflightError, preflight
+from compressor.preflight import PreflightError, preflight
+from compressor.sampling import GradientSampler
 from compressor.session import LifecycleError, Session
 from modifiers.magnitude import MagnitudePruning
 

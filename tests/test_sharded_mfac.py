@@ -30,7 +30,7 @@ from sharded_workers import (
 )
 
 from compressor.mfac import MFAC
-from compressor.mfac.sharded import shard_range
+from compressor.mfac.partition import shard_range
 
 TOL = 1e-5  # relative error of the parameters' movement against the unsharded optimizer
 

@@ -32,20 +32,10 @@ import torch.distributed as dist
 
 from . import _checks
 from .dynamic import SlidingFisherInverse
+from .partition import shard_range
 
 #: One of torch.distributed's ProcessGroup objects, or None for the default (WORLD) group.
 Group = Any
-
-
-def shard_range(dim: int, world_size: int, rank: int) -> tuple[int, int]:
-    """[start, stop) of the coordinates of ``rank`` when ``dim`` is split over ``world_size`` ranks.
-
-    The first ``dim % world_size`` ranks get ``ceil(dim / world_size)`` coordinates, the others
-    ``floor(dim / world_size)`` (0 when dim < world_size).
-    """
-    base, extra = divmod(dim, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 class ShardedSlidingFisherInverse(SlidingFisherInverse):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..errors import CompressorError
+
 #: A path into the recipe data: mapping keys (str) and list indices (int), e.g. ("modifiers", 0, "end").
 Path = tuple[str | int, ...]
 
@@ -31,7 +33,7 @@ class RecipeIssue:
         return f"{self.file}:{self.line}:{self.col}: {self.path or '<root>'}: {self.message}"
 
 
-class RecipeError(Exception):
+class RecipeError(CompressorError):
     """Every problem found in one recipe, sorted by position; ``str()`` gives one line per issue."""
 
     def __init__(self, issues: Iterable[RecipeIssue]) -> None:

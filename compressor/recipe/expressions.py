@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..errors import CompressorError
+
 #: Longest accepted expression, in characters.
 MAX_LENGTH = 500
 #: Largest accepted magnitude, in bits (2**1024 ~ 1.8e308, the float limit).
@@ -62,7 +64,7 @@ _REFUSED: dict[type[ast.AST], str] = {
 }
 
 
-class ExpressionError(ValueError):
+class ExpressionError(CompressorError, ValueError):
     """A ``${...}`` that cannot be evaluated; ``reported`` marks a failure already reported elsewhere."""
 
     def __init__(self, message: str, reported: bool = False) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from compressor.structures import (
+from compressor.mask_patterns import (
     as_structure,
     expand,
     group_scores,

@@ -1,6 +1,6 @@
 """Physical channel surgery: shrinking a model's layers, and matching a model to a smaller state dict.
 
-Structured pruning (``modifiers/structured.py``) removes whole channels through torch-pruning's
+Structured pruning (``modifiers/channel_pruning.py``) removes whole channels through torch-pruning's
 dependency graph, so the model's parameters get smaller and are new ``nn.Parameter`` objects. Three
 things then need care, and live here so that the trainer, the exporter and modifiers share them:
 

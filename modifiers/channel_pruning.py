@@ -5,7 +5,7 @@ At ``start`` (one shot; fine-tune afterwards with the rest of the run) every lay
 removed with everything that depends on it, found by torch-pruning's dependency graph: the layer's
 output row and bias, the batch-norm entries, the next layers' input columns, and channels coupled by
 residual additions or concatenations (those lose the same channels). The model's tensors really
-shrink; the checkpoint holds the smaller model, and ``compressor.structure.match_shapes`` reshapes a
+shrink; the checkpoint holds the smaller model, and ``compressor.channel_surgery.match_shapes`` reshapes a
 freshly built model to it on resume (and for export).
 
 Importance of channel c:
@@ -26,7 +26,7 @@ Importance of channel c:
 
         w_Q^T ([F^-1]_QQ)^-1 w_Q = lambda * (||w_Q||^2 + (G_Q w_Q)^T K^-1 (G_Q w_Q))
 
-    (``tests/test_structured.py`` checks it against ``FisherInverse.submatrices``). With
+    (``tests/test_channel_pruning.py`` checks it against ``FisherInverse.submatrices``). With
     ``obs_update`` (default) the OBS update of the removal is applied before the surgery, per block:
     the kept weights move by dw_R = G_R^T K^-1 G_Q w_Q for the set Q of all channels removed from the
     layer (the minimizer of the quadratic model with w_Q = 0), the correction the saliency assumes.
@@ -58,10 +58,7 @@ import torch_pruning as tp
 from pydantic import Field, PrivateAttr, StrictInt, field_validator
 from torch import nn
 
-from compressor.masks import MASK_SUFFIX
-from compressor.modifier import Modifier, StepPosition, to_step
-from compressor.params import match_params, normalize
-from compressor.structure import (
+from compressor.channel_surgery import (
     ROOT_TYPES,
     count_parameters,
     dependency_graph,
@@ -72,6 +69,9 @@ from compressor.structure import (
     prune_group,
     rebind,
 )
+from compressor.masks import MASK_SUFFIX
+from compressor.modifier import Modifier, StepPosition, to_step
+from compressor.params import match_params, normalize
 
 if TYPE_CHECKING:
     from compressor.session import Session

@@ -1,4 +1,4 @@
-"""StructuredPruning and compressor.structure: physical channel removal, its scores, resume and export."""
+"""StructuredPruning and compressor.channel_surgery: channel removal, its scores, resume and export."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from compressor import registry, trainer
+from compressor.channel_surgery import dependency_graph, match_shapes
 from compressor.checkpoint import load_checkpoint
 from compressor.cli import app
 from compressor.mfac import FisherInverse
 from compressor.params import normalize
 from compressor.recipe import load_recipe
 from compressor.session import Session
-from compressor.structure import dependency_graph, match_shapes
 from compressor.zoo import build_model, load_data
+from modifiers.channel_pruning import GroupOBSImportance, StructuredPruning, group_coordinates
 from modifiers.magnitude import MagnitudePruning
-from modifiers.structured import GroupOBSImportance, StructuredPruning, group_coordinates
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "mnist_channels_50.yaml"
