@@ -315,6 +315,62 @@ def test_a_failed_build_warns_once_then_uses_pytorch(monkeypatch, gen):
         kernels.module("cpu")
 
 
+def test_a_first_build_says_what_it_waits_for_and_a_cached_one_is_silent(monkeypatch, tmp_path, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+
+    built = []
+
+    def fake_load(name, build_directory, **kwargs):
+        built.append(name)
+        return f"module {name}"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    assert kernels._build("cpu") == f"module {built[0]}"
+    first = capsys.readouterr().err
+    assert "building the M-FAC cpu kernels" in first and "first run only" in first
+    assert "kernels are built" in first
+    (tmp_path / built[0] / f"{built[0]}.so").write_bytes(b"")  # what a finished build leaves
+    kernels._build("cpu")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_background_build_runs_while_the_caller_works_and_module_waits_for_it(monkeypatch, capsys):
+    import threading
+
+    release, started = threading.Event(), threading.Event()
+
+    def slow_build(kind):
+        started.set()
+        assert release.wait(10)
+        return f"{kind} kernels"
+
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "_background", {})
+    monkeypatch.setattr(kernels, "_build", slow_build)
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    kernels.build_in_background("cpu")
+    assert started.wait(10)  # building, and this thread is free meanwhile
+    thread = kernels._background["cpu"]
+    assert thread.is_alive() and "cpu" not in kernels._modules
+    kernels.build_in_background("cpu")  # a second start is a no-op
+    assert kernels._background["cpu"] is thread
+    threading.Timer(0.2, release.set).start()
+    assert kernels.module("cpu") == "cpu kernels"  # waits for the thread, then has the module
+    assert not thread.is_alive()
+    assert "waiting for the M-FAC cpu kernels" in capsys.readouterr().err
+
+
+def test_background_build_is_a_no_op_when_off(monkeypatch):
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "_background", {})
+    monkeypatch.setattr(kernels, "_build", lambda kind: pytest.fail("built with COMPRESSOR_KERNELS=off"))
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
+    kernels.build_in_background("cpu")
+    assert kernels._background == {}
+
+
 def test_bad_mode_and_sources(monkeypatch):
     monkeypatch.setenv("COMPRESSOR_KERNELS", "sometimes")
     with pytest.raises(ValueError, match="COMPRESSOR_KERNELS"):

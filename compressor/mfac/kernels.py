@@ -1,9 +1,10 @@
 """Compiled kernels for the blocked static M-FAC algorithm, each with the PyTorch path as fallback.
 
 The C++ (CPU) and CUDA sources live in ``csrc/`` and are compiled on first use with
-``torch.utils.cpp_extension.load`` into a cache directory; later processes load the cached build
-(well under a second). Only the kernels that measured a gain of at least 1.5x over the PyTorch
-path are here (``bench/kernels.py``):
+``torch.utils.cpp_extension.load`` into a cache directory; later processes load the cached build.
+A first build says so on stderr (and again when it is done); ``build_in_background`` starts it in
+a thread so that it overlaps with other work (``compressor run`` does this at set-up). A kernel
+is here only where ``bench/kernels.py`` measured it clearly faster than the PyTorch path:
 
 * ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
   diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
@@ -39,17 +40,16 @@ import platform
 import site
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-#: The fused set-up does its ~2 m^2 B flops per block in float64 (4.5-5.4x a float32 GEMM of the
-#: same flops on 2 CPU cores); the PyTorch path does them as batched float32 GEMMs, which are slow
-#: for small blocks only. Measured (bench/kernels.py, 2 cores, d = 1e6 and 5e5): 2.2-3.8x faster
-#: at B = 128 for m = 32..128; 1.47x at B = 256, 1.4-1.5x at B = 512, 0.9-1.2x at B = 2000, and
-#: 0.45-1.1x at m = 256. Hence the kernel only where it measured >= 1.5x: m <= 128, B <= 128.
+#: The fused set-up does its ~2 m^2 B flops per block in float64; the PyTorch path does them as
+#: batched float32 GEMMs, which are slow for small blocks only. The kernel is used only where
+#: ``bench/kernels.py`` measured a gain (csrc/README.md has the figures): m <= 128, B <= 128.
 FUSED_MAX_GRADS = 128
 FUSED_MAX_BLOCK = 128
 #: ``blocked_mul`` is used when one block of W fits in this many bytes (it stays in L2 between
@@ -69,6 +69,8 @@ _CUDA_SOURCES = ["mfac_cuda.cpp", "mfac_cuda_kernels.cu", "mfac_cuda_kernels.h"]
 
 _lock = threading.Lock()
 _modules: dict[str, ModuleType | None] = {}
+_background: dict[str, threading.Thread] = {}
+_background_lock = threading.Lock()
 
 
 def mode() -> str:
@@ -138,12 +140,17 @@ def _build(kind: str) -> ModuleType:
     if failed_marker.exists() and mode() == "auto":
         raise RuntimeError(f"an earlier build failed, see {failed_marker}")
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob(f"{name}*.so")) and not any(build_dir.glob(f"{name}*.pyd")):
-        print(f"compressor: compiling the M-FAC {kind} kernels once into {build_dir} ...", file=sys.stderr)
+    fresh = not any(build_dir.glob(f"{name}*.so")) and not any(build_dir.glob(f"{name}*.pyd"))
+    if fresh:
+        _say(
+            f"building the M-FAC {kind} kernels for this machine with the C++ compiler (first run only: "
+            f"later runs load them from {build_dir}); COMPRESSOR_KERNELS=off skips them"
+        )
+    began = time.perf_counter()
     from torch.utils.cpp_extension import load  # imports setuptools: only when building
 
     try:
-        return load(
+        built = load(
             name=name,
             sources=[str(src / f) for f in files if not f.endswith(".h")],
             extra_cflags=flags,
@@ -158,9 +165,50 @@ def _build(kind: str) -> ModuleType:
             with contextlib.suppress(OSError):
                 failed_marker.write_text(f"{type(exc).__name__}: {exc}\n(delete this file to retry)\n")
         raise
+    if fresh:
+        _say(f"the M-FAC {kind} kernels are built ({time.perf_counter() - began:.0f} s)")
+    return built
 
 
-def module(kind: str = "cpu") -> ModuleType | None:
+def _say(message: str) -> None:
+    """One status line on stderr (a progress bar, if one is showing, prints it above itself)."""
+    print(f"compressor: {message}", file=sys.stderr, flush=True)
+
+
+def build_in_background(kind: str = "cpu") -> None:
+    """Start building (or loading) the ``kind`` kernels in a daemon thread and return at once.
+
+    A first run on a machine compiles them; started at a run's set-up, the compile overlaps with
+    the training that comes before the first M-FAC step. The first ``module(kind)`` call waits for
+    the thread (and says so). A no-op when the kernels are off, already loaded or being built.
+    """
+    if mode() == "off" or (kind == "cuda" and mode() == "auto" and not CUDA_IN_AUTO):
+        return
+    with _background_lock:  # not _lock: a build holds that one for its whole length
+        if kind in _modules or kind in _background:
+            return
+        thread = threading.Thread(target=_build_quietly, args=(kind,), name=f"compressor-{kind}-kernels")
+        thread.daemon = True
+        _background[kind] = thread
+    thread.start()
+
+
+def _build_quietly(kind: str) -> None:
+    """``module(kind)`` for the background thread: a failure is remembered there, never raised here."""
+    with contextlib.suppress(Exception):
+        module(kind, _from_background=True)
+
+
+def _wait_for_background(kind: str) -> None:
+    """Join a background build of ``kind`` started by ``build_in_background`` (other threads only)."""
+    thread = _background.get(kind)
+    if thread is None or thread is threading.current_thread() or not thread.is_alive():
+        return
+    _say(f"waiting for the M-FAC {kind} kernels to finish building (first run only) ...")
+    thread.join()
+
+
+def module(kind: str = "cpu", *, _from_background: bool = False) -> ModuleType | None:
     """The compiled ``cpu`` or ``cuda`` extension, or None (mode off, or a failed build in auto).
 
     Built once per process (and cached on disk). In mode ``on`` a failed build raises.
@@ -168,6 +216,8 @@ def module(kind: str = "cpu") -> ModuleType | None:
     current = mode()
     if current == "off" or (kind == "cuda" and current == "auto" and not CUDA_IN_AUTO):
         return None
+    if not _from_background:
+        _wait_for_background(kind)
     if kind in _modules and (_modules[kind] is not None or current == "auto"):
         return _modules[kind]
     with _lock:
