@@ -5,8 +5,8 @@ the steps of the schedule's points) ``before_step`` computes the target sparsity
 asks ``scores`` for per-weight importances, selects new masks (pruned weights stay pruned), lets
 ``update_weights`` adjust the kept weights (OBS does), and stores the masks. The last update, at
 ``end``, reaches ``final_sparsity``; when ``end`` is the step where training ends it fires in
-``finalize``. start == end prunes in one shot. After ``end`` the masks stay in force (zeros are
-held).
+``finalize``. start == end prunes in one shot. After ``end`` the masks stay in force: the session
+applies them after every step (pruners do not apply them themselves).
 """
 
 from __future__ import annotations
@@ -142,9 +142,6 @@ class PruningModifier(Modifier):
     def before_step(self, session: Session) -> None:
         if self._due(session.step):
             self.update(session)
-
-    def after_step(self, session: Session) -> None:
-        session.masks.apply()
 
     def finalize(self, session: Session) -> None:
         if self._due(session.step):  # an update at the step where training ends

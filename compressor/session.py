@@ -144,7 +144,8 @@ class Session:
             modifier.before_step(self)
 
     def after_step(self) -> None:
-        """After ``optimizer.step()``: masks are re-applied and the step counter advances."""
+        """After ``optimizer.step()``: the modifiers' hooks, then the masks are applied (once per step,
+        here: modifiers do not apply them) and the step counter advances."""
         if self._state != "stepping":
             raise LifecycleError(f"after_step() without before_step() (session is {self._state})")
         for modifier in self.modifiers:

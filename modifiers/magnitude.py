@@ -30,7 +30,8 @@ class ConstantPruning(Modifier):
     masks are released.
 
     Use it to fine-tune (or quantize) a pruned model without losing its sparsity; with ``end``
-    unset the zeros are held to the end of training. With start == end it holds nothing.
+    unset the zeros are held to the end of training. With start == end it holds nothing. It sets
+    the masks; the session applies them after every step.
     """
 
     prunes: ClassVar[bool] = True
@@ -59,10 +60,6 @@ class ConstantPruning(Modifier):
             for name in self._names:
                 session.masks.set(name, torch.ones_like(session.masks.mask(name)))
             self._phase = "released"
-
-    def after_step(self, session: Session) -> None:
-        if self._phase == "holding":
-            session.masks.apply()
 
     def state_dict(self) -> dict[str, Any]:
         return {"phase": self._phase}
