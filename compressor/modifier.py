@@ -79,6 +79,14 @@ def _describe(value: float | StepPosition) -> str:
     return f"step {value.step}" if isinstance(value, StepPosition) else f"epoch {value:g}"
 
 
+def _in_steps(position: float | StepPosition | None, step: int) -> str:
+    """A position with the step it became: "epoch 1.5 = step 6", "step 6", "the end of training = ..."."""
+    if isinstance(position, StepPosition):
+        return f"step {step}"
+    where = "the end of training" if position is None else _describe(position)
+    return f"{where} = step {step}"
+
+
 def _dump_position(value: float | StepPosition) -> float | dict[str, int]:
     return {"step": value.step} if isinstance(value, StepPosition) else value
 
@@ -184,10 +192,9 @@ class Modifier(BaseModel):
         else:
             end = session.total_steps
         if end is not None and end < start:
-            at = "the end of training" if self.end is None else _describe(self.end)
             raise WindowError(
-                f"{self.type}: end ({at}: step {end}) is before start ({_describe(self.start)}: "
-                f"step {start}) at {spe} steps per epoch"
+                f"{self.type}: end ({_in_steps(self.end, end)}) is before start "
+                f"({_in_steps(self.start, start)}) at {spe} steps per epoch"
             )
         self._span = (start, end)
         return self._span
@@ -251,7 +258,8 @@ class Modifier(BaseModel):
         """Called before every optimizer step; gradients of the step are in ``.grad``."""
 
     def after_step(self, session: Session) -> None:
-        """Called after every optimizer step."""
+        """Called after every optimizer step; the session applies the masks once after all modifiers'
+        ``after_step`` (a modifier sets masks, it does not apply them)."""
 
     def finalize(self, session: Session) -> None:
         """Called once after the last step."""

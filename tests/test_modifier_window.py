@@ -71,9 +71,10 @@ def test_positions_become_steps(start, end, spe, total, expected):
 
 
 def test_an_end_before_start_after_conversion_is_a_window_error():
-    with pytest.raises(WindowError, match=r"end \(step 5: step 5\) is before start \(epoch 2: step 8\)"):
+    with pytest.raises(WindowError, match=r"end \(step 5\) is before start \(epoch 2 = step 8\) at 4 steps"):
         Plain(start=2, end={"step": 5}).resolve_window(LengthOnly(4, None))
-    with pytest.raises(WindowError, match=r"end \(the end of training: step 12\) is before start"):
+    late = r"end \(the end of training = step 12\) is before start \(epoch 4 = step 16\)"
+    with pytest.raises(WindowError, match=late):
         Plain(start=4).resolve_window(LengthOnly(4, 12))
     assert issubclass(WindowError, CompressorError) and issubclass(WindowError, ValueError)
 
