@@ -8,7 +8,7 @@ import torch
 from rich.table import Table
 
 from .checkpoint import load_checkpoint
-from .modifier import StepPosition
+from .modifier import StepPosition, in_window
 from .recipe import load_recipe
 from .schedules import sparsity_at
 
@@ -34,7 +34,8 @@ def _epochs(position: float | StepPosition | None, default: float) -> float:
 
 
 def recipe_table(path: Path, epochs: float | None = None) -> Table:
-    """One row per epoch; per modifier its state (active or not) and target sparsity if it prunes."""
+    """One row per epoch; per modifier its target sparsity if it prunes, else "active" on its window
+    [start, end) ("one-shot" at start when start == end), as ``Modifier`` defines the window."""
     recipe = load_recipe(path)
     total = epochs if epochs is not None else (recipe.train.epochs if recipe.train is not None else None)
     if total is None:
@@ -48,11 +49,11 @@ def recipe_table(path: Path, epochs: float | None = None) -> Table:
         cells = [str(epoch)]
         for modifier in recipe.modifiers:
             start = _epochs(modifier.start, 0.0)
-            end = _epochs(modifier.end, total)
-            active = start <= epoch <= end
+            end = start if modifier.one_shot else _epochs(modifier.end, total)
             final = getattr(modifier, "final_sparsity", None)
             if final is None:
-                cells.append("active" if active else "-")
+                once = start == end == epoch
+                cells.append("one-shot" if once else "active" if in_window(epoch, start, end) else "-")
                 continue
             kind = modifier.schedule
             if isinstance(kind, list):
@@ -60,7 +61,7 @@ def recipe_table(path: Path, epochs: float | None = None) -> Table:
             target = (
                 sparsity_at(epoch, start, end, modifier.init_sparsity, final, kind) if epoch >= start else 0.0
             )
-            cells.append(f"{target:.1%}" + ("" if active else " (held)" if epoch > end else ""))
+            cells.append(f"{target:.1%}" + (" (held)" if epoch > end else ""))
         table.add_row(*cells)
     return table
 

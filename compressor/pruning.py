@@ -1,10 +1,12 @@
 """Shared base of scheduled pruners: settings, update steps, mask selection; subclasses give scores.
 
-At each update step (start, start + update_every, ..., end) ``before_step`` computes the target
-sparsity from the schedule, asks ``scores`` for per-weight importances, selects new masks (pruned
-weights stay pruned), lets ``update_weights`` adjust the kept weights (OBS does), and stores the
-masks. An update whose step falls at or after the end of training fires in ``finalize``, so the
-final sparsity is always reached. After ``end`` the masks stay in force (zeros are held).
+At each update step (the base ``Modifier.update_steps``: start, start + update_every, ..., end; or
+the steps of the schedule's points) ``before_step`` computes the target sparsity from the schedule,
+asks ``scores`` for per-weight importances, selects new masks (pruned weights stay pruned), lets
+``update_weights`` adjust the kept weights (OBS does), and stores the masks. The last update, at
+``end``, reaches ``final_sparsity``; when ``end`` is the step where training ends it fires in
+``finalize``. start == end prunes in one shot. After ``end`` the masks stay in force: the session
+applies them after every step (pruners do not apply them themselves).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from .mask_patterns import NM, NM_TOLERANCE, Structure, select_masks, validate
-from .modifier import Modifier, Position, StepPosition, to_step
+from .modifier import Modifier, Position, StepPosition, WindowError, to_step, update_due
 from .params import match_params
-from .schedules import sparsity_at, update_steps
+from .schedules import sparsity_at
 
 if TYPE_CHECKING:
     from .session import Session
@@ -46,7 +48,6 @@ class PruningModifier(Modifier):
 
     _names: list[str] = PrivateAttr(default_factory=list)
     _steps: list[int] = PrivateAttr(default_factory=list)
-    _window: tuple[int, int] = PrivateAttr(default=(0, 0))
     _last_update: int | None = PrivateAttr(default=None)
 
     # Cross-field rules as field validators, so that errors point at the field that is wrong.
@@ -108,10 +109,10 @@ class PruningModifier(Modifier):
         return [(to_step(p.at, steps_per_epoch), p.sparsity) for p in self.schedule]
 
     def target_at(self, step: int, steps_per_epoch: int) -> float:
-        """Target sparsity at ``step`` (call after ``initialize``)."""
-        start, end = self._window
+        """Target sparsity at ``step``: init before start, final from end on (call after ``initialize``)."""
+        start, end = self.start_step, self.end_step
         kind = self._points(steps_per_epoch) or self.schedule
-        return sparsity_at(step, start, end, self.init_sparsity, self.final_sparsity, kind)
+        return sparsity_at(min(step, end), start, end, self.init_sparsity, self.final_sparsity, kind)
 
     @property
     def names(self) -> list[str]:
@@ -124,36 +125,23 @@ class PruningModifier(Modifier):
         self._names = match_params(self.params, session.params)
         for name in self._names:
             validate(name, session.params[name].shape, self.structure)
-        spe = session.steps_per_epoch
-        start = to_step(self.start, spe)
-        if self.end is not None:
-            end = to_step(self.end, spe)
-        elif session.total_steps is not None:
-            end = session.total_steps
-        else:
-            raise ValueError(f"{self.type}: set `end` (the session does not know the length of training)")
-        if end < start:
-            raise ValueError(f"{self.type}: end (step {end}) is before start (step {start})")
-        self._window = (start, end)
-        points = self._points(spe)
+        super().initialize(session)
+        start, end = self.start_step, self.end_step
+        points = self._points(session.steps_per_epoch)
         if points is not None:
             outside = [at for at, _ in points if not start <= at <= end]
             if outside:
-                raise ValueError(f"{self.type}: schedule points at steps {outside} outside [{start}, {end}]")
+                raise WindowError(f"{self.type}: schedule points at steps {outside} outside [{start}, {end}]")
             self._steps = sorted({at for at, _ in points})
         else:
-            self._steps = update_steps(start, end, max(1, to_step(self.update_every, spe)))
+            self._steps = list(self.update_steps(max(1, to_step(self.update_every, session.steps_per_epoch))))
 
     def _due(self, step: int) -> bool:
-        last = -1 if self._last_update is None else self._last_update
-        return any(last < s <= step for s in self._steps)
+        return update_due(self._steps, step, self._last_update)
 
     def before_step(self, session: Session) -> None:
         if self._due(session.step):
             self.update(session)
-
-    def after_step(self, session: Session) -> None:
-        session.masks.apply()
 
     def finalize(self, session: Session) -> None:
         if self._due(session.step):  # an update at the step where training ends
@@ -162,7 +150,7 @@ class PruningModifier(Modifier):
     def update(self, session: Session) -> None:
         """Prune to the target at ``session.step``: score, select, adjust weights, store, log."""
         names = self._names
-        target = self.target_at(min(session.step, self._window[1]), session.steps_per_epoch)
+        target = self.target_at(session.step, session.steps_per_epoch)
         current = {n: session.masks.mask(n) for n in names}
         structures = dict.fromkeys(names, self.structure)
         new = select_masks(self.scores(session, names), target, structures, self.global_ranking, current)

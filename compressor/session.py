@@ -114,12 +114,10 @@ class Session:
         return to_step(position, self.steps_per_epoch)
 
     def window(self, modifier: Modifier) -> tuple[int, int | None]:
-        """[start, end) of ``modifier`` in optimizer steps (end None: until training ends)."""
-        start = self.to_step(modifier.start)
-        end = None if modifier.end is None else self.to_step(modifier.end)
-        if end is not None and end < start:
-            raise ValueError(f"{modifier.type}: end (step {end}) is before start (step {start})")
-        return start, end
+        """``modifier``'s window in this session's steps: (start_step, end_step), active on
+        [start_step, end_step); end_step None when ``end`` is omitted and ``total_epochs`` unknown.
+        Delegates to ``Modifier.resolve_window`` (WindowError when end is before start)."""
+        return modifier.resolve_window(self)
 
     # ------------------------------------------------------------------ hooks
 
@@ -127,8 +125,9 @@ class Session:
         """Call every modifier's ``initialize``; implied by the first ``before_step``."""
         if self._state != "new":
             raise LifecycleError(f"initialize() called twice (session is {self._state})")
+        for modifier in self.modifiers:  # every window first: a bad one fails before any side effect
+            modifier.resolve_window(self)
         for modifier in self.modifiers:
-            self.window(modifier)
             modifier.initialize(self)
         self._state = "ready"
 
@@ -145,7 +144,8 @@ class Session:
             modifier.before_step(self)
 
     def after_step(self) -> None:
-        """After ``optimizer.step()``: masks are re-applied and the step counter advances."""
+        """After ``optimizer.step()``: the modifiers' hooks, then the masks are applied (once per step,
+        here: modifiers do not apply them) and the step counter advances."""
         if self._state != "stepping":
             raise LifecycleError(f"after_step() without before_step() (session is {self._state})")
         for modifier in self.modifiers:

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch_pruning as tp
-from pydantic import Field, PrivateAttr, StrictInt, field_validator
+from pydantic import Field, PrivateAttr, StrictInt
 from torch import nn
 
 from compressor.channel_surgery import (
@@ -70,7 +70,7 @@ from compressor.channel_surgery import (
     rebind,
 )
 from compressor.masks import MASK_SUFFIX
-from compressor.modifier import Modifier, StepPosition, to_step
+from compressor.modifier import Modifier
 from compressor.params import match_params, normalize
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class StructuredPruning(Modifier):
 
     needs_gradients: ClassVar[bool] = True
     restructures: ClassVar[bool] = True
+    one_shot: ClassVar[bool] = True
 
     type: Literal["StructuredPruning"] = "StructuredPruning"
     params: list[str] = Field(
@@ -110,14 +111,6 @@ class StructuredPruning(Modifier):
     _seen_input: Any = PrivateAttr(default=None)
     _hook: Any = PrivateAttr(default=None)
 
-    @field_validator("end")
-    @classmethod
-    def _one_shot(cls, end: Any, info: Any) -> Any:
-        start = info.data.get("start")
-        if end is not None and start is not None and _key(end) != _key(start):
-            raise ValueError("StructuredPruning is one-shot at `start`: leave `end` unset or equal to start")
-        return end
-
     def parameter_patterns(self) -> list[str]:
         return list(self.params)
 
@@ -128,6 +121,7 @@ class StructuredPruning(Modifier):
     # ------------------------------------------------------------------ hooks
 
     def initialize(self, session: Session) -> None:
+        super().initialize(session)
         names = match_params(self.params, session.params)
         modules = _owners(session.model)
         layers = []
@@ -153,11 +147,11 @@ class StructuredPruning(Modifier):
             self._seen_input = args[0][:1].detach()
 
     def before_step(self, session: Session) -> None:
-        if not self._done and session.step >= to_step(self.start, session.steps_per_epoch):
+        if not self._done and session.step >= self.start_step:
             self.prune(session)
 
     def finalize(self, session: Session) -> None:
-        if not self._done and session.step >= to_step(self.start, session.steps_per_epoch):
+        if not self._done and session.step >= self.start_step:
             self.prune(session)
         self._drop_hook()
 
@@ -467,7 +461,3 @@ def _raw_module_name(model: nn.Module, normalized: str) -> str:
         if normalize(name) == normalized or (name and normalize(name + ".x")[:-2] == normalized):
             return name
     raise KeyError(f"no module {normalized!r} in the model")
-
-
-def _key(position: Any) -> tuple[str, float]:
-    return ("step", position.step) if isinstance(position, StepPosition) else ("epoch", float(position))

@@ -1,10 +1,13 @@
 """LearningRate: a schedule for the learning rate of whatever optimizer is current.
 
-At ``before_step`` of every step in [start, end] (end included; None: to the end of training) it
-sets ``lr`` of every parameter group of ``session.optimizer`` to the schedule's value at
-``session.step``. The value is a function of the step alone, so a resumed run gets exactly the
-learning rates of an uninterrupted one. Outside [start, end] it leaves the lr alone (after ``end``
-the last value stays).
+The window is the base ``Modifier``'s: active on [start, end) (end None: to the end of training),
+with an update at every step from start to end. At ``before_step`` of each of those steps it sets
+``lr`` of every parameter group of ``session.optimizer`` to the schedule's value at
+``session.step``: the steps of [start, end) run with the schedule's values, and the update at
+``end`` (the schedule's last, as a pruner's last update reaches its final sparsity) sets the final
+value, which stays. Before ``start`` and after ``end`` it leaves the lr alone. The value is a
+function of the step alone and the last update step is in ``state_dict``, so a resumed run gets
+exactly the learning rates of an uninterrupted one.
 
 Kinds, with t = (step - start) / (end - start) (t = 1 when start == end):
 
@@ -24,11 +27,13 @@ the windows of the two phases.
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
-from compressor.modifier import Modifier, Position, StepPosition
+from compressor.modifier import Modifier, Position, StepPosition, WindowError, update_due
 
 if TYPE_CHECKING:
     from compressor.session import Session
@@ -92,6 +97,8 @@ class LearningRate(Modifier):
     )
 
     _every_steps: int = PrivateAttr(default=1)
+    _updates: Sequence[int] = PrivateAttr(default=())
+    _last_update: int | None = PrivateAttr(default=None)
 
     @field_validator("gamma", "every", "init", "final")
     @classmethod
@@ -111,11 +118,14 @@ class LearningRate(Modifier):
         return value
 
     def initialize(self, session: Session) -> None:
-        _, end = self._window(session)
+        super().initialize(session)
+        start, end = self.window_steps
         if self.kind in ("linear_warmup", "cosine") and end is None:
-            raise ValueError(
+            raise WindowError(
                 f"{self.type} '{self.kind}' needs an end: set end, or give the session total_epochs"
             )
+        # every step from start to end; with no end known (constant and step kinds), from start on
+        self._updates = self.update_steps(1) if end is not None else range(start, sys.maxsize)
         if self.kind == "step":
             assert self.every is not None  # checked by validation
             self._every_steps = session.to_step(self.every)
@@ -125,15 +135,12 @@ class LearningRate(Modifier):
                     f"at {session.steps_per_epoch} steps per epoch"
                 )
 
-    def _window(self, session: Session) -> tuple[int, int | None]:
-        start, end = session.window(self)
-        return start, end if end is not None else session.total_steps
-
-    def value_at(self, session: Session, step: int) -> float | None:
-        """The lr this schedule sets at ``step``, or None outside [start, end]."""
-        start, end = self._window(session)
-        if step < start or (end is not None and step > end):
+    def value_at(self, step: int) -> float | None:
+        """The lr this schedule sets at ``step`` (after ``initialize``), or None where it sets none
+        (before start, after end)."""
+        if step not in self._updates:
             return None
+        start, end = self.window_steps
         return lr_at(
             step,
             start,
@@ -147,9 +154,18 @@ class LearningRate(Modifier):
         )
 
     def before_step(self, session: Session) -> None:
-        lr = self.value_at(session, session.step)
+        if not update_due(self._updates, session.step, self._last_update):
+            return
+        self._last_update = session.step
+        lr = self.value_at(min(session.step, self._updates[-1]))
         if lr is None:
             return
         for group in session.optimizer.param_groups:
             group["lr"] = lr
         session.log("lr", lr)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_update_step": self._last_update}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._last_update = state.get("last_update_step")

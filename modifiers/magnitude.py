@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from pydantic import Field, PrivateAttr
 
-from compressor.modifier import Modifier, to_step
+from compressor.modifier import Modifier
 from compressor.params import match_params
 from compressor.pruning import PruningModifier
 
@@ -26,10 +26,12 @@ class MagnitudePruning(PruningModifier):
 
 
 class ConstantPruning(Modifier):
-    """Hold the zeros that ``params`` have at ``start`` until ``end`` (then the masks are released).
+    """Hold the zeros that ``params`` have at ``start`` while active, on [start, end); at ``end`` the
+    masks are released.
 
     Use it to fine-tune (or quantize) a pruned model without losing its sparsity; with ``end``
-    unset the zeros are held to the end of training.
+    unset the zeros are held to the end of training. With start == end it holds nothing. It sets
+    the masks; the session applies them after every step.
     """
 
     prunes: ClassVar[bool] = True
@@ -44,24 +46,20 @@ class ConstantPruning(Modifier):
         return list(self.params)
 
     def initialize(self, session: Session) -> None:
+        super().initialize(session)
         self._names = match_params(self.params, session.params)
 
     @torch.no_grad()
     def before_step(self, session: Session) -> None:
-        spe = session.steps_per_epoch
-        if self._phase == "waiting" and session.step >= to_step(self.start, spe):
+        if self._phase == "waiting" and self.active(session.step):
             for name in self._names:
                 session.masks.set(name, session.masks.mask(name) & (session.params[name] != 0))
             session.log("sparsity", _sparsity(session, self._names))
             self._phase = "holding"
-        if self._phase == "holding" and self.end is not None and session.step >= to_step(self.end, spe):
+        if self._phase == "holding" and not self.active(session.step):
             for name in self._names:
                 session.masks.set(name, torch.ones_like(session.masks.mask(name)))
             self._phase = "released"
-
-    def after_step(self, session: Session) -> None:
-        if self._phase == "holding":
-            session.masks.apply()
 
     def state_dict(self) -> dict[str, Any]:
         return {"phase": self._phase}

@@ -92,6 +92,7 @@ class MFACOptimizer(Modifier):
         return self._optimizer
 
     def initialize(self, session: Session) -> None:
+        super().initialize(session)
         names = session.match(self.params) if self.params is not None else list(session.params)
         self._names = [n for n in names if session.params[n].requires_grad]
         if not self._names:
@@ -118,10 +119,9 @@ class MFACOptimizer(Modifier):
         self._pending = None
 
     def _sync(self, session: Session) -> None:
-        """Active exactly when start <= step < end; apply a pending (resumed) state on activation."""
-        start, end = session.window(self)
-        inside = start <= session.step and (end is None or session.step < end)
-        if not inside:
+        """Swapped in exactly while ``active`` (start <= step < end); apply a pending (resumed) state on
+        activation."""
+        if not self.active(session.step):
             self._deactivate(session)
             self._pending = None
             return

@@ -125,7 +125,7 @@ class MFACPruning(PruningModifier):
     def update(self, session: Session) -> None:
         """Prune to the target at ``session.step`` in ``num_recomputations`` OBS sub-steps; log."""
         names = self._names
-        target = self.target_at(min(session.step, self._window[1]), session.steps_per_epoch)
+        target = self.target_at(session.step, session.steps_per_epoch)
         masks = {n: session.masks.mask(n) for n in names}
         total = sum(m.numel() for m in masks.values())
         current = 1.0 - sum(int(m.sum()) for m in masks.values()) / total

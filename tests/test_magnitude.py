@@ -52,7 +52,8 @@ def _data(gen: torch.Generator, steps: int) -> list[torch.Tensor]:
 
 
 def _train(session: FakeSession, modifier: Any, data: list[torch.Tensor], start: int = 0) -> list[dict]:
-    """Steps ``start..len(data)-1``; returns the masks after each step."""
+    """Steps ``start..len(data)-1`` as ``Session`` runs them (masks applied once, after the hooks);
+    returns the masks after each step."""
     history = []
     for step in range(start, len(data)):
         session.step = step
@@ -61,6 +62,7 @@ def _train(session: FakeSession, modifier: Any, data: list[torch.Tensor], start:
         modifier.before_step(session)
         session.optimizer.step()
         modifier.after_step(session)
+        session.masks.apply()
         history.append({n: session.masks.mask(n).clone() for n in NAMES})
     session.step = len(data)
     return history

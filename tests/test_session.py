@@ -12,11 +12,12 @@ from torch.utils.data import TensorDataset
 
 from compressor import registry
 from compressor.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from compressor.masks import MaskSet
 from compressor.modifier import Modifier
 from compressor.preflight import PreflightError, preflight
 from compressor.sampling import GradientSampler
 from compressor.session import LifecycleError, Session
-from modifiers.magnitude import MagnitudePruning
+from modifiers.magnitude import ConstantPruning, MagnitudePruning
 
 
 class Recorder(Modifier):
@@ -144,6 +145,63 @@ def test_masked_weights_stay_zero_through_training(gen):
             assert torch.all(weight[~session.masks.mask(name)] == 0)
     session.finalize()
     assert session.masks.global_sparsity() == pytest.approx(0.7, abs=1 / 192)  # 192 weights
+
+
+def _three_pruners() -> list[Modifier]:
+    """Two gradual pruners and a ConstantPruning, all active through the first steps."""
+    return [
+        MagnitudePruning(
+            params=["0.weight"],
+            end={"step": 4},
+            update_every={"step": 2},
+            init_sparsity=0.3,
+            final_sparsity=0.6,
+        ),
+        MagnitudePruning(params=["2.weight"], end={"step": 3}, init_sparsity=0.3, final_sparsity=0.5),
+        ConstantPruning(params=["0.bias"]),
+    ]
+
+
+def test_masks_are_applied_once_per_step(gen, monkeypatch):
+    applied: list[int] = []
+    original = MaskSet.apply
+
+    def counted(self: MaskSet) -> None:
+        applied.append(session.step)
+        original(self)
+
+    model, session, opt = _setup(gen, _three_pruners())
+    monkeypatch.setattr(MaskSet, "apply", counted)
+    wrapped = session.wrap(opt)
+    for _ in range(6):
+        wrapped.zero_grad()
+        _backward(model, gen)
+        wrapped.step()
+    assert applied == list(range(6))  # once per step, by the session, with several pruners active
+    session.finalize()
+    assert applied == [*range(6), 6]  # and once when the session finalizes
+
+
+def test_masked_weights_are_exact_zeros_after_every_step_with_two_pruners_and_momentum(gen):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    with torch.no_grad():
+        model[0].bias[:5] = 0  # zeros for ConstantPruning to hold
+    session = Session(_three_pruners(), model, opt, steps_per_epoch=4)
+    for step in range(10):
+        opt.zero_grad()
+        _backward(model, gen)
+        session.before_step()
+        opt.step()
+        session.after_step()
+        for name in session.masks.names:
+            masked = session.params[name][~session.masks.mask(name)]
+            assert masked.numel() > 0 and torch.all(masked == 0), (step, name)
+        assert opt.state[model[0].weight]["momentum_buffer"].abs().sum() > 0  # momentum moves weights
+    session.finalize()
+    assert session.masks.sparsity("0.weight") == pytest.approx(0.6, abs=1 / 128)
+    assert session.masks.sparsity("2.weight") == pytest.approx(0.5)
+    assert session.masks.sparsity("0.bias") == pytest.approx(5 / 16)
 
 
 def test_registered_modifier_is_found_by_name():
