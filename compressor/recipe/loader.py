@@ -20,6 +20,7 @@ from .. import registry
 from ..modifier import Modifier
 from .errors import Path, RecipeError, RecipeIssue, format_path
 from .expressions import FUNCTIONS, ExpressionError, Variables, escape, has_expression, render
+from .imports import factory_imports, how_to_allow, spec_problems
 from .schema import Recipe, cross_field_problems, validate_modifier
 from .source import Source, dump_yaml, load_scalar, load_source
 
@@ -81,6 +82,7 @@ def parse_recipe(
         issues += [i for path, i in _schema_issues(err, data, src) if not _under(path, failed)]
     items = list(enumerate(recipe.modifiers)) if recipe else _valid_items(data.get("modifiers"))
     issues += [src.issue(path, message) for path, message in cross_field_problems(items, param_names)]
+    issues += [src.issue(path, message) for path, message in spec_problems(data) if not _under(path, failed)]
     if issues:
         raise RecipeError(issues)
     assert recipe is not None
@@ -113,7 +115,8 @@ def optimizer_issues(recipe: Recipe) -> list[RecipeIssue]:
 def validate_command(path: str | os.PathLike[str], sets: Sequence[str] | Mapping[str, str] = ()) -> int:
     """``compressor validate RECIPE [--set name=value ...]``: prints "ok: ..." (returns 0) or errors (1).
 
-    ``sets`` are ``"name=value"`` strings, or a mapping already split. Also checks the optimizer's kwargs.
+    ``sets`` are ``"name=value"`` strings, or a mapping already split. Also checks the optimizer's
+    kwargs, and lists the factories the recipe would import (``compressor.recipe.imports``).
     """
     overrides: dict[str, str] = dict(sets) if isinstance(sets, Mapping) else {}
     issues: list[RecipeIssue] = []
@@ -132,7 +135,17 @@ def validate_command(path: str | os.PathLike[str], sets: Sequence[str] | Mapping
         print(RecipeError(issues), file=sys.stderr)
         return 1
     print(f"ok: {path} ({len(recipe.modifiers)} modifiers)")
+    _print_imports(recipe)
     return 0
+
+
+def _print_imports(recipe: Recipe) -> None:
+    """One ``imports: spec (field, line N)`` line per factory, and how to allow them."""
+    found = factory_imports(recipe)
+    for item in found:
+        print(f"imports: {item}")
+    if found:
+        print(f"to run it, allow them: {how_to_allow(item.module for item in found)}")
 
 
 # --- variables and substitution -------------------------------------------------------------------
