@@ -74,16 +74,6 @@ def _fail_once(exc: BaseException) -> None:
     _fail(f"[rank {rank}] {exc}" if rank else str(exc))
 
 
-def _parse_sets(sets: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in sets or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            _fail(f"--set {item!r}: expected name=value")
-        out[name.strip()] = value
-    return out
-
-
 def _allowed(modules: list[str] | None, trust: bool) -> bool | tuple[str, ...]:
     """``allow_imports`` of the Python API from --allow-import and --trust-recipe-code."""
     return True if trust else tuple(modules or ())
@@ -112,13 +102,14 @@ def run(
     trust_recipe_code: TrustOption = False,
 ) -> None:
     """Train and compress as RECIPE says; writes checkpoint.pt, metrics.csv, summary.json and plots."""
+    from .recipe import parse_sets
     from .trainer import run as run_recipe
 
     try:
         summary = run_recipe(
             recipe,
             resume if resume is not None else output,
-            overrides=_parse_sets(sets),
+            overrides=parse_sets(sets),
             resume=resume is not None,
             allow_recipe_change=allow_recipe_change,
             progress=progress and sys.stdout.isatty(),
@@ -143,7 +134,7 @@ def validate(
     """Check RECIPE; print FILE:LINE:COL errors and exit 1, or exit 0 and list what it would import."""
     from .recipe.loader import validate_command
 
-    raise typer.Exit(code=validate_command(recipe, _parse_sets(sets)))
+    raise typer.Exit(code=validate_command(recipe, sets or []))
 
 
 @app.command()

@@ -28,7 +28,7 @@ called only when the person running the recipe allows it (``--allow-import MODUL
 
 from .errors import RecipeError, RecipeIssue
 from .imports import AllowImports, build_train, check_imports, factory_imports
-from .loader import load_recipe, parse_recipe, resolved_yaml, validate_command
+from .loader import SetError, load_recipe, parse_recipe, parse_sets, resolved_yaml, validate_command
 from .schema import OptimizerSection, Recipe, TrainSection
 
 __all__ = [
@@ -37,12 +37,14 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RecipeIssue",
+    "SetError",
     "TrainSection",
     "build_train",
     "check_imports",
     "factory_imports",
     "load_recipe",
     "parse_recipe",
+    "parse_sets",
     "resolved_yaml",
     "validate_command",
 ]
