@@ -142,12 +142,6 @@ def _nm_rank(score: torch.Tensor, m: int) -> torch.Tensor:
     return rank.movedim(-1, 1) if score.dim() >= 2 else rank
 
 
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask (score shape) keeping the n largest of every m along input channels."""
-    validate("score", score.shape, NM(n=n, m=m))
-    return _nm_rank(score, m) >= m - n
-
-
 def _tile_grid(shape: torch.Size | tuple[int, ...], r: int, c: int) -> tuple[int, int, int, int]:
     rows = shape[0]
     cols = math.prod(shape[1:])

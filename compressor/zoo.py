@@ -118,11 +118,6 @@ def _mnist(seed: int) -> DataBundle:
 _DATA: dict[str, Callable[[int], DataBundle]] = {"digits": _digits, "mnist": _mnist}
 
 
-def data_names() -> list[str]:
-    """Names of the built-in datasets, sorted."""
-    return sorted(_DATA)
-
-
 def load_data(name: str, seed: int = 0) -> DataBundle:
     """A built-in dataset by name, or ``"package.module:factory"``.
 
@@ -214,11 +209,6 @@ _MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "mnist-mlp": lambda shape, k: MLP(math.prod(shape), (256, 128), k),
     "mnist-cnn": lambda shape, k: SmallCNN(shape, k, channels=(32, 64), hidden=128),
 }
-
-
-def model_names() -> list[str]:
-    """Names of the built-in models, sorted."""
-    return sorted(_MODELS)
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
