@@ -1,9 +1,9 @@
 """Compiled kernels for the blocked static M-FAC algorithm, each with the PyTorch path as fallback.
 
 The C++ (CPU) and CUDA sources live in ``csrc/`` and are compiled on first use with
-``torch.utils.cpp_extension.load`` into a cache directory; later processes load the cached build
-(well under a second). Only the kernels that measured a gain of at least 1.5x over the PyTorch
-path are here (``bench/kernels.py``):
+``torch.utils.cpp_extension.load`` into a cache directory; later processes load the cached build.
+Only the kernels that ``bench/kernels.py`` measured at least 1.5x faster than the PyTorch path
+are here (figures: ``bench/results/kernels.md``):
 
 * ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
   diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
@@ -45,11 +45,9 @@ from types import ModuleType
 
 import torch
 
-#: The fused set-up does its ~2 m^2 B flops per block in float64 (4.5-5.4x a float32 GEMM of the
-#: same flops on 2 CPU cores); the PyTorch path does them as batched float32 GEMMs, which are slow
-#: for small blocks only. Measured (bench/kernels.py, 2 cores, d = 1e6 and 5e5): 2.2-3.8x faster
-#: at B = 128 for m = 32..128; 1.47x at B = 256, 1.4-1.5x at B = 512, 0.9-1.2x at B = 2000, and
-#: 0.45-1.1x at m = 256. Hence the kernel only where it measured >= 1.5x: m <= 128, B <= 128.
+#: The fused set-up does its ~2 m^2 B flops per block in float64; the PyTorch path does them as
+#: batched float32 GEMMs, which are slow for small blocks only. The kernel is used where
+#: bench/kernels.py measured it >= 1.5x faster (bench/results/kernels.md): m <= 128, B <= 128.
 FUSED_MAX_GRADS = 128
 FUSED_MAX_BLOCK = 128
 #: ``blocked_mul`` is used when one block of W fits in this many bytes (it stays in L2 between
