@@ -23,6 +23,16 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a recipe variable: --set name=value (repeatable)."
+ALLOW_IMPORT_HELP = (
+    "Let the recipe's train.model / train.data import and call a 'package.module:factory' from MODULE "
+    "(or its submodules). Repeatable. A recipe imports nothing without it."
+)
+TRUST_HELP = "Let the recipe import and call any 'package.module:factory' it names (trust its code)."
+
+AllowImportOption = Annotated[
+    list[str] | None, typer.Option("--allow-import", metavar="MODULE", help=ALLOW_IMPORT_HELP)
+]
+TrustOption = Annotated[bool, typer.Option("--trust-recipe-code", help=TRUST_HELP)]
 
 
 def _print_version(value: bool) -> None:
@@ -64,14 +74,9 @@ def _fail_once(exc: BaseException) -> None:
     _fail(f"[rank {rank}] {exc}" if rank else str(exc))
 
 
-def _parse_sets(sets: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in sets or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            _fail(f"--set {item!r}: expected name=value")
-        out[name.strip()] = value
-    return out
+def _allowed(modules: list[str] | None, trust: bool) -> bool | tuple[str, ...]:
+    """``allow_imports`` of the Python API from --allow-import and --trust-recipe-code."""
+    return True if trust else tuple(modules or ())
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -93,18 +98,22 @@ def run(
         bool, typer.Option("--allow-recipe-change", help="On --resume, accept a recipe that differs.")
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    allow_import: AllowImportOption = None,
+    trust_recipe_code: TrustOption = False,
 ) -> None:
     """Train and compress as RECIPE says; writes checkpoint.pt, metrics.csv, summary.json and plots."""
+    from .recipe import parse_sets
     from .trainer import run as run_recipe
 
     try:
         summary = run_recipe(
             recipe,
             resume if resume is not None else output,
-            overrides=_parse_sets(sets),
+            overrides=parse_sets(sets),
             resume=resume is not None,
             allow_recipe_change=allow_recipe_change,
             progress=progress and sys.stdout.isatty(),
+            allow_imports=_allowed(allow_import, trust_recipe_code),
         )
     except _user_errors() as exc:
         _fail_once(exc)
@@ -122,10 +131,10 @@ def validate(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     sets: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
-    """Check RECIPE; print FILE:LINE:COL errors and exit 1, or exit 0."""
+    """Check RECIPE; print FILE:LINE:COL errors and exit 1, or exit 0 and list what it would import."""
     from .recipe.loader import validate_command
 
-    raise typer.Exit(code=validate_command(recipe, _parse_sets(sets)))
+    raise typer.Exit(code=validate_command(recipe, sets or []))
 
 
 @app.command()
@@ -163,6 +172,8 @@ def export(
     atol: Annotated[float, typer.Option("--atol", help="Max |onnxruntime - PyTorch| allowed.")] = 1e-4,
     rtol: Annotated[float, typer.Option("--rtol", help="Max |diff| / max |PyTorch output| allowed.")] = 1e-3,
     exporter: Annotated[str, typer.Option("--exporter", help="legacy (TorchScript) or dynamo.")] = "legacy",
+    allow_import: AllowImportOption = None,
+    trust_recipe_code: TrustOption = False,
 ) -> None:
     """Export CHECKPOINT to ONNX, verified against onnxruntime; writes export_report.json beside it."""
     from rich.console import Console
@@ -175,6 +186,9 @@ def export(
         _fail(f"{exc}; reinstall the package (pip install -e .) to register its exporters")
     # A third-party exporter may name its own user errors; ours are CompressorErrors.
     errors = _user_errors() + tuple(getattr(export_fn, "user_errors", ()))
+    allowed = _allowed(allow_import, trust_recipe_code)
+    # Only when given, so that an exporter without the keyword keeps working for recipes without imports.
+    opt_in = {"allow_imports": allowed} if allowed else {}
     try:
         report = export_fn(
             checkpoint,
@@ -185,6 +199,7 @@ def export(
             atol=atol,
             rtol=rtol,
             exporter=exporter,
+            **opt_in,
         )
     except errors as exc:
         failed = getattr(exc, "report", None)

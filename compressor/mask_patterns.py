@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, model_validator
 
 
 class Blocks(BaseModel):
@@ -37,17 +37,41 @@ class Blocks(BaseModel):
         return self
 
 
+#: A final sparsity within this of 1 - n/m is the N:M pattern's own (0.667 for 1:3), and a target
+#: within it gives an N:M parameter its full pattern, so every accepted final_sparsity ends at the pattern.
+NM_TOLERANCE = 1e-3
+
+
+def nm_problem(n: int, m: int, final_sparsity: float | None = None) -> str | None:
+    """The one N:M rule (the structure's and the recipe's checks both call it): a message, or None.
+
+    ``n:m`` needs 0 < n < m. n == m is refused: it keeps every weight, so a pruner with it prunes
+    nothing (and a final sparsity of 0 says the same without a structure). ``final_sparsity``, when
+    given, must be 1 - n/m within NM_TOLERANCE.
+    """
+    if not 0 < n < m:
+        why = " (it keeps every weight: a sparsity of 0)" if n == m else ""
+        return f"N:M structure needs 0 < N < M, got {n}:{m}{why}"
+    if final_sparsity is not None and abs(final_sparsity - (1 - n / m)) > NM_TOLERANCE:
+        return (
+            f"final_sparsity must be 1 - N/M = {1 - n / m:g} for {n}:{m} structure "
+            f"(within {NM_TOLERANCE:g}), got {final_sparsity:g}"
+        )
+    return None
+
+
 class NM(BaseModel):
     """N:M: keep ``n`` of every ``m`` consecutive weights along input channels (sparsity 1 - n/m)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    n: int = Field(ge=1, description="weights kept per group")
-    m: int = Field(ge=1, description="group size along input channels")
+    n: int = Field(description="weights kept per group, 0 < n < m")
+    m: int = Field(description="group size along input channels")
 
     @model_validator(mode="after")
-    def _n_le_m(self) -> NM:
-        if self.n > self.m:
-            raise ValueError(f"N:M needs n <= m, got n={self.n}, m={self.m}")
+    def _valid(self) -> NM:
+        problem = nm_problem(self.n, self.m)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
     @property
@@ -56,10 +80,27 @@ class NM(BaseModel):
         return 1.0 - self.n / self.m
 
 
-#: Targets within this of 1 - n/m give an N:M parameter its full pattern.
-NM_TOLERANCE = 1e-3
+STRUCTURE_FORMS = "'unstructured', 'channels', {blocks: [r, c]} or {n: N, m: M}"
 
-Structure = Literal["unstructured", "channels"] | Blocks | NM
+
+def _structure_form(spec: Any) -> str | None:
+    """The form a spec is written in (its union tag), so that a bad spec gets that form's message only."""
+    if isinstance(spec, str):
+        return "name"
+    if isinstance(spec, (Blocks, NM)):
+        return "blocks" if isinstance(spec, Blocks) else "nm"
+    if isinstance(spec, Mapping):
+        return "blocks" if "blocks" in spec else "nm" if "n" in spec or "m" in spec else None
+    return None
+
+
+_Name = Annotated[Literal["unstructured", "channels"], Tag("name")]
+Structure = Annotated[
+    _Name | Annotated[Blocks, Tag("blocks")] | Annotated[NM, Tag("nm")],
+    Discriminator(
+        _structure_form, custom_error_type="structure", custom_error_message=f"expected {STRUCTURE_FORMS}"
+    ),
+]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Structure)
 
 
@@ -99,12 +140,6 @@ def _nm_rank(score: torch.Tensor, m: int) -> torch.Tensor:
     rank.scatter_(1, order, torch.arange(m, device=order.device).expand_as(order))
     rank = rank.reshape(moved.shape)
     return rank.movedim(-1, 1) if score.dim() >= 2 else rank
-
-
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool mask (score shape) keeping the n largest of every m along input channels."""
-    validate("score", score.shape, NM(n=n, m=m))
-    return _nm_rank(score, m) >= m - n
 
 
 def _tile_grid(shape: torch.Size | tuple[int, ...], r: int, c: int) -> tuple[int, int, int, int]:

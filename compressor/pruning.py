@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
-from .mask_patterns import NM, NM_TOLERANCE, Structure, select_masks, validate
+from .mask_patterns import NM, Structure, nm_problem, select_masks, validate
 from .modifier import Modifier, Position, StepPosition, WindowError, to_step, update_due
 from .params import match_params
 from .schedules import sparsity_at
@@ -69,12 +69,11 @@ class PruningModifier(Modifier):
     @field_validator("structure")
     @classmethod
     def _nm_sparsity(cls, structure: Structure, info: ValidationInfo) -> Structure:
-        final = info.data.get("final_sparsity")
-        if isinstance(structure, NM) and final is not None and abs(final - structure.sparsity) > NM_TOLERANCE:
-            raise ValueError(
-                f"{structure.n}:{structure.m} keeps {structure.n} of every {structure.m} weights, "
-                f"a sparsity of {structure.sparsity:g}; final_sparsity is {final}"
-            )
+        problem = None
+        if isinstance(structure, NM):
+            problem = nm_problem(structure.n, structure.m, info.data.get("final_sparsity"))
+        if problem is not None:
+            raise ValueError(problem)
         return structure
 
     @field_validator("schedule")

@@ -1,4 +1,4 @@
-"""What a run writes and shows: metrics.csv, summary.json, PNG plots, a progress bar, sparsity tables.
+"""What a run writes and shows: metrics.csv, summary.json, PNG plots and a progress bar.
 
 Metric conventions (what ``plot_run`` looks for in metrics.csv):
 
@@ -27,8 +27,7 @@ from types import TracebackType
 from typing import IO, Any, TypedDict
 
 import rich.progress
-from rich.console import Console, RenderableType
-from rich.table import Table
+from rich.console import Console
 
 from .atomic import atomic_write
 
@@ -83,13 +82,6 @@ class MetricsLog:
     def rows(self) -> list[MetricRow]:
         """Every row written so far (also by other writers of the same file), in order."""
         return read_metrics(self.path)
-
-    def last(self, name: str, split: str | None = None) -> float | None:
-        """The latest value of ``name`` (in ``split`` if given); None if it was never logged."""
-        for row in reversed(self.rows()):
-            if row["name"] == name and (split is None or row["split"] == split):
-                return row["value"]
-        return None
 
     def reset(self) -> None:
         """Drop every row (a fresh run in an old folder); the header stays."""
@@ -333,32 +325,3 @@ def format_fields(fields: Mapping[str, float | None], steps_per_s: float | None 
     if steps_per_s is not None and math.isfinite(steps_per_s):
         parts.append(f"{steps_per_s:.0f} steps/s" if steps_per_s >= 10 else f"{steps_per_s:.1f} steps/s")
     return "  ".join(parts)
-
-
-# ---------------------------------------------------------------- tables
-
-
-def sparsity_table(sparsities: dict[str, float], sizes: dict[str, int], title: str = "Sparsity") -> Table:
-    """Per-parameter rows (params, zeros, sparsity %) and a size-weighted total; fractions in [0, 1]."""
-    missing = [name for name in sparsities if name not in sizes]
-    if missing:
-        raise ValueError(f"no size given for {', '.join(missing)}")
-    table = Table(title=title)
-    table.add_column("parameter")
-    for col in ("params", "zeros", "sparsity"):
-        table.add_column(col, justify="right")
-    total = zeros = 0
-    for name, frac in sparsities.items():
-        n, z = sizes[name], round(frac * sizes[name])
-        total, zeros = total + n, zeros + z
-        table.add_row(name, f"{n:,}", f"{z:,}", f"{100 * frac:.1f}%")
-    table.add_section()
-    table.add_row("total", f"{total:,}", f"{zeros:,}", f"{100 * zeros / total:.1f}%" if total else "-")
-    return table
-
-
-def render_text(renderable: RenderableType, width: int = 100) -> str:
-    """Plain text of a rich renderable (no colour codes), for log files."""
-    buf = io.StringIO()
-    Console(file=buf, width=width, color_system=None, force_terminal=False).print(renderable)
-    return buf.getvalue()

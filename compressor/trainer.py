@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
-from . import distributed, zoo
+from . import distributed
 from .channel_surgery import resume_shapes
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import CompressorError
 from .params import normalize
 from .preflight import preflight
-from .recipe import Recipe, parse_recipe, resolved_yaml
+from .recipe import AllowImports, Recipe, build_train, parse_recipe, resolved_yaml
 from .report import MetricsLog, Progress, plot_run, write_summary
 from .session import Session
 
@@ -90,15 +90,20 @@ def run(
     resume: bool = False,
     allow_recipe_change: bool = False,
     progress: bool = True,
+    allow_imports: AllowImports = (),
 ) -> dict[str, Any]:
     """Train and compress as the recipe says; returns the summary (also written to summary.json).
+
+    ``allow_imports``: the modules whose "package.module:factory" the recipe's ``train.model`` or
+    ``train.data`` may import and call (a name allows its submodules too), or True for any; by
+    default none, and such a recipe is refused with a RecipeError (see ``compressor.recipe.imports``).
 
     Under torchrun (``torchrun --nproc_per_node=N -m compressor.cli run ...``, or this function
     called by every rank) it joins the process group (see ``compressor.distributed``) and trains
     DDP-style; every rank returns the same summary. Files are written by rank 0 only.
     """
     with distributed.distributed() as ctx:
-        return _run(ctx, recipe_path, output, overrides, resume, allow_recipe_change, progress)
+        return _run(ctx, recipe_path, output, overrides, resume, allow_recipe_change, progress, allow_imports)
 
 
 def _run(
@@ -109,6 +114,7 @@ def _run(
     resume: bool,
     allow_recipe_change: bool,
     progress: bool,
+    allow_imports: AllowImports = (),
 ) -> dict[str, Any]:
     files = RunFiles(Path(output))
     main = ctx.rank == 0
@@ -121,8 +127,7 @@ def _run(
             raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
         train = first.train
         torch.manual_seed(train.seed)
-        bundle = zoo.load_data(train.data, seed=train.seed)
-        model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
+        bundle, model = build_train(first, allow_imports)
         model.to(ctx.device)
         names = [normalize(n) for n, _ in model.named_parameters()]
         recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)

@@ -23,8 +23,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from .errors import CompressorError
+from .recipe.imports import is_factory, split_factory
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 TEST_FRACTION = 0.2
+
+
+class ZooError(CompressorError, ValueError):
+    """A model or data name that cannot be used: unknown, a factory that fails to import or raises."""
 
 
 @dataclass
@@ -111,11 +118,6 @@ def _mnist(seed: int) -> DataBundle:
 _DATA: dict[str, Callable[[int], DataBundle]] = {"digits": _digits, "mnist": _mnist}
 
 
-def data_names() -> list[str]:
-    """Names of the built-in datasets, sorted."""
-    return sorted(_DATA)
-
-
 def load_data(name: str, seed: int = 0) -> DataBundle:
     """A built-in dataset by name, or ``"package.module:factory"``.
 
@@ -123,9 +125,9 @@ def load_data(name: str, seed: int = 0) -> DataBundle:
     ``factory(seed=seed)`` if it takes ``seed``, else ``factory()``, and must return a DataBundle or a
     (train_dataset, test_dataset) pair of (x, y) datasets; input_shape and num_classes are then inferred.
     """
-    if ":" not in name:
+    if not is_factory(name):
         return _DATA[_known(name, _DATA, "dataset")](seed)
-    out = _call_accepted(_import_factory(name, "dataset"), {"seed": seed})
+    out = _call_factory(name, "dataset", {"seed": seed})
     if isinstance(out, DataBundle):
         return out
     if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(d, Dataset) for d in out):
@@ -133,7 +135,7 @@ def load_data(name: str, seed: int = 0) -> DataBundle:
         labels = torch.cat([_labels(train), _labels(test)])
         shape = tuple(torch.as_tensor(train[0][0]).shape)
         return DataBundle(train, test, shape, int(labels.max()) + 1, name)
-    raise ValueError(
+    raise ZooError(
         f"dataset factory {name!r} returned {type(out).__name__}; expected a DataBundle or a "
         "(train_dataset, test_dataset) pair"
     )
@@ -180,7 +182,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         c, h, w = _image_shape(input_shape)
         if h < 4 or w < 4:
-            raise ValueError(f"SmallCNN needs images of at least 4x4, got input_shape {input_shape}")
+            raise ZooError(f"SmallCNN needs images of at least 4x4, got input_shape {input_shape}")
         c1, c2 = channels
         self.conv1, self.bn1 = nn.Conv2d(c, c1, 3, padding=1), nn.BatchNorm2d(c1)
         self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2)
@@ -196,7 +198,7 @@ class SmallCNN(nn.Module):
 
 def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
     if len(input_shape) != 3:
-        raise ValueError(f"expected an image input_shape (C, H, W), got {tuple(input_shape)}")
+        raise ZooError(f"expected an image input_shape (C, H, W), got {tuple(input_shape)}")
     c, h, w = (int(s) for s in input_shape)
     return c, h, w
 
@@ -207,11 +209,6 @@ _MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "mnist-mlp": lambda shape, k: MLP(math.prod(shape), (256, 128), k),
     "mnist-cnn": lambda shape, k: SmallCNN(shape, k, channels=(32, 64), hidden=128),
 }
-
-
-def model_names() -> list[str]:
-    """Names of the built-in models, sorted."""
-    return sorted(_MODELS)
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
@@ -225,16 +222,16 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     ``factory(input_shape=..., num_classes=...)``, passing only the arguments it accepts.
     """
     input_shape = tuple(int(s) for s in input_shape)
-    if ":" in name:
+    if is_factory(name):
         kwargs = {"input_shape": input_shape, "num_classes": num_classes}
-        make = functools.partial(_call_accepted, _import_factory(name, "model"), kwargs)
+        make = functools.partial(_call_factory, name, "model", kwargs)
     else:
         make = functools.partial(_MODELS[_known(name, _MODELS, "model")], input_shape, num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = make()
     if not isinstance(model, nn.Module):
-        raise ValueError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ZooError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -242,38 +239,46 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
 
 
 def _known(name: str, table: dict[str, Any], kind: str) -> str:
-    """``name`` if it is a built-in; ValueError listing the built-ins and the closest match otherwise."""
+    """``name`` if it is a built-in; ZooError listing the built-ins and the closest match otherwise."""
     if name in table:
         return name
     close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(
+    raise ZooError(
         f"unknown {kind} {name!r}{hint} (built-ins: {', '.join(sorted(table))}; "
         "or give 'package.module:factory')"
     )
 
 
 def _import_factory(spec: str, kind: str) -> Callable[..., Any]:
-    """The callable named by ``"package.module:attr[.attr]"``; ValueError naming what failed."""
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise ValueError(f"{kind} {spec!r}: expected 'package.module:factory'")
+    """The callable named by ``"package.module:attr[.attr]"``; ZooError naming what failed."""
+    try:
+        module_name, attr_path = split_factory(spec)
+    except ValueError as err:
+        raise ZooError(f"{kind} {err}") from None
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as err:
-        raise ValueError(
+        raise ZooError(
             f"{kind} {spec!r}: cannot import module {module_name!r} ({type(err).__name__}: {err})"
         ) from err
     for attr in attr_path.split("."):
         try:
             obj = getattr(obj, attr)
         except AttributeError as err:
-            raise ValueError(
-                f"{kind} {spec!r}: module {module_name!r} has no attribute {attr_path!r}"
-            ) from err
+            raise ZooError(f"{kind} {spec!r}: module {module_name!r} has no attribute {attr_path!r}") from err
     if not callable(obj):
-        raise ValueError(f"{kind} {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
+        raise ZooError(f"{kind} {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
     return obj
+
+
+def _call_factory(spec: str, kind: str, kwargs: dict[str, Any]) -> Any:
+    """Import factory ``spec`` and call it with the ``kwargs`` it accepts; ZooError if it raises."""
+    factory = _import_factory(spec, kind)
+    try:
+        return _call_accepted(factory, kwargs)
+    except Exception as err:
+        raise ZooError(f"{kind} factory {spec!r} raised {type(err).__name__}: {err}") from err
 
 
 def _call_accepted(factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:

@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from compressor.atomic import atomic_write
+from compressor.recipe import AllowImports
 
 from .compact import to_sparse
 from .convert import Exporter, to_onnx
@@ -37,6 +38,7 @@ def export_checkpoint(
     rtol: float = 1e-3,
     samples: int = DEFAULT_SAMPLES,
     exporter: Exporter = "legacy",
+    allow_imports: AllowImports = (),
 ) -> ExportReport:
     """Export ``checkpoint`` to ONNX, verify it against onnxruntime and write it with a JSON report.
 
@@ -49,6 +51,8 @@ def export_checkpoint(
         atol, rtol: thresholds on max |onnx - torch| and on that divided by max |torch|.
         samples: test samples compared (in batches of the exported batch size).
         exporter: "legacy" (TorchScript) or "dynamo".
+        allow_imports: the modules whose "package.module:factory" the checkpoint's recipe may import
+            and call to rebuild its model and data (True: any); by default none (a RecipeError says so).
 
     Raises:
         CheckpointError: a missing, truncated or tampered checkpoint.
@@ -60,7 +64,7 @@ def export_checkpoint(
     fixed = _batch_size(batch)
     if samples < 1:
         raise ExportError(f"samples must be >= 1, got {samples}")
-    prepared = prepare(source, samples)
+    prepared = prepare(source, samples, allow_imports)
     _check_size(prepared.model)
     if fixed is not None and fixed > len(prepared.inputs):
         raise ExportError(f"--batch {fixed} is larger than the {len(prepared.inputs)} test samples available")

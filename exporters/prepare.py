@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor import zoo
 from compressor.checkpoint import load_checkpoint
 from compressor.mask_patterns import as_structure
 from compressor.masks import MASK_SUFFIX, MaskSet, mask_names
 from compressor.params import match_params, normalize
-from compressor.recipe import parse_recipe
+from compressor.recipe import AllowImports, build_train, parse_recipe
 
 from .errors import ExportError
 
@@ -44,8 +43,12 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare(path: Path, samples: int) -> Prepared:
-    """Load ``path`` (CheckpointError if damaged), rebuild and bake its model; ``samples`` test inputs."""
+def prepare(path: Path, samples: int, allow_imports: AllowImports = ()) -> Prepared:
+    """Load ``path`` (CheckpointError if damaged), rebuild and bake its model; ``samples`` test inputs.
+
+    The model and data are rebuilt from the checkpoint's recipe, importing a "package.module:factory"
+    only when ``allow_imports`` permits it (see ``compressor.recipe.imports``).
+    """
     state = load_checkpoint(path)
     text = state.get("recipe")
     beside = path.parent / "recipe.yaml"  # the run folder's resolved recipe, for older checkpoints
@@ -60,11 +63,7 @@ def prepare(path: Path, samples: int) -> Prepared:
     if recipe.train is None:
         raise ExportError(f"{path}: the checkpoint's recipe has no 'train' section naming model and data")
     train = recipe.train
-    try:
-        bundle = zoo.load_data(train.data, seed=train.seed)
-        model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
-    except (ValueError, KeyError) as exc:
-        raise ExportError(f"{path}: cannot rebuild model {train.model!r} on {train.data!r}: {exc}") from exc
+    bundle, model = build_train(recipe, allow_imports)
     inputs = _test_inputs(bundle.test, samples)
     state_dict: dict[str, torch.Tensor] = state["model"]
     model = _match_shapes(model, state_dict, inputs[:2])

@@ -13,13 +13,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
+from oracles import render_text
 from typer.testing import CliRunner
 
 from compressor import registry
 from compressor.checkpoint import load_checkpoint
 from compressor.cli import app
 from compressor.masks import MASK_SUFFIX
-from compressor.report import render_text
 from compressor.trainer import run
 from exporters import ExportError, VerificationError, export_checkpoint
 from exporters import export as export_module
@@ -188,7 +188,6 @@ def test_inspect_reads_sparse_initializers(cnn, cnn_export):
     """`compressor inspect` shows the same tensors and sparsities for the compressed file as for the
     dense one (sparse initializers densified, not skipped)."""
     from compressor.inspection import onnx_table
-    from compressor.report import render_text
 
     report = export_checkpoint(cnn, cnn.parent / "inspect.onnx", compress=True)
     assert report.sparse_initializers

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
+from oracles import nm_topk_mask
 from pydantic import ValidationError
 
-from compressor.mask_patterns import (
-    as_structure,
-    expand,
-    group_scores,
-    group_sizes,
-    nm_mask,
-    select_masks,
-)
+from compressor import registry
+from compressor.mask_patterns import as_structure, expand, group_scores, group_sizes, nm_problem, select_masks
+from compressor.modifier import Modifier
+from compressor.recipe import RecipeError, load_recipe
+from modifiers.magnitude import MagnitudePruning
 
 
 def _pruned(masks: dict[str, torch.Tensor]) -> int:
@@ -94,12 +94,11 @@ def test_nm_on_linear_and_conv_keeps_the_n_largest_of_every_m_along_inputs(
         counts = _nm_groups(masks[name], m)
         assert torch.all(counts == n)
         # every kept weight beats every pruned weight of its group
-        oracle = nm_mask(score, n, m)
-        assert torch.equal(masks[name], oracle)
-    # nm_mask against topk in a permuted (out, kh, kw, in) layout
+        assert torch.equal(masks[name], nm_topk_mask(score, n, m))
+    # the oracle against topk written out for the permuted (out, kh, kw, in) layout
     moved = conv.permute(0, 2, 3, 1).reshape(-1, m)
     top = torch.zeros_like(moved, dtype=torch.bool).scatter_(1, moved.topk(n, dim=1).indices, True)
-    assert torch.equal(nm_mask(conv, n, m), top.reshape(5, 3, 2, 2 * m).permute(0, 3, 1, 2))
+    assert torch.equal(nm_topk_mask(conv, n, m), top.reshape(5, 3, 2, 2 * m).permute(0, 3, 1, 2))
 
 
 def test_nm_gradual_then_full_pattern_with_pruned_weights_kept_pruned(gen: torch.Generator) -> None:
@@ -175,3 +174,83 @@ def test_specs_are_validated() -> None:
             as_structure(bad)
     with pytest.raises(ValueError, match="NaN"):
         select_masks({"w": torch.tensor([1.0, float("nan")])}, 0.5)
+
+
+# ---------------------------------------------------------------- the one N:M rule, at every entry point
+
+NM_RECIPE = """\
+version: 1
+modifiers:
+  - type: {type}
+    params: [fc1.weight]
+    final_sparsity: {final}
+    structure: {{n: {n}, m: {m}}}
+"""
+
+
+class DuckPruning(Modifier):
+    """A third-party pruner whose N:M structure is plain data: only the recipe's cross-check sees it."""
+
+    prunes: ClassVar[bool] = True
+    params: list[str]
+    final_sparsity: float
+    structure: dict[str, int]
+
+    def parameter_patterns(self) -> list[str]:
+        return list(self.params)
+
+
+def _recipe_verdict(tmp_path: Path, kind: str, n: int, m: int, final: float) -> str | None:
+    """The message at modifiers[0].structure when the recipe is loaded; None when it loads."""
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(NM_RECIPE.format(type=kind, n=n, m=m, final=final))
+    try:
+        load_recipe(path)
+    except RecipeError as err:
+        assert [i.path for i in err.issues] == ["modifiers[0].structure"], str(err)
+        return err.issues[0].message
+    return None
+
+
+def _python_verdict(n: int, m: int, final: float) -> str | None:
+    """The message of the Pydantic error when the pruner is built in Python; None when it builds."""
+    try:
+        MagnitudePruning(params=["fc1.weight"], final_sparsity=final, structure={"n": n, "m": m})
+    except ValidationError as err:
+        [error] = err.errors()
+        assert error["loc"][0] == "structure"
+        return error["msg"].removeprefix("Value error, ")
+    return None
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "final", "message"),
+    [
+        (2, 4, 0.5, None),
+        (1, 3, 0.667, None),  # within NM_TOLERANCE of 2/3
+        (1, 3, 0.66, "final_sparsity must be 1 - N/M = 0.666667 for 1:3 structure (within 0.001), got 0.66"),
+        (2, 4, 0.7, "final_sparsity must be 1 - N/M = 0.5 for 2:4 structure (within 0.001), got 0.7"),
+        (4, 4, 0.0, "N:M structure needs 0 < N < M, got 4:4 (it keeps every weight: a sparsity of 0)"),
+        (5, 4, 0.5, "N:M structure needs 0 < N < M, got 5:4"),
+        (0, 4, 0.5, "N:M structure needs 0 < N < M, got 0:4"),
+    ],
+)
+def test_nm_rule_is_the_same_in_python_and_in_recipes(
+    tmp_path: Path, n: int, m: int, final: float, message: str | None
+) -> None:
+    registry.register("modifiers", "DuckPruning", DuckPruning)
+    try:
+        assert nm_problem(n, m, final) == message
+        assert _python_verdict(n, m, final) == message
+        assert _recipe_verdict(tmp_path, "MagnitudePruning", n, m, final) == message
+        assert _recipe_verdict(tmp_path, "DuckPruning", n, m, final) == message
+    finally:
+        registry.unregister("modifiers", "DuckPruning")
+
+
+def test_a_bad_structure_gets_only_its_own_form_s_message() -> None:
+    with pytest.raises(ValidationError) as err:
+        as_structure({"n": 5, "m": 4})
+    assert [e["msg"] for e in err.value.errors()] == ["Value error, N:M structure needs 0 < N < M, got 5:4"]
+    with pytest.raises(ValidationError, match=r"expected 'unstructured', 'channels', \{blocks: \[r, c\]\}"):
+        as_structure({"rows": 2})

@@ -141,6 +141,27 @@ def test_validate_command(capsys: pytest.CaptureFixture[str]) -> None:
     ]
 
 
+def test_one_set_parser_for_run_validate_and_python() -> None:
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+    from compressor.recipe import SetError, parse_sets
+
+    assert parse_sets([" epochs =6", "tag=a=b", "empty="]) == {"epochs": "6", "tag": "a=b", "empty": ""}
+    with pytest.raises(SetError) as err:
+        parse_sets(["epochs=3", "bad", "=1"])
+    assert str(err.value) == "--set 'bad': expected name=value\n--set '=1': expected name=value"
+    assert err.value.parsed == {"epochs": "3"}
+    Path("r.yaml").write_text(RECIPE)
+    run = CliRunner().invoke(app, ["run", "r.yaml", "--set", "bad", "-o", "out"])
+    assert run.exit_code == 1 and run.output == "--set 'bad': expected name=value\n"
+    validate = CliRunner().invoke(app, ["validate", "r.yaml", "--set", "epochs=3", "--set", "bad"])
+    assert validate.exit_code == 1 and validate.output.splitlines() == [  # every problem, as from Python
+        "r.yaml:1:1: <root>: --set 'bad': expected name=value",
+        "r.yaml:16:10: modifiers[0].end: end (epoch 0) is before start (epoch 1)",
+    ]
+
+
 def test_unknown_optimizer_kwargs_are_caught_by_validate_and_build(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -237,12 +237,13 @@ modifiers:
         (("    end: 3\n", "    end: 3\n    structure: {n: 2, m: 4}\n"), None),
         (
             ("    end: 3\n", "    end: 3\n    structure: {n: 1, m: 4}\n"),
-            "r.yaml:8:21: modifiers[0].final_sparsity: "
-            "final_sparsity must be 1 - N/M = 0.75 for 1:4 structure, got 0.5",
+            "r.yaml:7:16: modifiers[0].structure: "
+            "final_sparsity must be 1 - N/M = 0.75 for 1:4 structure (within 0.001), got 0.5",
         ),
         (
             ("    end: 3\n", "    end: 3\n    structure: {n: 4, m: 4}\n"),
-            "r.yaml:7:16: modifiers[0].structure: N:M structure needs 0 < N < M, got 4:4",
+            "r.yaml:7:16: modifiers[0].structure: "
+            "N:M structure needs 0 < N < M, got 4:4 (it keeps every weight: a sparsity of 0)",
         ),
         (
             ("    end: 3\n", "    end: 3\n    structure: {n: 0, m: 4}\n"),

@@ -75,7 +75,7 @@ def test_killed_run_resumes_to_identical_masks_and_metrics(tmp_path):
     recipe.write_text(RECIPE.read_text().replace("model: digits-mlp", "model: slowmodel:factory"))
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    args = [CLI, "run", str(recipe), "--no-progress"]
+    args = [CLI, "run", str(recipe), "--no-progress", "--allow-import", "slowmodel"]
     done = subprocess.run([*args, "--output", str(whole)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -94,7 +94,9 @@ def test_killed_run_resumes_to_identical_masks_and_metrics(tmp_path):
     assert load_checkpoint(cut / "checkpoint.pt")["epoch"] < 10
 
     resumed = subprocess.run(
-        [CLI, "run", "--resume", str(cut), "--no-progress"], env=env, capture_output=True
+        [CLI, "run", "--resume", str(cut), "--no-progress", "--allow-import", "slowmodel"],
+        env=env,
+        capture_output=True,
     )
     assert resumed.returncode == 0, resumed.stderr
     a, b = _masks(whole / "checkpoint.pt"), _masks(cut / "checkpoint.pt")

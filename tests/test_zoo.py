@@ -106,6 +106,9 @@ def data(seed):
 def not_a_model():
     return 42
 
+def raising(input_shape):
+    raise RuntimeError(f"no model for {input_shape}")
+
 broken_attr = 1
 """
 
@@ -145,17 +148,21 @@ def test_factory_strings(user_module: str) -> None:
         ("{mod}:missing", r"module '{mod}' has no attribute 'missing'"),
         ("{mod}:broken_attr", r"'broken_attr' is a int, not callable"),
         ("{mod}:not_a_model", r"returned int, not a torch.nn.Module"),
+        ("{mod}:raising", r"model factory '{mod}:raising' raised RuntimeError: no model for \(1, 28, 28\)"),
+        ("{mod}:", r"model '{mod}:' is not a built-in name or 'package.module:factory'"),
     ],
 )
 def test_model_name_errors(user_module: str, spec: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message.format(mod=user_module)):
+    with pytest.raises(zoo.ZooError, match=message.format(mod=user_module)):
         zoo.build_model(spec.format(mod=user_module), (1, 28, 28), 10)
 
 
 def test_data_name_errors(user_module: str) -> None:
-    with pytest.raises(ValueError, match=r"unknown dataset 'digit'; did you mean 'digits'\?.*mnist"):
+    with pytest.raises(
+        zoo.ZooError, match=r"unknown dataset 'digit'; did you mean 'digits'\? \(built-ins: digits, mnist;"
+    ):
         zoo.load_data("digit")
-    with pytest.raises(ValueError, match=r"returned Linear; expected a DataBundle"):
+    with pytest.raises(zoo.ZooError, match=r"returned Linear; expected a DataBundle"):
         zoo.load_data(f"{user_module}:bare_model")
-    assert zoo.data_names() == ["digits", "mnist"]
-    assert zoo.model_names() == sorted(MODELS)
+    with pytest.raises(zoo.ZooError, match=rf"dataset factory '{user_module}:raising' raised TypeError: "):
+        zoo.load_data(f"{user_module}:raising")  # called without its input_shape

@@ -3,7 +3,7 @@
     version: 1                                     # required; the only version so far
     variables: {epochs: 12, target: 0.9}           # optional: numbers, strings, true/false
     train:                                         # optional: what `compressor run` trains
-      model: digits-cnn                            # built-in name or "package.module:factory"
+      model: digits-cnn                            # built-in name or "package.module:factory" (opt-in)
       data: digits
       epochs: ${epochs}
       optimizer: {type: SGD, lr: 0.05, momentum: 0.9}   # other keys go to the optimizer class
@@ -20,20 +20,31 @@ are errors); every mapping rejects unknown keys. ``${...}`` is restricted arithm
 that is exactly one ``${...}`` becomes its number, inside longer text it is interpolated, ``$${``
 is a literal ``${``. Variables may use other variables; ``--set name=value`` overrides one. All
 problems are reported together as ``FILE:LINE:COL: path.to.field: message``.
+
+Loading a recipe never imports code. A "package.module:factory" in ``train`` is imported and
+called only when the person running the recipe allows it (``--allow-import MODULE`` or
+``--trust-recipe-code``; ``allow_imports=`` in Python): see ``compressor.recipe.imports``.
 """
 
 from .errors import RecipeError, RecipeIssue
-from .loader import load_recipe, parse_recipe, resolved_yaml, validate_command
+from .imports import AllowImports, build_train, check_imports, factory_imports
+from .loader import SetError, load_recipe, parse_recipe, parse_sets, resolved_yaml, validate_command
 from .schema import OptimizerSection, Recipe, TrainSection
 
 __all__ = [
+    "AllowImports",
     "OptimizerSection",
     "Recipe",
     "RecipeError",
     "RecipeIssue",
+    "SetError",
     "TrainSection",
+    "build_train",
+    "check_imports",
+    "factory_imports",
     "load_recipe",
     "parse_recipe",
+    "parse_sets",
     "resolved_yaml",
     "validate_command",
 ]

@@ -10,16 +10,18 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path as FilePath
 from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
 from .. import registry
+from ..errors import CompressorError
 from ..modifier import Modifier
 from .errors import Path, RecipeError, RecipeIssue, format_path
 from .expressions import FUNCTIONS, ExpressionError, Variables, escape, has_expression, render
+from .imports import factory_imports, how_to_allow, spec_problems
 from .schema import Recipe, cross_field_problems, validate_modifier
 from .source import Source, dump_yaml, load_scalar, load_source
 
@@ -81,6 +83,7 @@ def parse_recipe(
         issues += [i for path, i in _schema_issues(err, data, src) if not _under(path, failed)]
     items = list(enumerate(recipe.modifiers)) if recipe else _valid_items(data.get("modifiers"))
     issues += [src.issue(path, message) for path, message in cross_field_problems(items, param_names)]
+    issues += [src.issue(path, message) for path, message in spec_problems(data) if not _under(path, failed)]
     if issues:
         raise RecipeError(issues)
     assert recipe is not None
@@ -110,19 +113,48 @@ def optimizer_issues(recipe: Recipe) -> list[RecipeIssue]:
     return [src.issue((*base, name), message, key=True) for name, message in problems.items()]
 
 
+class SetError(CompressorError, ValueError):
+    """``--set`` items that are not ``name=value``; ``parsed`` holds the items that were."""
+
+    def __init__(self, messages: list[str], parsed: dict[str, str]) -> None:
+        super().__init__(messages, parsed)  # args stay picklable: SetError(messages, parsed)
+        self.messages = messages
+        self.parsed = parsed
+
+    def __str__(self) -> str:
+        return "\n".join(self.messages)
+
+
+def parse_sets(items: Iterable[str] | None) -> dict[str, str]:
+    """``--set`` items ``"name=value"`` -> {name: value} (the value is parsed later, as YAML, by the loader).
+
+    SetError names every item without ``=`` or without a name; its ``parsed`` holds the others.
+    """
+    parsed: dict[str, str] = {}
+    messages: list[str] = []
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            messages.append(f"--set {item!r}: expected name=value")
+        else:
+            parsed[name.strip()] = value
+    if messages:
+        raise SetError(messages, parsed)
+    return parsed
+
+
 def validate_command(path: str | os.PathLike[str], sets: Sequence[str] | Mapping[str, str] = ()) -> int:
     """``compressor validate RECIPE [--set name=value ...]``: prints "ok: ..." (returns 0) or errors (1).
 
-    ``sets`` are ``"name=value"`` strings, or a mapping already split. Also checks the optimizer's kwargs.
+    ``sets`` are ``"name=value"`` strings, or a mapping already split. Also checks the optimizer's
+    kwargs, and lists the factories the recipe would import (``compressor.recipe.imports``).
     """
-    overrides: dict[str, str] = dict(sets) if isinstance(sets, Mapping) else {}
     issues: list[RecipeIssue] = []
-    for item in [] if isinstance(sets, Mapping) else sets:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            issues.append(RecipeIssue(str(path), 1, 1, "<root>", f"--set {item!r}: expected name=value"))
-        else:
-            overrides[name.strip()] = value
+    try:
+        overrides = dict(sets) if isinstance(sets, Mapping) else parse_sets(sets)
+    except SetError as err:
+        overrides = err.parsed
+        issues += [RecipeIssue(str(path), 1, 1, "<root>", message) for message in err.messages]
     try:
         recipe = load_recipe(path, overrides)
         issues += optimizer_issues(recipe)
@@ -132,7 +164,17 @@ def validate_command(path: str | os.PathLike[str], sets: Sequence[str] | Mapping
         print(RecipeError(issues), file=sys.stderr)
         return 1
     print(f"ok: {path} ({len(recipe.modifiers)} modifiers)")
+    _print_imports(recipe)
     return 0
+
+
+def _print_imports(recipe: Recipe) -> None:
+    """One ``imports: spec (field, line N)`` line per factory, and how to allow them."""
+    found = factory_imports(recipe)
+    for item in found:
+        print(f"imports: {item}")
+    if found:
+        print(f"to run it, allow them: {how_to_allow(item.module for item in found)}")
 
 
 # --- variables and substitution -------------------------------------------------------------------

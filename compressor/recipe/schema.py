@@ -234,7 +234,8 @@ def cross_field_problems(
     """Rules across fields and modifiers, duck-typed on the fields a modifier has.
 
     Per modifier: start <= end (same unit); 0 <= init_sparsity <= final_sparsity < 1; for an N:M
-    ``structure``, 0 < N < M and final_sparsity = 1 - N/M. Across pruners (``prunes = True``): no
+    ``structure``, ``compressor.mask_patterns.nm_problem`` (the rule the structure itself checks).
+    Across pruners (``prunes = True``): no
     parameter held by two in overlapping [start, end) windows; with ``param_names``, every pattern
     must match a parameter (without them, patterns are compared as strings).
     """
@@ -265,11 +266,11 @@ def _window_and_sparsity(index: int, modifier: Modifier) -> list[Problem]:
         problems.append(((*base, "init_sparsity"), message))
     n, m = _n_m(getattr(modifier, "structure", None))
     if n is not None and m is not None:
-        if not 0 < n < m:
-            problems.append(((*base, "structure"), f"N:M structure needs 0 < N < M, got {n}:{m}"))
-        elif final is not None and abs(final - (1 - n / m)) > 1e-9:
-            message = f"final_sparsity must be 1 - N/M = {1 - n / m:g} for {n}:{m} structure, got {final:g}"
-            problems.append(((*base, "final_sparsity"), message))
+        from ..mask_patterns import nm_problem  # torch, only for recipes that have an N:M structure
+
+        problem = nm_problem(n, m, final)
+        if problem is not None:
+            problems.append(((*base, "structure"), problem))
     return problems
 
 
