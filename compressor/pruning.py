@@ -11,6 +11,7 @@ applies them after every step (pruners do not apply them themselves).
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -134,6 +135,17 @@ class PruningModifier(Modifier):
             self._steps = sorted({at for at, _ in points})
         else:
             self._steps = list(self.update_steps(max(1, to_step(self.update_every, session.steps_per_epoch))))
+        total = session.total_steps
+        if total is not None and self._steps and self._steps[-1] > total:
+            last = max((s for s in self._steps if s <= total), default=start)
+            reached = self.target_at(last, session.steps_per_epoch)
+            warnings.warn(
+                f"{self.type}: its last update (step {self._steps[-1]}) comes after the end of training "
+                f"(step {total}), so final_sparsity {self.final_sparsity:g} is not reached (about "
+                f"{reached:.3g} is); set `end` within training",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _due(self, step: int) -> bool:
         return update_due(self._steps, step, self._last_update)

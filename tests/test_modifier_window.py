@@ -3,6 +3,7 @@ active steps [start, end), the update steps start, start + every, ..., end, and 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Literal
 
 import pytest
@@ -217,6 +218,16 @@ def test_end_omitted_updates_at_the_end_of_training_in_finalize():
     session, logs = _run([_pruner(update_every={"step": 3})], steps=8, total_epochs=2)
     assert _updates(logs) == [0, 3, 6, 8]  # step 8: no optimizer step, the update fires in finalize
     assert session.masks.sparsity("0.weight") == 0.75
+
+
+def test_an_end_after_training_warns_that_final_sparsity_is_not_reached():
+    with pytest.warns(UserWarning, match=r"after the end of training \(step 8\).*final_sparsity 0.75"):
+        session, logs = _run([_pruner(end={"step": 12}, update_every={"step": 3})], steps=8, total_epochs=2)
+    assert _updates(logs) == [0, 3, 6]  # steps 9 and 12 never come
+    assert session.masks.sparsity("0.weight") < 0.75
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within training: no warning
+        _run([_pruner(end={"step": 8}, update_every={"step": 3})], steps=8, total_epochs=2)
 
 
 def test_end_omitted_without_the_length_of_training_is_refused_before_any_initialize():
