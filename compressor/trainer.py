@@ -110,90 +110,154 @@ def _run(
     allow_recipe_change: bool,
     progress: bool,
 ) -> dict[str, Any]:
-    files = RunFiles(Path(output))
-    main = ctx.rank == 0
+    state = _setup(ctx, RunFiles(Path(output)), recipe_path, overrides, resume, allow_recipe_change)
+    try:
+        _start(state, ctx, resume)
+        return _train(state, ctx, progress)
+    finally:
+        state.log.close()  # the CSV handle (every row is already flushed)
+
+
+@dataclass
+class RunState:
+    """What the training loop of a run works on, built by ``_setup`` (and ``_start`` on resume)."""
+
+    files: RunFiles
+    raw_text: str
+    recipe: Recipe
+    train: Any  # the recipe's TrainSection
+    bundle: zoo.DataBundle
+    model: torch.nn.Module
+    session: Session
+    loss_fn: Any
+    log: Any  # MetricsLog on rank 0, _NoLog elsewhere
+    start_epoch: int = 0
+    elapsed: float = 0.0  # seconds of training before this process (resume)
+
+
+def _setup(
+    ctx: distributed.Context,
+    files: RunFiles,
+    recipe_path: str | Path | None,
+    overrides: dict[str, str] | None,
+    resume: bool,
+    allow_recipe_change: bool,
+) -> RunState:
+    """The recipe read (by rank 0) and everything built from it, on every rank.
+
+    Everything that may fail on a user error happens here, before the first collective of
+    training: every rank learns of an error on any rank, so that none waits for a failed one.
+    """
     raw_text = distributed.on_main(lambda: _recipe_text(files, recipe_path, resume, allow_recipe_change))
     source = str(recipe_path) if recipe_path is not None else str(files.raw_recipe)
+    state: RunState | None = None
     error: Exception | None = None
-    try:  # everything that may fail on a user error, before the first collective of training
-        first = parse_recipe(raw_text, file=source, overrides=overrides)
-        if first.train is None:
-            raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
-        train = first.train
-        torch.manual_seed(train.seed)
-        bundle = zoo.load_data(train.data, seed=train.seed)
-        model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
-        model.to(ctx.device)
-        names = [normalize(n) for n, _ in model.named_parameters()]
-        recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
-        loss_fn = LOSSES.get(train.loss)
-        if loss_fn is None:
-            raise RunError(f"train.loss: unknown loss {train.loss!r}; known: {', '.join(LOSSES)}")
-        _check_world(recipe, train.batch_size, ctx.world_size)
-        optimizer = build_optimizer(train.optimizer, model.parameters())
-        batches_per_epoch = math.ceil(len(bundle.train) / train.batch_size)
-        steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
-        if main:
-            files.root.mkdir(parents=True, exist_ok=True)
-        log: Any = MetricsLog(files.metrics) if main else _NoLog()
-        session = Session(
-            recipe,
-            model,
-            optimizer,
-            steps_per_epoch=steps_per_epoch,
-            total_epochs=train.epochs,
-            data=bundle.train,
-            loss_fn=loss_fn,
-            metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
-        )
-        _preflight(recipe, session)
-    except Exception as exc:  # every rank learns of it, so that none waits for a failed one
+    try:
+        state = _build(ctx, files, raw_text, source, overrides)
+    except Exception as exc:
         error = exc
     distributed.agree(error)
-    try:
-        start_epoch, elapsed = 0, 0.0
-        if resume:
-            state = distributed.on_main(lambda: load_checkpoint(files.checkpoint))
-            error = None
-            try:
-                start_epoch, elapsed = _restore(state, session, model, ctx)
-            except Exception as exc:
-                error = exc
-            distributed.agree(error)
-            del state
-            log.truncate_after(session.step)
-        elif main:
-            log.reset()
-            files.raw_recipe.write_text(raw_text)
-            files.recipe.write_text(resolved_yaml(recipe))
-        net = _wrap(model, ctx)
-        total_steps = session.total_steps
-        epochs = math.ceil(train.epochs)
-        began = time.perf_counter() - elapsed
-        with Progress(total_steps, enabled=progress and main, quiet=not main) as bar:
-            for epoch in range(start_epoch, epochs):
-                _train_epoch(session, bundle, train, epoch, loss_fn, log, bar, net=net, ctx=ctx)
-                last = epoch + 1 == epochs or (total_steps is not None and session.step >= total_steps)
-                shown: dict[str, float | None] = {"eval_loss": None, "eval_accuracy": None}
-                if last or (epoch + 1) % train.eval_every == 0:
-                    metrics = _evaluate(model, bundle.test, loss_fn, ctx)
-                    log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
-                    log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
-                    log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
-                    shown = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
-                bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
-                _checkpoint(files, session, model, epoch + 1, time.perf_counter() - began, raw_text, recipe)
-                if last:
-                    break
-        session.finalize()
-        final = _evaluate(model, bundle.test, loss_fn, ctx)
-        wall = time.perf_counter() - began
-        world = ctx.world_size
-        summary = distributed.on_main(lambda: _write_summary(files, session, log, final, wall, world))
-        distributed.barrier()
-        return summary
-    finally:
-        log.close()  # the CSV handle (every row is already flushed)
+    assert state is not None
+    return state
+
+
+def _build(
+    ctx: distributed.Context,
+    files: RunFiles,
+    raw_text: str,
+    source: str,
+    overrides: dict[str, str] | None,
+) -> RunState:
+    """Data, model, validated recipe, optimizer, metrics log and session of a run (not resumed yet)."""
+    first = parse_recipe(raw_text, file=source, overrides=overrides)
+    if first.train is None:
+        raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
+    train = first.train
+    torch.manual_seed(train.seed)
+    bundle = zoo.load_data(train.data, seed=train.seed)
+    model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
+    model.to(ctx.device)
+    names = [normalize(n) for n, _ in model.named_parameters()]
+    recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
+    loss_fn = LOSSES.get(train.loss)
+    if loss_fn is None:
+        raise RunError(f"train.loss: unknown loss {train.loss!r}; known: {', '.join(LOSSES)}")
+    _check_world(recipe, train.batch_size, ctx.world_size)
+    optimizer = build_optimizer(train.optimizer, model.parameters())
+    batches_per_epoch = math.ceil(len(bundle.train) / train.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
+    if ctx.rank == 0:
+        files.root.mkdir(parents=True, exist_ok=True)
+    log: Any = MetricsLog(files.metrics) if ctx.rank == 0 else _NoLog()
+    session = Session(
+        recipe,
+        model,
+        optimizer,
+        steps_per_epoch=steps_per_epoch,
+        total_epochs=train.epochs,
+        data=bundle.train,
+        loss_fn=loss_fn,
+        metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
+    )
+    _preflight(recipe, session)
+    return RunState(files, raw_text, recipe, train, bundle, model, session, loss_fn, log)
+
+
+def _start(state: RunState, ctx: distributed.Context, resume: bool) -> None:
+    """On resume, load the checkpoint into the run (every rank); else start the run's files afresh."""
+    files = state.files
+    if resume:
+        saved = distributed.on_main(lambda: load_checkpoint(files.checkpoint))
+        error: Exception | None = None
+        try:
+            state.start_epoch, state.elapsed = _restore(saved, state.session, state.model, ctx)
+        except Exception as exc:
+            error = exc
+        distributed.agree(error)
+        del saved
+        state.log.truncate_after(state.session.step)
+    elif ctx.rank == 0:
+        state.log.reset()
+        files.raw_recipe.write_text(state.raw_text)
+        files.recipe.write_text(resolved_yaml(state.recipe))
+
+
+def _train(state: RunState, ctx: distributed.Context, progress: bool) -> dict[str, Any]:
+    """The epochs from ``state.start_epoch`` on, then finalize, the final eval and the summary."""
+    session, model, bundle, train, log = state.session, state.model, state.bundle, state.train, state.log
+    net = _wrap(model, ctx)
+    total_steps = session.total_steps
+    epochs = math.ceil(train.epochs)
+    began = time.perf_counter() - state.elapsed
+    with Progress(total_steps, enabled=progress and ctx.rank == 0, quiet=ctx.rank != 0) as bar:
+        for epoch in range(state.start_epoch, epochs):
+            _train_epoch(session, bundle, train, epoch, state.loss_fn, log, bar, net=net, ctx=ctx)
+            last = epoch + 1 == epochs or (total_steps is not None and session.step >= total_steps)
+            shown: dict[str, float | None] = {"eval_loss": None, "eval_accuracy": None}
+            if last or (epoch + 1) % train.eval_every == 0:
+                shown = _log_eval(state, ctx)
+            bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
+            elapsed = time.perf_counter() - began
+            _checkpoint(state.files, session, model, epoch + 1, elapsed, state.raw_text, state.recipe)
+            if last:
+                break
+    session.finalize()
+    final = _evaluate(model, bundle.test, state.loss_fn, ctx)
+    wall = time.perf_counter() - began
+    world = ctx.world_size
+    summary = distributed.on_main(lambda: _write_summary(state.files, session, log, final, wall, world))
+    distributed.barrier()
+    return summary
+
+
+def _log_eval(state: RunState, ctx: distributed.Context) -> dict[str, float | None]:
+    """Evaluate on the test split and log loss, accuracy and sparsity; the values the bar shows."""
+    session, log = state.session, state.log
+    metrics = _evaluate(state.model, state.bundle.test, state.loss_fn, ctx)
+    log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
+    log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
+    log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
+    return {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
 
 
 def _write_summary(
