@@ -14,6 +14,7 @@ writes every file. A checkpoint resumes at any world size with the same masks, m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -31,7 +32,8 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .errors import CompressorError
 from .params import normalize
 from .preflight import preflight
-from .recipe import Recipe, parse_recipe, resolved_yaml
+from .recipe import Recipe, RecipeError, parse_recipe, resolved_yaml
+from .recipe.source import Source
 from .report import MetricsLog, Progress, plot_run, write_summary
 from .session import Session
 
@@ -111,6 +113,7 @@ def _run(
     progress: bool,
 ) -> dict[str, Any]:
     state = _setup(ctx, RunFiles(Path(output)), recipe_path, overrides, resume, allow_recipe_change)
+    ctx = dataclasses.replace(ctx, device=state.device)  # the rank's device, as train.device says
     try:
         _start(state, ctx, resume)
         return _train(state, ctx, progress)
@@ -131,6 +134,7 @@ class RunState:
     session: Session
     loss_fn: Any
     log: Any  # MetricsLog on rank 0, _NoLog elsewhere
+    device: torch.device
     start_epoch: int = 0
     elapsed: float = 0.0  # seconds of training before this process (resume)
 
@@ -173,10 +177,11 @@ def _build(
     if first.train is None:
         raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
     train = first.train
+    device = _recipe_device(first, ctx)
     torch.manual_seed(train.seed)
     bundle = zoo.load_data(train.data, seed=train.seed)
     model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
-    model.to(ctx.device)
+    model.to(device)
     names = [normalize(n) for n, _ in model.named_parameters()]
     recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
     loss_fn = LOSSES.get(train.loss)
@@ -200,7 +205,65 @@ def _build(
         metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
     )
     _preflight(recipe, session)
-    return RunState(files, raw_text, recipe, train, bundle, model, session, loss_fn, log)
+    return RunState(files, raw_text, recipe, train, bundle, model, session, loss_fn, log, device)
+
+
+def resolve_device(spec: str, ctx: distributed.Context) -> torch.device:
+    """The device that ``train.device`` (``spec``) names for this rank; RunError when it is not there.
+
+    In one process: ``auto`` is the first GPU (``cuda:0``) when CUDA is available, else the CPU;
+    ``cuda`` is ``cuda:0``; ``cuda:N`` that GPU; ``cpu`` the CPU. Under torchrun every rank computes
+    on the device it joined the process group with (``ctx.device``: ``cuda:LOCAL_RANK`` with nccl,
+    the CPU with gloo): ``auto`` is that device, ``cuda`` needs it to be a GPU and ``cpu`` the CPU,
+    and ``cuda:N`` is refused (the ranks cannot all use one GPU).
+    """
+    if ctx.world_size > 1:
+        return _rank_device(spec, ctx.device)
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec if ":" in spec else "cuda:0")
+    if not torch.cuda.is_available():
+        raise RunError(f"{spec!r} asks for a GPU, but {_no_cuda_reason()}; use auto or cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise RunError(f"{spec!r}: there is no such GPU; torch sees {count} (cuda:0 to cuda:{count - 1})")
+    return device
+
+
+def _rank_device(spec: str, device: torch.device) -> torch.device:
+    """``resolve_device`` under torchrun: the rank's own ``device``, if ``spec`` allows it."""
+    if spec.startswith("cuda:"):
+        raise RunError(
+            f"{spec!r} names one GPU, but under torchrun each rank computes on its own "
+            "(cuda:LOCAL_RANK); use cuda or auto"
+        )
+    if spec == "cuda" and device.type != "cuda":
+        raise RunError(f"'cuda' asks for a GPU per rank, but {_no_cuda_reason()}; use auto or cpu")
+    if spec == "cpu" and device.type != "cpu":
+        raise RunError(
+            "'cpu' under torchrun, but the ranks joined with nccl, one GPU each; to train on the CPU, "
+            "hide the GPUs (CUDA_VISIBLE_DEVICES= torchrun ...) so that they join with gloo, or use auto"
+        )
+    return device
+
+
+def _no_cuda_reason() -> str:
+    """Why torch sees no GPU, for messages."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    return "torch.cuda.is_available() is False (no GPU visible: driver, CUDA_VISIBLE_DEVICES?)"
+
+
+def _recipe_device(recipe: Recipe, ctx: distributed.Context) -> torch.device:
+    """``resolve_device`` of the recipe's ``train.device``; a RecipeError at that line when unusable."""
+    assert recipe.train is not None
+    try:
+        return resolve_device(recipe.train.device, ctx)
+    except RunError as err:
+        source = recipe._source or Source(file="<recipe>", data=None)
+        raise RecipeError([source.issue(("train", "device"), str(err))]) from None
 
 
 def _start(state: RunState, ctx: distributed.Context, resume: bool) -> None:
