@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from . import distributed, zoo
-from .channel_surgery import resume_shapes
+from .channel_surgery import check_rebuildable, resume_shapes
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import CompressorError
 from .params import normalize
@@ -189,6 +189,8 @@ def _build(
         raise RunError(f"train.loss: unknown loss {train.loss!r}; known: {', '.join(LOSSES)}")
     _check_world(recipe, train.batch_size, ctx.world_size)
     optimizer = build_optimizer(train.optimizer, model.parameters())
+    if any(m.restructures for m in recipe.modifiers):
+        check_rebuildable(optimizer)  # channel surgery rebuilds it: refuse now, not after the surgery
     batches_per_epoch = math.ceil(len(bundle.train) / train.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
     if ctx.rank == 0:
