@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset, default_collate
+from torch.utils.data import DataLoader, Subset
 
 from . import distributed, zoo
 from .channel_surgery import check_rebuildable, resume_shapes
@@ -35,6 +35,7 @@ from .preflight import preflight
 from .recipe import Recipe, RecipeError, parse_recipe, resolved_yaml
 from .recipe.source import Source
 from .report import MetricsLog, Progress, plot_run, write_summary
+from .sampling import fetch_batch
 from .session import Session
 
 LOSSES = {"cross_entropy": torch.nn.functional.cross_entropy}
@@ -484,10 +485,7 @@ def _train_epoch(
 
 def _fetch(data: Any, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of ``data`` at ``indices``, collated as a DataLoader does."""
-    items = indices.tolist()
-    getitems = getattr(data, "__getitems__", None)
-    samples = getitems(items) if getitems is not None else [data[i] for i in items]
-    x, y = default_collate(samples)
+    x, y = fetch_batch(data, indices.tolist())
     return x.to(device), y.to(device)
 
 
