@@ -269,8 +269,9 @@ def rebind_optimizer(
 
     The same object is changed in place and returned. A ``torch.optim`` optimizer gets the new
     parameters in its groups; another class is built again with its constructor arguments
-    (``constructor_arguments``, masks keyed by parameter taken from ``masks`` where they changed
-    shape) and the new one's attributes moved into ``optimizer``, whose hooks and own attributes
+    (``constructor_arguments``; a mapping keyed by parameters, such as MFAC's masks, follows the
+    surgery: the session's ``masks`` of a parameter it masks, else the same tensor if the shape is
+    unchanged) and the new one's attributes moved into ``optimizer``, whose hooks and own attributes
     (a patched ``step``) stay. SurgeryError when it cannot be rebuilt.
     """
     groups = []
