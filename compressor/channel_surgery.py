@@ -16,10 +16,14 @@ things then need care, and live here so that the trainer, the exporter and modif
 
 ``rebind(session, old_names)``
     After surgery: ``session.params`` refreshed, the MaskSet rebuilt on the new parameters, and the
-    base optimizer pointed at the new parameters. Optimizer state (momentum, Adam moments) is reset:
-    a ``torch.optim`` optimizer keeps its object and hyperparameters (LR schedulers stay attached) with
-    an empty state; any other optimizer (for example ``compressor.mfac.MFAC``, whose window size is
-    fixed at construction) is rebuilt from its class with the same hyperparameters.
+    base optimizer pointed at the new parameters. Optimizer state (momentum, Adam moments) is reset;
+    the optimizer object stays the same (LR schedulers, ``Session.wrap`` and step hooks stay attached).
+    A ``torch.optim`` optimizer keeps its hyperparameters and gets an empty state. Any other optimizer
+    (for example ``compressor.mfac.MFAC``, whose window size is fixed at construction) is built again
+    from its class with every constructor argument it was built with: those its ``constructor_kwargs()``
+    method returns (MFAC has one), else those in its ``defaults``; each group keeps its own settings.
+    An optimizer with a constructor argument found in neither is refused (``SurgeryError``) rather
+    than rebuilt with a default in place of the value it was given.
 """
 
 from __future__ import annotations
@@ -33,11 +37,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .errors import CompressorError
 from .masks import MASK_SUFFIX, MaskSet
 from .params import normalize
 
 if TYPE_CHECKING:
     from .session import Session
+
+
+class SurgeryError(CompressorError, ValueError):
+    """Channel surgery cannot carry the session along (an optimizer that cannot be rebuilt, say)."""
+
 
 #: Module types whose output channels can be the root of a pruning group.
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
@@ -227,21 +237,18 @@ def rebind(session: Session, old_names: Mapping[int, str]) -> None:
 
     ``old_names``: ``parameter_names(model)`` from before the surgery. Refreshes ``session.params``,
     rebuilds ``session.masks`` on the new parameters (keeping the mask buffers) and rebinds the base
-    optimizer (state reset; see the module doc). A swapped-in optimizer of another modifier cannot be
-    rebound: ValueError.
+    optimizer in place (state reset; see the module doc). A swapped-in optimizer of another modifier
+    cannot be rebound, nor an optimizer whose constructor arguments are unknown: SurgeryError.
     """
     model = session.model
     session.params = {normalize(n): p for n, p in model.named_parameters()}
     session.masks = MaskSet(model, session.masks.names)
     swapped = session.optimizer is not session.base_optimizer
     if swapped and _refers_to_old(session.optimizer, old_names, session.params):
-        raise ValueError(
+        raise SurgeryError(
             "channel surgery while another modifier's optimizer is swapped in; prune before it starts"
         )
-    new = rebind_optimizer(session.base_optimizer, session.params, old_names)
-    if not swapped:
-        session.optimizer = new
-    session.base_optimizer = new
+    rebind_optimizer(session.base_optimizer, session.params, old_names, session.masks)
 
 
 def _refers_to_old(optimizer: torch.optim.Optimizer, old_names: Mapping[int, str], params: Mapping) -> bool:
@@ -253,12 +260,19 @@ def _refers_to_old(optimizer: torch.optim.Optimizer, old_names: Mapping[int, str
 
 
 def rebind_optimizer(
-    optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], old_names: Mapping[int, str]
+    optimizer: torch.optim.Optimizer,
+    params: Mapping[str, nn.Parameter],
+    old_names: Mapping[int, str],
+    masks: MaskSet | None = None,
 ) -> torch.optim.Optimizer:
-    """``optimizer`` over the new ``params`` (by name), same groups and hyperparameters, empty state.
+    """``optimizer`` over the new ``params`` (by name), same groups and settings, empty state.
 
-    A ``torch.optim`` optimizer is changed in place and returned; another class is rebuilt (its
-    constructor's arguments taken from ``defaults`` or same-named attributes) and the new one returned.
+    The same object is changed in place and returned. A ``torch.optim`` optimizer gets the new
+    parameters in its groups; another class is built again with its constructor arguments
+    (``constructor_arguments``; a mapping keyed by parameters, such as MFAC's masks, follows the
+    surgery: the session's ``masks`` of a parameter it masks, else the same tensor if the shape is
+    unchanged) and the new one's attributes moved into ``optimizer``, whose hooks and own attributes
+    (a patched ``step``) stay. SurgeryError when it cannot be rebuilt.
     """
     groups = []
     for group in optimizer.param_groups:
@@ -269,25 +283,105 @@ def rebind_optimizer(
             group["params"] = new["params"]
         optimizer.state = defaultdict(dict)
         return optimizer
-    return _rebuild(optimizer, groups)
+    kwargs = constructor_arguments(optimizer)
+    kwargs = {k: _follow(v, params, old_names, masks, type(optimizer).__name__, k) for k, v in kwargs.items()}
+    _transplant(_rebuild(type(optimizer), groups, kwargs), into=optimizer)
+    return optimizer
 
 
-def _rebuild(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def check_rebuildable(optimizer: torch.optim.Optimizer) -> None:
+    """SurgeryError before any surgery, rather than after it, when ``rebind_optimizer`` could not
+    rebuild ``optimizer`` (its constructor arguments are unknown)."""
+    if not type(optimizer).__module__.startswith("torch.optim"):
+        constructor_arguments(optimizer)
+
+
+def constructor_arguments(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The keyword arguments, besides the parameters, that build ``optimizer``'s class again as it is.
+
+    Each constructor argument comes from ``optimizer.constructor_kwargs()`` when the class has that
+    method, else from ``optimizer.defaults`` (a ``**kwargs`` constructor also gets the other entries
+    of ``defaults``). SurgeryError naming the class and the arguments whose value is not known.
+    """
     cls = type(optimizer)
-    kwargs = {}
-    for name, param in list(inspect.signature(cls).parameters.items())[1:]:
-        if param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+    own = getattr(optimizer, "constructor_kwargs", None)
+    known: dict[str, Any] = dict(own()) if callable(own) else {}
+    defaults = dict(getattr(optimizer, "defaults", {}))
+    kwargs, unknown, var_keyword = {}, [], False
+    for name, param in list(inspect.signature(cls).parameters.items())[1:]:  # [0]: the parameters
+        if param.kind is param.VAR_KEYWORD:
+            var_keyword = True
+        elif param.kind is param.VAR_POSITIONAL:
             continue
-        if name in optimizer.defaults:
-            kwargs[name] = optimizer.defaults[name]
-        elif hasattr(optimizer, name):
-            kwargs[name] = getattr(optimizer, name)
+        elif name in known or name in defaults:
+            kwargs[name] = known[name] if name in known else defaults[name]
+        else:
+            unknown.append(name)
+    if unknown:
+        listed = ", ".join(repr(n) for n in unknown)
+        raise SurgeryError(
+            f"cannot rebuild {cls.__name__} over the channel-pruned parameters: the value of its "
+            f"constructor argument(s) {listed} is unknown (not in its defaults, and {cls.__name__} has "
+            "no constructor_kwargs() method returning them); add one, keep them in defaults, or "
+            "use a torch.optim optimizer"
+        )
+    if var_keyword:
+        kwargs.update({k: v for k, v in {**defaults, **known}.items() if k not in kwargs})
+    return kwargs
+
+
+def _follow(
+    value: Any,
+    params: Mapping[str, nn.Parameter],
+    old_names: Mapping[int, str],
+    masks: MaskSet | None,
+    owner: str,
+    argument: str,
+) -> Any:
+    """A constructor argument carried through the surgery: a mapping keyed by old parameters (MFAC's
+    ``masks``) is keyed by the new ones, each tensor value replaced by the session's mask of that
+    parameter (or kept, if it still has the parameter's shape)."""
+    if not isinstance(value, Mapping) or not any(id(k) in old_names for k in value):
+        return value
+    out = {}
+    for key, item in value.items():
+        name = old_names.get(id(key))
+        if name is None:
+            out[key] = item
+            continue
+        new = params[name]
+        if masks is not None and name in masks and isinstance(item, torch.Tensor):
+            item = masks.mask(name)
+        elif isinstance(item, torch.Tensor) and item.shape != new.shape:
+            raise SurgeryError(
+                f"cannot rebuild {owner} over the channel-pruned parameters: its {argument!r} holds a "
+                f"tensor of shape {tuple(item.shape)} for {name}, now {tuple(new.shape)}"
+            )
+        out[new] = item
+    return out
+
+
+def _rebuild(cls: type, groups: list[dict[str, Any]], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
     try:
         return cls(groups, **kwargs)
     except Exception as err:
-        raise ValueError(
-            f"cannot rebuild {cls.__name__} over the pruned parameters ({type(err).__name__}: {err})"
+        raise SurgeryError(
+            f"cannot rebuild {cls.__name__} over the channel-pruned parameters ({type(err).__name__}: {err})"
         ) from err
+
+
+def _transplant(fresh: torch.optim.Optimizer, into: torch.optim.Optimizer) -> None:
+    """Make ``into`` the optimizer ``fresh`` is, keeping its identity, its registered hooks and the
+    attributes that ``fresh`` does not set (a patched ``step``, an LR scheduler's marks)."""
+    kept = {k: v for k, v in vars(into).items() if k not in vars(fresh) or _is_hooks(k)}
+    vars(into).clear()
+    vars(into).update(vars(fresh))
+    vars(into).update(kept)
+
+
+def _is_hooks(attribute: str) -> bool:
+    """An Optimizer's registry of hooks (``_optimizer_step_pre_hooks``, ...): their handles point at it."""
+    return attribute.startswith("_optimizer_") and attribute.endswith("_hooks")
 
 
 # ---------------------------------------------------------------------- resume

@@ -12,16 +12,19 @@ computes only its share of the rows: rank r takes the rows [start_r, end_r) wher
 ranks take one row more than m // P. The shares are then all-gathered in rank order, so every rank
 returns the same (m, d) tensor, row for row the one a single process computes: exactly m
 gradients, none counted twice, no silent m / P. Each rank's batches are its own shard of the
-stream. Gradients are taken on the model inside the DDP wrapper (no all-reduce of its own), after
-rank 0's batch-norm statistics are copied to every rank.
+stream: every rank draws the index lists of all m batches from the seeded generator (cheap), and
+loads and collates only the samples of its own rows. Gradients are taken on the model inside the
+DDP wrapper (no all-reduce of its own), after rank 0's batch-norm statistics are copied to every
+rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from . import distributed
 from .mfac.partition import shard_range
@@ -88,11 +91,11 @@ class GradientSampler:
         model_device = chosen[0].device if chosen else torch.device("cpu")
         self.model.eval()
         try:
-            batches = self._batches(batch_size, key)
-            for _ in range(first):  # the rows of the ranks before this one
+            batches = self._index_batches(batch_size, key)
+            for _ in range(first):  # the rows of the ranks before this one: drawn, not loaded
                 next(batches)
             for row in range(count):
-                x, y = next(batches)
+                x, y = fetch_batch(self.data, next(batches))
                 for p in every:
                     p.grad = None
                 with torch.enable_grad():
@@ -109,14 +112,32 @@ class GradientSampler:
             self.model.train(was_training)
         return out if world == 1 else gather_rows(out, num_grads, world)
 
-    def _batches(self, batch_size: int, key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled batches, cycling through the data as often as needed."""
+    def _index_batches(self, batch_size: int, key: int) -> Iterator[list[int]]:
+        """The sample indices of each shuffled batch, cycling through the data as often as needed.
+
+        Drawn exactly as ``DataLoader(data, batch_size, shuffle=True, generator=...)`` draws its
+        batches, epoch after epoch, without loading a sample.
+        """
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
         while True:
             loader = DataLoader(
-                self.data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False
+                range(len(self.data)), batch_size=batch_size, shuffle=True, generator=generator
             )
-            yield from loader
+            for indices in loader:
+                yield indices.tolist()
+
+    def _batches(self, batch_size: int, key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled batches (``_index_batches``, loaded and collated)."""
+        for indices in self._index_batches(batch_size, key):
+            yield fetch_batch(self.data, indices)
+
+
+def fetch_batch(data: Dataset, indices: list[int]) -> Any:
+    """The samples of ``data`` at ``indices``, collated as a DataLoader does (``__getitems__`` if the
+    dataset has it, else one ``data[i]`` each; ``default_collate``)."""
+    getitems = getattr(data, "__getitems__", None)
+    samples = getitems(indices) if getitems is not None else [data[i] for i in indices]
+    return default_collate(samples)
 
 
 def shard(m: int, world: int, rank: int) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 A ``Session`` counts optimizer steps and calls each modifier's hooks around them::
 
     session = Session(recipe, model, optimizer, steps_per_epoch=len(loader))
-    optimizer = session.wrap(optimizer)          # its step() now runs the hooks
+    optimizer = session.wrap(optimizer)          # the same optimizer; its step() now runs the hooks
     for epoch in range(epochs):
         for x, y in loader:
             optimizer.zero_grad()
@@ -18,6 +18,7 @@ count ``steps_per_epoch`` in optimizer steps. Hooks called out of order raise ``
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class Session:
         self.sampler = GradientSampler(model, data, loss_fn) if data is not None else None
         self.step = 0
         self._metrics = metrics
+        self._wrapped: tuple[torch.optim.Optimizer, Callable[..., Any]] | None = None  # see wrap()
         self._state = "new"  # new -> ready <-> stepping -> finalized
 
     @classmethod
@@ -158,7 +160,8 @@ class Session:
         """before_step(), the current optimizer's step(closure), after_step()."""
         self.before_step()
         try:
-            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            step = self._unhooked_step(self.optimizer)
+            result = step(closure) if closure is not None else step()
         except BaseException:
             self._state = "ready"
             raise
@@ -178,11 +181,30 @@ class Session:
         self.masks.apply()
         self._state = "finalized"
 
-    def wrap(self, optimizer: torch.optim.Optimizer | None = None) -> SessionOptimizer:
-        """An optimizer stand-in whose ``step()`` runs the hooks; everything else is delegated."""
-        if optimizer is not None and optimizer is not self.optimizer:
+    def wrap(self, optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+        """The optimizer the session was built with, whose ``step()`` now runs the session's hooks.
+
+        The very same object is returned, its ``step`` replaced on the instance: ``isinstance``,
+        ``param_groups``, ``state_dict``, step hooks and torch's LR schedulers (created before or after
+        ``wrap``) work on it as before. ``step(closure)`` calls ``before_step()``, steps the session's
+        current optimizer, then ``after_step()``. While a modifier has swapped in another optimizer
+        (``MFACOptimizer``), that one is stepped instead: a scheduler keeps setting the learning rate of
+        this optimizer's groups, which the swapped-in one does not read (it has its own, set by the
+        recipe). Wrapping twice returns the same object, wrapped once.
+        """
+        base = self.base_optimizer
+        if optimizer is not None and optimizer is not base:
             raise ValueError("wrap() takes the optimizer the session was built with")
-        return SessionOptimizer(self)
+        if self._wrapped is None or self._wrapped[0] is not base:
+            self._wrapped = (base, base.step)  # its step as it is now (an LR scheduler may have patched it)
+            base.step = types.MethodType(_hooked_step(self), base)  # type: ignore[method-assign]
+        return base
+
+    def _unhooked_step(self, optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
+        """``optimizer``'s step without the session's hooks (``wrap`` replaced the base optimizer's)."""
+        if self._wrapped is not None and self._wrapped[0] is optimizer:
+            return self._wrapped[1]
+        return optimizer.step
 
     # ------------------------------------------------------------------ services for modifiers
 
@@ -226,20 +248,14 @@ class Session:
             modifier.load_state_dict(mod_state)
 
 
-class SessionOptimizer:
-    """Stands in for the session's optimizer: ``step()`` runs the session hooks around it."""
+def _hooked_step(session: Session) -> Callable[..., Any]:
+    """The ``step`` that ``Session.wrap`` puts on its optimizer: the session's hooks around a step."""
 
-    def __init__(self, session: Session) -> None:
-        object.__setattr__(self, "_session", session)
+    def step(optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> Any:
+        optimizer._opt_called = True  # type: ignore[attr-defined]  # what torch's LR schedulers check
+        return session.optimizer_step(closure)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        return self._session.optimizer_step(closure)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session.optimizer, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._session.optimizer, name, value)
-
-    def __repr__(self) -> str:
-        return f"SessionOptimizer({self._session.optimizer!r})"
+    # An LR scheduler wraps ``step`` to see that it ran (setting ``_opt_called``, as above) and warns
+    # when ``step`` was replaced after it; this step does the scheduler's part itself.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    return step

@@ -14,6 +14,7 @@ writes every file. A checkpoint resumes at any world size with the same masks, m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import math
@@ -23,16 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset, default_collate
+from torch.utils.data import DataLoader, Subset
 
-from . import distributed
-from .channel_surgery import resume_shapes
+from . import distributed, zoo
+from .channel_surgery import check_rebuildable, resume_shapes
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .errors import CompressorError
 from .params import normalize
 from .preflight import preflight
-from .recipe import AllowImports, Recipe, build_train, parse_recipe, resolved_yaml
+from .recipe import AllowImports, Recipe, RecipeError, build_train, parse_recipe, resolved_yaml
+from .recipe.source import Source
 from .report import MetricsLog, Progress, plot_run, write_summary
+from .sampling import fetch_batch
 from .session import Session
 
 LOSSES = {"cross_entropy": torch.nn.functional.cross_entropy}
@@ -117,88 +120,222 @@ def _run(
     allow_imports: AllowImports = (),
 ) -> dict[str, Any]:
     files = RunFiles(Path(output))
-    main = ctx.rank == 0
+    state = _setup(ctx, files, recipe_path, overrides, resume, allow_recipe_change, allow_imports)
+    ctx = dataclasses.replace(ctx, device=state.device)  # the rank's device, as train.device says
+    try:
+        _start(state, ctx, resume)
+        return _train(state, ctx, progress)
+    finally:
+        state.log.close()  # the CSV handle (every row is already flushed)
+
+
+@dataclass
+class RunState:
+    """What the training loop of a run works on, built by ``_setup`` (and ``_start`` on resume)."""
+
+    files: RunFiles
+    raw_text: str
+    recipe: Recipe
+    train: Any  # the recipe's TrainSection
+    bundle: zoo.DataBundle
+    model: torch.nn.Module
+    session: Session
+    loss_fn: Any
+    log: Any  # MetricsLog on rank 0, _NoLog elsewhere
+    device: torch.device
+    start_epoch: int = 0
+    elapsed: float = 0.0  # seconds of training before this process (resume)
+
+
+def _setup(
+    ctx: distributed.Context,
+    files: RunFiles,
+    recipe_path: str | Path | None,
+    overrides: dict[str, str] | None,
+    resume: bool,
+    allow_recipe_change: bool,
+    allow_imports: AllowImports = (),
+) -> RunState:
+    """The recipe read (by rank 0) and everything built from it, on every rank.
+
+    Everything that may fail on a user error happens here, before the first collective of
+    training: every rank learns of an error on any rank, so that none waits for a failed one.
+    """
     raw_text = distributed.on_main(lambda: _recipe_text(files, recipe_path, resume, allow_recipe_change))
     source = str(recipe_path) if recipe_path is not None else str(files.raw_recipe)
+    state: RunState | None = None
     error: Exception | None = None
-    try:  # everything that may fail on a user error, before the first collective of training
-        first = parse_recipe(raw_text, file=source, overrides=overrides)
-        if first.train is None:
-            raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
-        train = first.train
-        torch.manual_seed(train.seed)
-        bundle, model = build_train(first, allow_imports)
-        model.to(ctx.device)
-        names = [normalize(n) for n, _ in model.named_parameters()]
-        recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
-        loss_fn = LOSSES.get(train.loss)
-        if loss_fn is None:
-            raise RunError(f"train.loss: unknown loss {train.loss!r}; known: {', '.join(LOSSES)}")
-        _check_world(recipe, train.batch_size, ctx.world_size)
-        optimizer = build_optimizer(train.optimizer, model.parameters())
-        batches_per_epoch = math.ceil(len(bundle.train) / train.batch_size)
-        steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
-        if main:
-            files.root.mkdir(parents=True, exist_ok=True)
-        log: Any = MetricsLog(files.metrics) if main else _NoLog()
-        session = Session(
-            recipe,
-            model,
-            optimizer,
-            steps_per_epoch=steps_per_epoch,
-            total_epochs=train.epochs,
-            data=bundle.train,
-            loss_fn=loss_fn,
-            metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
-        )
-        _preflight(recipe, session)
-    except Exception as exc:  # every rank learns of it, so that none waits for a failed one
+    try:
+        state = _build(ctx, files, raw_text, source, overrides, allow_imports)
+    except Exception as exc:
         error = exc
     distributed.agree(error)
+    assert state is not None
+    return state
+
+
+def _build(
+    ctx: distributed.Context,
+    files: RunFiles,
+    raw_text: str,
+    source: str,
+    overrides: dict[str, str] | None,
+    allow_imports: AllowImports = (),
+) -> RunState:
+    """Data, model, validated recipe, optimizer, metrics log and session of a run (not resumed yet)."""
+    first = parse_recipe(raw_text, file=source, overrides=overrides)
+    if first.train is None:
+        raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
+    train = first.train
+    device = _recipe_device(first, ctx)
+    torch.manual_seed(train.seed)
+    bundle, model = build_train(first, allow_imports)
+    model.to(device)
+    names = [normalize(n) for n, _ in model.named_parameters()]
+    recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
+    loss_fn = LOSSES.get(train.loss)
+    if loss_fn is None:
+        raise RunError(f"train.loss: unknown loss {train.loss!r}; known: {', '.join(LOSSES)}")
+    _check_world(recipe, train.batch_size, ctx.world_size)
+    optimizer = build_optimizer(train.optimizer, model.parameters())
+    if any(m.restructures for m in recipe.modifiers):
+        check_rebuildable(optimizer)  # channel surgery rebuilds it: refuse now, not after the surgery
+    batches_per_epoch = math.ceil(len(bundle.train) / train.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
+    if ctx.rank == 0:
+        files.root.mkdir(parents=True, exist_ok=True)
+    log: Any = MetricsLog(files.metrics) if ctx.rank == 0 else _NoLog()
+    session = Session(
+        recipe,
+        model,
+        optimizer,
+        steps_per_epoch=steps_per_epoch,
+        total_epochs=train.epochs,
+        data=bundle.train,
+        loss_fn=loss_fn,
+        metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
+    )
+    _preflight(recipe, session)
+    if device.type == "cpu" and any(m.needs_gradients for m in recipe.modifiers):
+        from .mfac import kernels  # a first run compiles them: overlap that with training
+
+        kernels.build_in_background("cpu")
+    return RunState(files, raw_text, recipe, train, bundle, model, session, loss_fn, log, device)
+
+
+def resolve_device(spec: str, ctx: distributed.Context) -> torch.device:
+    """The device that ``train.device`` (``spec``) names for this rank; RunError when it is not there.
+
+    In one process: ``auto`` is the first GPU (``cuda:0``) when CUDA is available, else the CPU;
+    ``cuda`` is ``cuda:0``; ``cuda:N`` that GPU; ``cpu`` the CPU. Under torchrun every rank computes
+    on the device it joined the process group with (``ctx.device``: ``cuda:LOCAL_RANK`` with nccl,
+    the CPU with gloo): ``auto`` is that device, ``cuda`` needs it to be a GPU and ``cpu`` the CPU,
+    and ``cuda:N`` is refused (the ranks cannot all use one GPU).
+    """
+    if ctx.world_size > 1:
+        return _rank_device(spec, ctx.device)
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec if ":" in spec else "cuda:0")
+    if not torch.cuda.is_available():
+        raise RunError(f"{spec!r} asks for a GPU, but {_no_cuda_reason()}; use auto or cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise RunError(f"{spec!r}: there is no such GPU; torch sees {count} (cuda:0 to cuda:{count - 1})")
+    return device
+
+
+def _rank_device(spec: str, device: torch.device) -> torch.device:
+    """``resolve_device`` under torchrun: the rank's own ``device``, if ``spec`` allows it."""
+    if spec.startswith("cuda:"):
+        raise RunError(
+            f"{spec!r} names one GPU, but under torchrun each rank computes on its own "
+            "(cuda:LOCAL_RANK); use cuda or auto"
+        )
+    if spec == "cuda" and device.type != "cuda":
+        raise RunError(f"'cuda' asks for a GPU per rank, but {_no_cuda_reason()}; use auto or cpu")
+    if spec == "cpu" and device.type != "cpu":
+        raise RunError(
+            "'cpu' under torchrun, but the ranks joined with nccl, one GPU each; to train on the CPU, "
+            "hide the GPUs (CUDA_VISIBLE_DEVICES= torchrun ...) so that they join with gloo, or use auto"
+        )
+    return device
+
+
+def _no_cuda_reason() -> str:
+    """Why torch sees no GPU, for messages."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    return "torch.cuda.is_available() is False (no GPU visible: driver, CUDA_VISIBLE_DEVICES?)"
+
+
+def _recipe_device(recipe: Recipe, ctx: distributed.Context) -> torch.device:
+    """``resolve_device`` of the recipe's ``train.device``; a RecipeError at that line when unusable."""
+    assert recipe.train is not None
     try:
-        start_epoch, elapsed = 0, 0.0
-        if resume:
-            state = distributed.on_main(lambda: load_checkpoint(files.checkpoint))
-            error = None
-            try:
-                start_epoch, elapsed = _restore(state, session, model, ctx)
-            except Exception as exc:
-                error = exc
-            distributed.agree(error)
-            del state
-            log.truncate_after(session.step)
-        elif main:
-            log.reset()
-            files.raw_recipe.write_text(raw_text)
-            files.recipe.write_text(resolved_yaml(recipe))
-        net = _wrap(model, ctx)
-        total_steps = session.total_steps
-        epochs = math.ceil(train.epochs)
-        began = time.perf_counter() - elapsed
-        with Progress(total_steps, enabled=progress and main, quiet=not main) as bar:
-            for epoch in range(start_epoch, epochs):
-                _train_epoch(session, bundle, train, epoch, loss_fn, log, bar, net=net, ctx=ctx)
-                last = epoch + 1 == epochs or (total_steps is not None and session.step >= total_steps)
-                shown: dict[str, float | None] = {"eval_loss": None, "eval_accuracy": None}
-                if last or (epoch + 1) % train.eval_every == 0:
-                    metrics = _evaluate(model, bundle.test, loss_fn, ctx)
-                    log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
-                    log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
-                    log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
-                    shown = {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
-                bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
-                _checkpoint(files, session, model, epoch + 1, time.perf_counter() - began, raw_text, recipe)
-                if last:
-                    break
-        session.finalize()
-        final = _evaluate(model, bundle.test, loss_fn, ctx)
-        wall = time.perf_counter() - began
-        world = ctx.world_size
-        summary = distributed.on_main(lambda: _write_summary(files, session, log, final, wall, world))
-        distributed.barrier()
-        return summary
-    finally:
-        log.close()  # the CSV handle (every row is already flushed)
+        return resolve_device(recipe.train.device, ctx)
+    except RunError as err:
+        source = recipe._source or Source(file="<recipe>", data=None)
+        raise RecipeError([source.issue(("train", "device"), str(err))]) from None
+
+
+def _start(state: RunState, ctx: distributed.Context, resume: bool) -> None:
+    """On resume, load the checkpoint into the run (every rank); else start the run's files afresh."""
+    files = state.files
+    if resume:
+        saved = distributed.on_main(lambda: load_checkpoint(files.checkpoint))
+        error: Exception | None = None
+        try:
+            state.start_epoch, state.elapsed = _restore(saved, state.session, state.model, ctx)
+        except Exception as exc:
+            error = exc
+        distributed.agree(error)
+        del saved
+        state.log.truncate_after(state.session.step)
+    elif ctx.rank == 0:
+        state.log.reset()
+        files.raw_recipe.write_text(state.raw_text)
+        files.recipe.write_text(resolved_yaml(state.recipe))
+
+
+def _train(state: RunState, ctx: distributed.Context, progress: bool) -> dict[str, Any]:
+    """The epochs from ``state.start_epoch`` on, then finalize, the final eval and the summary."""
+    session, model, bundle, train, log = state.session, state.model, state.bundle, state.train, state.log
+    net = _wrap(model, ctx)
+    total_steps = session.total_steps
+    epochs = math.ceil(train.epochs)
+    began = time.perf_counter() - state.elapsed
+    with Progress(total_steps, enabled=progress and ctx.rank == 0, quiet=ctx.rank != 0) as bar:
+        for epoch in range(state.start_epoch, epochs):
+            _train_epoch(session, bundle, train, epoch, state.loss_fn, log, bar, net=net, ctx=ctx)
+            last = epoch + 1 == epochs or (total_steps is not None and session.step >= total_steps)
+            shown: dict[str, float | None] = {"eval_loss": None, "eval_accuracy": None}
+            if last or (epoch + 1) % train.eval_every == 0:
+                shown = _log_eval(state, ctx)
+            bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
+            elapsed = time.perf_counter() - began
+            _checkpoint(state.files, session, model, epoch + 1, elapsed, state.raw_text, state.recipe)
+            if last:
+                break
+    session.finalize()
+    final = _evaluate(model, bundle.test, state.loss_fn, ctx)
+    wall = time.perf_counter() - began
+    world = ctx.world_size
+    summary = distributed.on_main(lambda: _write_summary(state.files, session, log, final, wall, world))
+    distributed.barrier()
+    return summary
+
+
+def _log_eval(state: RunState, ctx: distributed.Context) -> dict[str, float | None]:
+    """Evaluate on the test split and log loss, accuracy and sparsity; the values the bar shows."""
+    session, log = state.session, state.log
+    metrics = _evaluate(state.model, state.bundle.test, state.loss_fn, ctx)
+    log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
+    log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
+    log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
+    return {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
 
 
 def _write_summary(
@@ -360,10 +497,7 @@ def _train_epoch(
 
 def _fetch(data: Any, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch of ``data`` at ``indices``, collated as a DataLoader does."""
-    items = indices.tolist()
-    getitems = getattr(data, "__getitems__", None)
-    samples = getitems(items) if getitems is not None else [data[i] for i in items]
-    x, y = default_collate(samples)
+    x, y = fetch_batch(data, indices.tolist())
     return x.to(device), y.to(device)
 
 

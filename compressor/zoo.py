@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import CompressorError
 from .recipe.imports import is_factory, split_factory
@@ -123,7 +123,8 @@ def load_data(name: str, seed: int = 0) -> DataBundle:
 
     Built-in splits are fixed (see ``stratified_split``) and ignore ``seed``. A factory is called as
     ``factory(seed=seed)`` if it takes ``seed``, else ``factory()``, and must return a DataBundle or a
-    (train_dataset, test_dataset) pair of (x, y) datasets; input_shape and num_classes are then inferred.
+    (train_dataset, test_dataset) pair of (x, y) datasets; input_shape and num_classes are then inferred
+    (``infer_num_classes``: from what the datasets declare, never by loading every sample).
     """
     if not is_factory(name):
         return _DATA[_known(name, _DATA, "dataset")](seed)
@@ -132,20 +133,64 @@ def load_data(name: str, seed: int = 0) -> DataBundle:
         return out
     if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(d, Dataset) for d in out):
         train, test = out
-        labels = torch.cat([_labels(train), _labels(test)])
         shape = tuple(torch.as_tensor(train[0][0]).shape)
-        return DataBundle(train, test, shape, int(labels.max()) + 1, name)
+        return DataBundle(train, test, shape, infer_num_classes(train, test, name), name)
     raise ZooError(
         f"dataset factory {name!r} returned {type(out).__name__}; expected a DataBundle or a "
         "(train_dataset, test_dataset) pair"
     )
 
 
-def _labels(ds: Dataset) -> torch.Tensor:
-    """Integer labels (n,) of an (x, y) dataset."""
-    if isinstance(ds, TensorDataset):
+def infer_num_classes(train: Dataset, test: Dataset, source: str = "the dataset factory") -> int:
+    """How many classes (train, test) have, from what they declare, without loading their samples.
+
+    In order: a ``num_classes`` attribute, a ``classes`` sequence (torchvision's convention), else
+    the largest label + 1 of the labels they hold as a whole (a ``targets`` attribute, a
+    TensorDataset's second tensor), over both datasets. A ``Subset`` is looked through. ZooError
+    when neither dataset says, naming ``source`` and what to add.
+    """
+    for ds in (train, test):
+        declared = _declared_classes(ds)
+        if declared is not None:
+            return declared
+    held = [labels for labels in (_held_labels(train), _held_labels(test)) if labels is not None]
+    held = [labels for labels in held if labels.numel()]
+    if held:
+        return int(max(int(labels.max()) for labels in held)) + 1
+    raise ZooError(
+        f"{source}: cannot tell how many classes its datasets have without loading every sample; "
+        "give the train dataset a `num_classes` attribute (or torchvision's `classes` or `targets`), "
+        "or return a compressor.zoo.DataBundle"
+    )
+
+
+def _declared_classes(ds: Any) -> int | None:
+    """``num_classes``, else ``len(classes)`` of ``ds`` (or of the dataset a Subset wraps)."""
+    while ds is not None:
+        count = getattr(ds, "num_classes", None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+            return count
+        classes = getattr(ds, "classes", None)
+        if isinstance(classes, (list, tuple, dict)) and classes:
+            return len(classes)
+        ds = ds.dataset if isinstance(ds, Subset) else None
+    return None
+
+
+def _held_labels(ds: Any) -> torch.Tensor | None:
+    """The integer labels ``ds`` holds as a whole (``targets``, a TensorDataset's), else None."""
+    if isinstance(ds, Subset):
+        parent = _held_labels(ds.dataset)
+        return None if parent is None else parent[torch.as_tensor(list(ds.indices), dtype=torch.long)]
+    if isinstance(ds, TensorDataset) and len(ds.tensors) >= 2:
         return ds.tensors[1].reshape(-1).long()
-    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.long)
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        return None
+    try:
+        return torch.as_tensor(targets).reshape(-1).long()
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 # ---------------------------------------------------------------- models

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from compressor import registry, trainer
-from compressor.channel_surgery import dependency_graph, match_shapes
+from compressor.channel_surgery import SurgeryError, dependency_graph, match_shapes
 from compressor.checkpoint import load_checkpoint
 from compressor.cli import app
 from compressor.mfac import FisherInverse
@@ -104,11 +104,12 @@ def test_channels_are_removed_and_the_classifier_keeps_its_outputs(trained, digi
 
 def test_a_user_loop_without_data_and_a_rebuilt_mfac_optimizer(trained, digits):
     """No data given: the input of the loop's last forward is used for tracing. MFAC (window size fixed at
-    construction) is rebuilt over the smaller parameters with the same hyperparameters."""
+    construction) is rebuilt over the smaller parameters with every setting it was built with, in place:
+    the object the loop holds (wrapped, with an LR scheduler) trains on."""
     from compressor.mfac import MFAC
 
     model = copy.deepcopy(trained)
-    optimizer = MFAC(model.parameters(), lr=1e-3, num_grads=8, damp=1e-4, momentum=0.5)
+    optimizer = MFAC(model.parameters(), lr=1e-3, num_grads=8, damp=1e-4, momentum=0.5, count_scaling=True)
     modifier = StructuredPruning(
         type="StructuredPruning",
         params=LAYERS,
@@ -117,16 +118,99 @@ def test_a_user_loop_without_data_and_a_rebuilt_mfac_optimizer(trained, digits):
         start={"step": 1},
     )
     session = Session([modifier], model, optimizer, steps_per_epoch=10)
+    wrapped = session.wrap(optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(wrapped, step_size=1, gamma=0.5)
     x, y = digits.train.tensors[0][:32], digits.train.tensors[1][:32]
-    for _ in range(2):
-        session.optimizer.zero_grad()
+    for _ in range(3):
+        wrapped.zero_grad()
         ce(model(x), y).backward()
-        session.optimizer_step()
-    assert model.conv2.out_channels == 8
-    new = session.optimizer
-    assert isinstance(new, MFAC) and new is not optimizer and new is session.base_optimizer
-    assert new.window.dim == sum(p.numel() for p in model.parameters())
-    assert (new.num_grads, new.damp, new.param_groups[0]["momentum"]) == (8, 1e-4, 0.5)
+        wrapped.step()
+        scheduler.step()
+    assert model.conv2.out_channels == 8 and session.step == 3
+    assert session.optimizer is optimizer is session.base_optimizer
+    assert optimizer.window.dim == sum(p.numel() for p in model.parameters())
+    assert (optimizer.num_grads, optimizer.damp, optimizer.param_groups[0]["momentum"]) == (8, 1e-4, 0.5)
+    assert optimizer.window.count_scaling and optimizer.constructor_kwargs()["count_scaling"]
+    assert optimizer.window.count == 2  # rebuilt at step 1, then steps 1 and 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 / 8)  # the scheduler drives it on
+
+
+def test_a_rebuilt_mfac_keeps_its_masks(trained, digits):
+    """MFAC's masks follow the surgery: the session's mask where the session masks the parameter, the
+    given tensor where the shape did not change; a mask that no longer fits is refused."""
+    from compressor.mfac import MFAC
+
+    model = copy.deepcopy(trained)
+    bias_mask = torch.rand(model.fc2.bias.shape) > 0.5
+    own = {model.fc2.weight: torch.ones_like(model.fc2.weight, dtype=torch.bool), model.fc2.bias: bias_mask}
+    optimizer = MFAC(model.parameters(), lr=1e-3, num_grads=4, masks=own)
+    magnitude = MagnitudePruning(
+        type="MagnitudePruning", params=["fc2.weight"], final_sparsity=0.5, start=0, end=0
+    )
+    session, _ = _prune(model, digits.train, extra=[magnitude], importance="magnitude", optimizer=optimizer)
+    masks = optimizer.constructor_kwargs()["masks"]
+    assert masks[model.fc2.weight] is session.masks.mask("fc2.weight") and masks[model.fc2.bias] is bias_mask
+    assert model.fc2.weight.shape == (10, 32)
+    kept = int(session.masks.mask("fc2.weight").sum()) + int(bias_mask.sum())
+    assert optimizer.window.dim == sum(p.numel() for p in model.parameters()) - 10 * 32 - 10 + kept
+
+    model = copy.deepcopy(trained)
+    stale = {model.conv2.weight: torch.ones_like(model.conv2.weight, dtype=torch.bool)}
+    optimizer = MFAC(model.parameters(), lr=1e-3, num_grads=4, masks=stale)
+    with pytest.raises(SurgeryError, match=r"its 'masks' holds a tensor of shape \(16, 8, 3, 3\) for conv2"):
+        _prune(model, digits.train, importance="magnitude", optimizer=optimizer)
+
+
+class Nudge(torch.optim.Optimizer):
+    """p -= lr * scale * grad; ``scale`` is a per-group setting (in defaults), ``clip`` is not."""
+
+    def __init__(self, params, lr=0.1, scale=1.0, *, clip=None):
+        super().__init__(params, {"lr": lr, "scale": scale})
+        self._clip = clip  # kept under another name: only constructor_kwargs() can say what it was
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"] * group["scale"])
+
+
+class ToldNudge(Nudge):
+    """Nudge that says how it was built."""
+
+    def constructor_kwargs(self):
+        return {"clip": self._clip}
+
+
+def test_a_custom_optimizer_is_rebuilt_with_its_settings_or_refused(trained, digits):
+    model = copy.deepcopy(trained)
+    optimizer = ToldNudge(model.parameters(), lr=0.2, scale=3.0, clip=0.5)
+    optimizer.param_groups[0]["scale"] = 4.0  # a group's own setting, changed after construction
+    session, _ = _prune(model, digits.train, importance="magnitude", optimizer=optimizer)
+    assert session.optimizer is optimizer and optimizer._clip == 0.5
+    assert optimizer.defaults == {"lr": 0.2, "scale": 3.0}
+    assert (optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["scale"]) == (0.2, 4.0)
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in model.parameters()}
+
+    model = copy.deepcopy(trained)
+    optimizer = Nudge(model.parameters(), lr=0.2, clip=0.5)
+    with pytest.raises(SurgeryError, match=r"cannot rebuild Nudge .* constructor argument\(s\) 'clip'"):
+        _prune(model, digits.train, importance="magnitude", optimizer=optimizer)
+
+
+def test_a_run_refuses_an_optimizer_it_could_not_rebuild_before_training(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        SMALL.replace("{type: SGD, lr: 0.05, momentum: 0.9}", "{type: Nudge, lr: 0.05, clip: 0.5}")
+    )
+    registry.register("optimizers", "Nudge", Nudge)
+    try:
+        with pytest.raises(SurgeryError, match="cannot rebuild Nudge"):
+            trainer.run(recipe, tmp_path / "out", progress=False)
+    finally:
+        registry.unregister("optimizers", "Nudge")
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
 def test_the_classifier_cannot_be_selected(trained, digits):

@@ -3,6 +3,7 @@ the gradient sampler and its memory preflight, and checkpoints."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import pytest
@@ -265,3 +266,137 @@ def test_checkpoint_round_trip_and_damage(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------------- the wrapped optimizer
+
+
+class Swapper(Modifier):
+    """Swaps ``other`` in over steps [start, end) (as MFACOptimizer swaps in M-FAC)."""
+
+    type: Literal["Swapper"] = "Swapper"
+    other: Any = None
+    first: int = 0
+    last: int = 0
+
+    def before_step(self, session: Session) -> None:
+        inside = self.first <= session.step < self.last
+        session.swap_optimizer(self.other if inside else None)
+
+
+def _scalar() -> tuple[torch.nn.Linear, torch.optim.SGD]:
+    """A 1 -> 1 linear layer at weight 0 whose loss ``weight`` has gradient 1: a step moves it by -lr."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _unit_step(model: torch.nn.Linear, optimizer: torch.optim.Optimizer) -> float:
+    """One step on loss = weight (gradient 1); the step's learning rate (minus the weight's change)."""
+    before = float(model.weight.detach())
+    optimizer.zero_grad()
+    model.weight.sum().backward()
+    optimizer.step()
+    return before - float(model.weight.detach())
+
+
+def test_wrap_returns_the_optimizer_itself(gen):
+    rec = Recorder(calls=[])
+    model, session, opt = _setup(gen, [rec])
+    wrapped = session.wrap(opt)
+    assert wrapped is opt and isinstance(wrapped, torch.optim.SGD)
+    assert session.wrap() is opt  # wrapping again: the same object, hooks run once a step
+    _backward(model, gen)
+    opt.step()
+    assert rec.calls == [("initialize", 0), ("before", 0), ("after", 0)] and session.step == 1
+    with pytest.raises(ValueError, match="the optimizer the session was built with"):
+        session.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+SCHEDULERS = {
+    "StepLR": (lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)),
+    "LambdaLR": (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (i + 1))),
+    "OneCycleLR": (lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("scheduler_first", [False, True])
+def test_lr_schedulers_set_the_rate_the_wrapped_step_uses(name, scheduler_first):
+    """The rates a scheduler sets are the ones the steps take, as without the session; no warning."""
+    plain_model, plain = _scalar()
+    plain_scheduler = SCHEDULERS[name](plain)
+    expected = []
+    for _ in range(6):
+        expected.append(_unit_step(plain_model, plain))
+        plain_scheduler.step()
+
+    model, opt = _scalar()
+    session = Session([Recorder(calls=[])], model, opt, steps_per_epoch=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        scheduler = SCHEDULERS[name](opt) if scheduler_first else None
+        wrapped = session.wrap(opt)
+        scheduler = scheduler or SCHEDULERS[name](wrapped)
+        seen = []
+        for _ in range(6):
+            seen.append(_unit_step(model, wrapped))
+            scheduler.step()
+    assert seen == pytest.approx(expected, abs=1e-6) and len(set(seen)) > 1
+    assert session.step == 6
+
+
+def test_an_attribute_set_on_the_wrapped_optimizer_stays_on_it(gen):
+    model, opt = _scalar()
+    other = torch.optim.SGD(model.parameters(), lr=0.25)
+    session = Session([Swapper(other=other, first=1, last=3)], model, opt, steps_per_epoch=4)
+    wrapped = session.wrap(opt)
+    rates = [_unit_step(model, wrapped) for _ in range(4)]  # the swapped-in one steps in [1, 3)
+    assert rates == pytest.approx([0.1, 0.25, 0.25, 0.1], abs=1e-6)
+    session.before_step()  # step 4: swap in again, then look at what an assignment changes
+    session.swap_optimizer(other)
+    wrapped.custom = "mine"
+    wrapped.param_groups[0]["lr"] = 0.5
+    session.after_step()
+    assert not hasattr(other, "custom") and other.param_groups[0]["lr"] == 0.25
+    assert opt.custom == "mine" and opt.param_groups[0]["lr"] == 0.5
+
+
+def test_a_scheduler_drives_the_base_optimizer_while_another_is_swapped_in():
+    model, opt = _scalar()
+    other = torch.optim.SGD(model.parameters(), lr=0.25)
+    session = Session([Swapper(other=other, first=2, last=4)], model, opt, steps_per_epoch=4)
+    wrapped = session.wrap(opt)
+    scheduler = torch.optim.lr_scheduler.StepLR(wrapped, step_size=1, gamma=0.5)
+    rates = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(6):
+            rates.append(_unit_step(model, wrapped))
+            scheduler.step()
+    # the base's schedule runs on through the swap: 0.1, 0.05, (0.025, 0.0125 unused), 0.00625, ...
+    assert rates == pytest.approx([0.1, 0.05, 0.25, 0.25, 0.1 / 16, 0.1 / 32], abs=1e-6)
+
+
+def test_masks_and_closures_work_through_the_wrapped_optimizer(gen):
+    pruner = MagnitudePruning(
+        type="MagnitudePruning", params=["*.weight"], start=0, end=0, final_sparsity=0.5
+    )
+    model, session, opt = _setup(gen, [pruner])
+    wrapped = session.wrap(opt)
+    scheduler = torch.optim.lr_scheduler.StepLR(wrapped, step_size=1, gamma=0.9)
+    x, y = torch.randn(16, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+
+    def closure() -> torch.Tensor:
+        wrapped.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        assert isinstance(wrapped.step(closure), torch.Tensor)
+        scheduler.step()
+        for name in session.masks.names:
+            assert torch.all(session.params[name][~session.masks.mask(name)] == 0)
+    assert session.step == 3 and session.masks.global_sparsity() == pytest.approx(0.5, abs=0.01)

@@ -128,6 +128,22 @@ class MFAC(torch.optim.Optimizer):
         _check_hyper(**{k: v for k, v in param_group.items() if k in ("lr", "weight_decay", "momentum")})
         super().add_param_group(param_group)
 
+    def constructor_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments this optimizer was built with, besides ``params``.
+
+        ``MFAC(groups, **opt.constructor_kwargs())`` builds it again over other tensors (each group
+        keeps its own lr, weight_decay and momentum); ``masks`` is keyed by the current parameters.
+        Channel surgery rebuilds it so when the parameters change shape.
+        """
+        masks = {p: m for p, m in zip(self._params(), self._masks, strict=True) if m is not None}
+        return {
+            **{k: self.defaults[k] for k in ("lr", "weight_decay", "momentum")},
+            "num_grads": self.num_grads,
+            "damp": self.damp,
+            "masks": masks if self._masked else None,
+            **self._window_options,
+        }
+
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 

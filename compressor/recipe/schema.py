@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -148,6 +149,14 @@ class TrainSection(BaseModel):
     eval_every: Int = Field(
         1, ge=1, description="evaluate on the test split every this many epochs, and after the last one"
     )
+    device: str = Field("auto", description="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N")
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> str:
+        if isinstance(value, str) and (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value)):
+            return value
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N (N the index of a GPU), got {value!r}")
 
 
 def _error(kind: str, loc: tuple[int | str, ...], message: str, value: Any) -> InitErrorDetails:
