@@ -7,11 +7,14 @@ Each sub-step:
 1. samples m mini-batch gradients of the *remaining* weights at the current weights;
 2. builds F^-1 over them, F = lambda*I + G^T G / m (``FisherInverse``): blocks of ``block_size``
    coordinates over the concatenated remaining weights of all parameters, or one full block per
-   parameter (``block_size: null``). lambda = ``damp`` (absolute, the paper's), or with
-   ``relative_damp: true`` lambda = damp * mean(diag(G^T G / m)), the mean empirical Fisher
-   diagonal of this sub-step's gradients over all the remaining weights (one lambda for every
-   block; ``compressor.mfac.obs.damping``): the same setting then suits models whose gradients are
-   tiny (a model that fits its training data; see bench/results/quality.md, part f);
+   parameter (``block_size: null``). By default (``relative_damp: true``) lambda = damp *
+   mean(diag(G^T G / m)), ``damp`` times the mean empirical Fisher diagonal of this sub-step's
+   gradients over all the remaining weights (one lambda for every block;
+   ``compressor.mfac.obs.damping``), so one setting suits any gradient scale. ``relative_damp:
+   false`` makes ``damp`` lambda itself (the paper's absolute dampening, default then 1e-5); when
+   the Fisher's mean diagonal falls below damp / 10 (a model that fits its training data has tiny
+   gradients) F^-1 ~ I / damp and the saliency is magnitude's, so a UserWarning says so once.
+   The default 0.3 was chosen on held-out data (bench/quality.py, part h);
 3. scores: unstructured w_q^2 / (2 [F^-1]_qq); for a group structure the group OBS saliency
    w_Q^T ([F^-1]_QQ)^-1 w_Q / 2, given to every weight of the group (``select_masks`` averages);
    for N:M, in every group of M the subset Q of M-N weights with the smallest joint saliency gets
@@ -26,18 +29,20 @@ The sampler runs the model in eval mode (batch-norm uses its running statistics)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import Field, StrictInt, field_validator
+from pydantic import Field, PrivateAttr, StrictInt, field_validator, model_validator
 
 from compressor.mask_patterns import NM, Structure, group_layout, select_masks
 from compressor.mfac import FisherInverse
 from compressor.mfac.obs import (
     damping,
     group_obs,
+    mean_fisher_diagonal,
     nm_best_subsets,
     obs_update,
     removal_vector,
@@ -50,6 +55,12 @@ if TYPE_CHECKING:
 
 #: N:M with more candidate subsets per group than this is scored weight by weight instead.
 MAX_NM_SUBSETS = 256
+#: Default damp: lambda = RELATIVE_DAMP * mean(diag(G^T G / m)) (relative_damp: true).
+RELATIVE_DAMP = 0.3
+#: Default damp with relative_damp: false: lambda itself (the paper's).
+ABSOLUTE_DAMP = 1e-5
+#: Absolute mode warns once when mean(diag(G^T G / m)) < damp / WARN_RATIO.
+WARN_RATIO = 10.0
 
 
 class MFACPruning(PruningModifier):
@@ -62,9 +73,15 @@ class MFACPruning(PruningModifier):
         64, description="gradients per sub-step, or {sparsity: count} (count used from that target on)"
     )
     grad_batch_size: int = Field(32, ge=1, description="samples per gradient (mini-batch size)")
-    damp: float = Field(1e-5, gt=0.0, allow_inf_nan=False, description="dampening lambda of F")
+    damp: float = Field(
+        RELATIVE_DAMP,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="dampening of F: the fraction of mean(diag(G^T G / m)) added (relative_damp), "
+        f"else lambda itself (default then {ABSOLUTE_DAMP:g})",
+    )
     relative_damp: bool = Field(
-        False, strict=True, description="lambda = damp * mean(diag(G^T G / m)) of each sub-step's gradients"
+        True, strict=True, description="lambda = damp * mean(diag(G^T G / m)) of each sub-step's gradients"
     )
     block_size: int | None = Field(
         128, ge=1, description="Fisher blocks over the remaining weights; null: one block per parameter"
@@ -75,6 +92,16 @@ class MFACPruning(PruningModifier):
     grads_device: Literal["cpu", "cuda"] | None = Field(
         None, description="where the gradient buffer lives (default: the parameters' device)"
     )
+
+    _warned_damp: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_default(cls, data: Any) -> Any:
+        """``relative_damp: false`` without a ``damp``: the absolute default, not the relative one."""
+        if isinstance(data, dict) and data.get("relative_damp") is False and "damp" not in data:
+            return {**data, "damp": ABSOLUTE_DAMP}
+        return data
 
     @field_validator("num_grads")
     @classmethod
@@ -147,7 +174,22 @@ class MFACPruning(PruningModifier):
         self._last_update = session.step
 
     def damping(self, grads: torch.Tensor) -> float:
-        """lambda for this sub-step's (m, d) gradients (``compressor.mfac.obs.damping``)."""
+        """lambda for this sub-step's (m, d) gradients (``compressor.mfac.obs.damping``).
+
+        Absolute mode: warns (once) when the gradients' mean Fisher diagonal is below damp / 10.
+        """
+        if not self.relative_damp and not self._warned_damp:
+            scale = mean_fisher_diagonal(grads)
+            if scale < self.damp / WARN_RATIO:
+                self._warned_damp = True
+                warnings.warn(
+                    f"{self.type}: the sampled empirical Fisher's mean diagonal, mean(diag(G^T G / m)) = "
+                    f"{scale:.3g}, is below damp / {WARN_RATIO:g} (absolute damp {self.damp:g}): F^-1 is "
+                    "about I / damp and OBS ranks weights as magnitude pruning does. Use relative_damp: "
+                    f"true (lambda = damp * that mean; damp {RELATIVE_DAMP:g} by default) or a smaller damp.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return damping(grads, self.damp, self.relative_damp)
 
     # ------------------------------------------------------------------ one sub-step
