@@ -22,7 +22,12 @@ d) the sweep: for each optimizer a small grid (lr; for M-FAC lr x damp), seed 0,
 e) structured: the dense models of a) with 50% of the channels of conv1, conv2 and fc1 removed in one
    shot by StructuredPruning, magnitude against second-order importance, no fine-tuning;
 f) why M-FAC and magnitude agree on these models: the empirical Fisher's scale against damp, and
-   one-shot pruning to 90/95/98% at damps from 1e-5 down to 1e-8.
+   one-shot pruning to 90/95/98% at damps from 1e-5 down to 1e-8;
+g) the choice of StructuredPruning's default relative damp: dense models trained on 90% of the
+   training split (a different split per seed), 50% of the channels removed as in e) at each damp
+   of STRUCTURED_DAMPS (gradients from the 90%), scored on the held-out 10% (never the test set);
+h) MFACPruning's damping on the same held-out splits: absolute damp 1e-5 against relative damps
+   (MFAC_DAMPS), one-shot to 90/95/98% (m = 64, B = 128, one sub-step), scored on the held-out 10%.
 
 Each part keeps its raw results in ``quality_<part>.json`` beside the report, so parts can run in
 separate invocations (``--parts e``) and the report is rebuilt from all of them.
@@ -51,7 +56,7 @@ if str(ROOT) not in sys.path:
 
 from compressor.session import Session  # noqa: E402
 from compressor.trainer import evaluate, run  # noqa: E402
-from compressor.zoo import build_model, load_data  # noqa: E402
+from compressor.zoo import DataBundle, build_model, load_data  # noqa: E402
 from modifiers.channel_pruning import StructuredPruning  # noqa: E402
 from modifiers.magnitude import MagnitudePruning  # noqa: E402
 from modifiers.mfac_pruning import MFACPruning  # noqa: E402
@@ -60,14 +65,17 @@ PRUNED = ["re:(conv|fc)\\d\\.weight"]
 LOSS = torch.nn.functional.cross_entropy
 
 
-def train_dense(seed: int, epochs: int, data: Any, cache: Path | None = None) -> torch.nn.Module:
-    """mnist-cnn trained with SGD (lr 0.05, momentum 0.9, batch 64) for ``epochs``.
+def train_dense(
+    seed: int, epochs: int, data: Any, cache: Path | None = None, tag: str = ""
+) -> torch.nn.Module:
+    """mnist-cnn trained on ``data.train`` with SGD (lr 0.05, momentum 0.9, batch 64) for ``epochs``.
 
-    With ``cache`` (a folder), the trained weights are kept there and reused by later parts.
+    With ``cache`` (a folder), the trained weights are kept there and reused by later parts;
+    ``tag`` names a training set other than the full training split in the cached file's name.
     """
     model = build_model("mnist-cnn", data.input_shape, data.num_classes, seed=seed)
     size = sum(p.numel() for p in model.parameters())
-    path = cache / f"dense-mnist-cnn-{size}-seed{seed}-epochs{epochs}.pt" if cache else None
+    path = cache / f"dense-mnist-cnn-{size}-seed{seed}-epochs{epochs}{tag}.pt" if cache else None
     if path is not None and path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model
@@ -241,13 +249,88 @@ def structured_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, li
     return rows
 
 
-def gradual_study(seeds: list[int], out: Path) -> dict[str, list[dict[str, Any]]]:
+def held_out(data: Any, seed: int) -> Any:
+    """The training split cut into 90% (``train``) and a held-out 10% (``test``), by ``seed``."""
+    n_val = len(data.train) // 10
+    fit, val = random_split(
+        data.train, [len(data.train) - n_val, n_val], torch.Generator().manual_seed(10_000 + seed)
+    )
+    return DataBundle(fit, val, data.input_shape, data.num_classes, f"{data.name}-held-out-{seed}")
+
+
+#: Relative damps of part g: lambda = damp * mean(diag(G^T G / m)) of each layer's sampled gradients.
+STRUCTURED_DAMPS = (0.01, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def structured_damp_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, list[dict[str, float]]]:
+    """Part g: StructuredPruning (second_order) at each relative damp, scored on a held-out split."""
+    data = load_data("mnist")
+    rows: dict[str, list[dict[str, float]]] = {}
+    for seed in seeds:
+        split = held_out(data, seed)
+        dense = train_dense(seed, epochs, split, cache, tag=f"-fit90-{seed}")
+        rows.setdefault("dense", []).append(evaluate(dense, split.test, LOSS))
+        settings = [("magnitude", 1.0)] + [("second_order", damp) for damp in STRUCTURED_DAMPS]
+        for importance, damp in settings:
+            modifier = StructuredPruning(
+                type="StructuredPruning",
+                params=STRUCTURED,
+                start=0,
+                channel_sparsity=0.5,
+                importance=importance,
+                damp=damp,
+                relative_damp=True,
+            )
+            label = importance if importance == "magnitude" else f"second_order damp={damp:g}"
+            got = one_shot(dense, modifier, split, seed)
+            rows.setdefault(label, []).append(got)
+            print(f"seed {seed} held-out {label}: {got['accuracy']:.2%} loss {got['loss']:.4f}", flush=True)
+    return rows
+
+
+#: Settings of part h: (damp, relative_damp); absolute 1e-5 was MFACPruning's default.
+MFAC_DAMPS = [(1e-5, False), (0.01, True), (0.03, True), (0.1, True), (0.3, True), (1.0, True)]
+
+
+def _mfac_damp_label(damp: float, relative: bool) -> str:
+    return f"M-FAC {'relative' if relative else 'absolute'} damp={damp:g}"
+
+
+def mfac_damp_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, list[dict[str, float]]]:
+    """Part h: one-shot M-FAC (m = 64, B = 128, one sub-step) at each of MFAC_DAMPS against
+    magnitude, to 90/95/98%, on the held-out splits of part g."""
+    data = load_data("mnist")
+    rows: dict[str, list[dict[str, float]]] = {}
+    for seed in seeds:
+        split = held_out(data, seed)
+        dense = train_dense(seed, epochs, split, cache, tag=f"-fit90-{seed}")
+        rows.setdefault("dense", []).append(evaluate(dense, split.test, LOSS))
+        for s in DAMP_SPARSITIES:
+            rows.setdefault(f"magnitude {s:.0%}", []).append(
+                one_shot(dense, one_shot_magnitude(s), split, seed)
+            )
+            for damp, relative in MFAC_DAMPS:
+                label = f"{_mfac_damp_label(damp, relative)} {s:.0%}"
+                got = one_shot(dense, one_shot_mfac(s, 64, 1, 128, damp, relative), split, seed)
+                rows.setdefault(label, []).append(got)
+                print(
+                    f"seed {seed} held-out {label}: {got['accuracy']:.2%} loss {got['loss']:.4f}", flush=True
+                )
+    return rows
+
+
+def gradual_study(
+    seeds: list[int], out: Path, only: list[str] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Part b: each recipe (or those named in ``only``) run to the end per seed; their summaries."""
     results: dict[str, list[dict[str, Any]]] = {}
     recipes = {
         name: ROOT / "recipes" / f"{name}.yaml" for name in ("mnist_mfac_gradual", "mnist_gmp_gradual")
     }
     recipes["dense, same schedule"] = ROOT / "recipes" / "mnist_dense.yaml"
     for name, path in recipes.items():
+        if only and name not in only:
+            continue
         for seed in seeds:
             summary = run(
                 path,
@@ -406,6 +489,10 @@ def write_report(out: Path, parts: dict[str, Any], sparsities: list[float]) -> s
         lines += _structured_table(parts["e"]["rows"])
     if "f" in parts:
         lines += _damp_table(parts["f"]["rows"])
+    if "g" in parts:
+        lines += _structured_damp_table(parts["g"]["rows"])
+    if "h" in parts:
+        lines += _mfac_damp_table(parts["h"]["rows"])
     notes = out / "quality_notes.md"  # the reading of these results, written by hand
     if notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
@@ -427,7 +514,7 @@ def save_part(out: Path, part: str, seeds: list[int], rows: Any) -> None:
 def load_parts(out: Path) -> dict[str, Any]:
     """Every part saved by ``save_part`` in ``out``, the runs of separate seed sets merged by seed."""
     parts: dict[str, Any] = {}
-    for part in "abcdef":
+    for part in "abcdefgh":
         saved = [json.loads(p.read_text()) for p in sorted(out.glob(f"quality_{part}_seeds*.json"))]
         if not saved:
             continue
@@ -527,6 +614,72 @@ def _damp_table(rows: dict[str, list[dict[str, float]]]) -> list[str]:
     return [*lines, ""]
 
 
+def best_structured_damp(rows: dict[str, list[dict[str, float]]]) -> float:
+    """Part g's choice: the relative damp with the lowest mean held-out loss."""
+    losses = {
+        float(name.split("=")[1]): statistics.fmean(r["loss"] for r in runs)
+        for name, runs in rows.items()
+        if name.startswith("second_order damp=")
+    }
+    return min(losses, key=losses.__getitem__)
+
+
+def _structured_damp_table(rows: dict[str, list[dict[str, float]]]) -> list[str]:
+    chosen = best_structured_damp(rows)
+    lines = [
+        "## g) StructuredPruning's relative damp, chosen on held-out data (50% of the channels, no "
+        "fine-tuning; trained on 90% of the training split, scored on the other 10%)",
+        "",
+        "| importance | held-out accuracy (%) | held-out loss |",
+        "|---|---|---|",
+    ]
+    for name, runs in rows.items():
+        mark = " (chosen)" if name == f"second_order damp={chosen:g}" else ""
+        acc = _ms([r["accuracy"] for r in runs])
+        loss = _ms([r["loss"] for r in runs], scale=1.0, digits=4)
+        lines.append(f"| {name}{mark} | {acc} | {loss} |")
+    return [*lines, ""]
+
+
+def best_mfac_damp(rows: dict[str, list[dict[str, float]]]) -> tuple[float, bool]:
+    """Part h's choice: the (damp, relative) with the lowest held-out loss, averaged over sparsities."""
+    present = [(d, r) for d, r in MFAC_DAMPS if f"{_mfac_damp_label(d, r)} {DAMP_SPARSITIES[0]:.0%}" in rows]
+
+    def mean_loss(setting: tuple[float, bool]) -> float:
+        label = _mfac_damp_label(*setting)
+        return statistics.fmean(
+            statistics.fmean(r["loss"] for r in rows[f"{label} {s:.0%}"]) for s in DAMP_SPARSITIES
+        )
+
+    return min(present, key=mean_loss)
+
+
+def _mfac_damp_table(rows: dict[str, list[dict[str, float]]]) -> list[str]:
+    dense = rows["dense"]
+    chosen = _mfac_damp_label(*best_mfac_damp(rows))
+    lines = [
+        "## h) MFACPruning's damping on held-out data (one-shot, m = 64, B = 128, one sub-step; "
+        "held-out loss / accuracy (%))",
+        "",
+        f"Dense: {_ms([r['loss'] for r in dense], 1.0, 4)} / {_ms([r['accuracy'] for r in dense], digits=1)}",
+        "",
+        "| method | " + " | ".join(f"{s:.0%}" for s in DAMP_SPARSITIES) + " |",
+        "|---|" + "---|" * len(DAMP_SPARSITIES),
+    ]
+    for method in ["magnitude"] + [_mfac_damp_label(*setting) for setting in MFAC_DAMPS]:
+        if f"{method} {DAMP_SPARSITIES[0]:.0%}" not in rows:
+            continue
+        cells = []
+        for s in DAMP_SPARSITIES:
+            runs = rows[f"{method} {s:.0%}"]
+            cells.append(
+                f"{_ms([r['loss'] for r in runs], 1.0, 4)} / {_ms([r['accuracy'] for r in runs], digits=1)}"
+            )
+        mark = " (chosen)" if method == chosen else ""
+        lines.append(f"| {method}{mark} | " + " | ".join(cells) + " |")
+    return [*lines, "", "Chosen: the lowest held-out loss averaged over the three sparsities.", ""]
+
+
 def _sweep_table(sweep: dict) -> list[str]:
     lines = ["## d) Sweep (seed 0; trained on 90% of the training split, scored on the held-out 10%)", ""]
     lines += ["| optimizer | setting | final train loss | held-out loss | held-out accuracy (%) |"]
@@ -603,10 +756,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, m 16 or 64, R 0 or 4, less training")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--parts", default="aefbdc", help="studies to run (a-f; c uses d's choice)")
+    parser.add_argument("--parts", default="aefbdc", help="studies to run (a-h; c uses d's choice)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 1)")
     parser.add_argument("--seed-list", default=None, help="run these seeds only, e.g. 1,2 (merged on report)")
-    parser.add_argument("--only", default=None, help="parts c, d: these optimizers only (comma-separated)")
+    parser.add_argument(
+        "--only", default=None, help="parts b, c, d: these recipes or optimizers only (comma-separated)"
+    )
     args = parser.parse_args()
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     if args.seed_list:
@@ -623,10 +778,18 @@ def main() -> None:
         save_part(args.out, "e", seeds, structured_study(seeds, dense_epochs, cache))
     if "f" in args.parts:
         save_part(args.out, "f", seeds, damp_study(seeds, dense_epochs, cache))
-    if "b" in args.parts:
-        save_part(args.out, "b", seeds, gradual_study(seeds, args.out / "runs"))
-    optimizer_epochs = 1 if args.quick else 5
+    if "g" in args.parts:
+        save_part(args.out, "g", seeds, structured_damp_study(seeds, dense_epochs, cache))
+    if "h" in args.parts:
+        save_part(args.out, "h", seeds, mfac_damp_study(seeds, dense_epochs, cache))
     only = args.only.split(",") if args.only else None
+    if "b" in args.parts:
+        rows = gradual_study(seeds, args.out / "runs", only)
+        if only:  # keep the other recipes' runs of the same seeds
+            saved = args.out / f"quality_b_seeds{'-'.join(map(str, seeds))}.json"
+            rows = {**(json.loads(saved.read_text())["rows"] if saved.is_file() else {}), **rows}
+        save_part(args.out, "b", seeds, rows)
+    optimizer_epochs = 1 if args.quick else 5
     if "d" in args.parts:
         rows = sweep_study(optimizer_epochs, only)
         if only:  # keep the other optimizers' sweep

@@ -11,7 +11,8 @@ Specs (as in a recipe; ``as_structure`` validates a raw value):
     "channels"          whole output channels (rows of the 2-D view)
 
 Groups are numbered in row-major order of the 2-D view (tiles, rows) or of the flattened tensor
-(unstructured, N:M).
+(unstructured, N:M). ``group_layout`` is the one place that lays the groups out (it also serves the
+OBS pruners, whose N:M groups are the groups of M themselves).
 """
 
 from __future__ import annotations
@@ -123,46 +124,55 @@ def validate(name: str, shape: torch.Size | tuple[int, ...], spec: Any) -> None:
             )
 
 
-def _view2d(t: torch.Tensor) -> torch.Tensor:
-    """(out, rest) view: Linear (out, in); Conv (out, in*kh*kw); 1-D (n, 1)."""
-    return t.reshape(t.shape[0], -1)
+def group_layout(shape: torch.Size | tuple[int, ...], spec: Any) -> torch.Tensor:
+    """Flat positions of each group's weights: int64 (num_groups, k), -1 padding short edge tiles.
+
+    The one tile layout of every structure, in the module's group order: unstructured (numel, 1);
+    N:M (numel / M, M), the M consecutive weights along input channels of each (out, kh, kw);
+    channels (out, numel / out), the rows of the 2-D view; blocks (tiles, r * c), the r x c tiles
+    of the 2-D view in row-major order, each tile's weights row-major, edge tiles padded with -1.
+    """
+    structure = as_structure(spec)
+    numel = math.prod(shape)
+    pos = torch.arange(numel).reshape(shape)
+    if structure == "unstructured":
+        return pos.reshape(-1, 1)
+    if isinstance(structure, NM):
+        moved = pos.movedim(1, -1) if pos.dim() >= 2 else pos
+        return moved.reshape(-1, structure.m)
+    view = pos.reshape(shape[0], -1)
+    if structure == "channels":
+        return view
+    r, c = structure.blocks
+    rows, cols = view.shape
+    nr, nc = -(-rows // r), -(-cols // c)
+    padded = torch.nn.functional.pad(view, (0, nc * c - cols, 0, nr * r - rows), value=-1)
+    return padded.reshape(nr, r, nc, c).permute(0, 2, 1, 3).reshape(nr * nc, r * c)
 
 
-def _nm_rank(score: torch.Tensor, m: int) -> torch.Tensor:
-    """Rank (0 = smallest) of each weight within its group of m along input channels; param shape.
+def _nm_rank(score: torch.Tensor, structure: NM) -> torch.Tensor:
+    """Rank (0 = smallest) of each weight within its group of M along input channels; score's shape.
 
     Ties: the lower index ranks lower (stable sort).
     """
-    moved = score.movedim(1, -1) if score.dim() >= 2 else score
-    groups = moved.contiguous().reshape(-1, m)
-    order = torch.argsort(groups, dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(m, device=order.device).expand_as(order))
-    rank = rank.reshape(moved.shape)
-    return rank.movedim(-1, 1) if score.dim() >= 2 else rank
-
-
-def _tile_grid(shape: torch.Size | tuple[int, ...], r: int, c: int) -> tuple[int, int, int, int]:
-    rows = shape[0]
-    cols = math.prod(shape[1:])
-    return rows, cols, -(-rows // r), -(-cols // c)
+    layout = group_layout(score.shape, structure).to(score.device)
+    order = torch.argsort(score.reshape(-1)[layout], dim=1, stable=True)
+    in_group = torch.empty_like(order)
+    in_group.scatter_(1, order, torch.arange(structure.m, device=order.device).expand_as(order))
+    rank = torch.empty(score.numel(), dtype=torch.int64, device=score.device)
+    rank[layout.reshape(-1)] = in_group.reshape(-1)
+    return rank.reshape(score.shape)
 
 
 def group_sizes(shape: torch.Size | tuple[int, ...], spec: Any) -> torch.Tensor:
-    """Number of weights in each group, int64 (num_groups,)."""
+    """Number of weights in each selection group, int64 (num_groups,).
+
+    N:M parameters are selected weight by weight (see ``group_scores``): all ones.
+    """
     structure = as_structure(spec)
-    numel = math.prod(shape)
     if structure == "unstructured" or isinstance(structure, NM):
-        return torch.ones(numel, dtype=torch.int64)
-    if structure == "channels":
-        return torch.full((shape[0],), numel // shape[0], dtype=torch.int64)
-    r, c = structure.blocks
-    rows, cols, nr, nc = _tile_grid(shape, r, c)
-    tile_rows = torch.full((nr,), r, dtype=torch.int64)
-    tile_rows[-1] = rows - (nr - 1) * r
-    tile_cols = torch.full((nc,), c, dtype=torch.int64)
-    tile_cols[-1] = cols - (nc - 1) * c
-    return torch.outer(tile_rows, tile_cols).flatten()
+        return torch.ones(math.prod(shape), dtype=torch.int64)
+    return (group_layout(shape, structure) >= 0).sum(dim=1)
 
 
 def group_scores(score: torch.Tensor, spec: Any) -> torch.Tensor:
@@ -176,19 +186,13 @@ def group_scores(score: torch.Tensor, spec: Any) -> torch.Tensor:
         return score.flatten()
     if isinstance(structure, NM):
         validate("score", score.shape, structure)
-        return _nm_rank(score, structure.m).flatten().to(score.dtype)
-    pruned = torch.isneginf(score)
-    finite = _view2d(score.masked_fill(pruned, 0))
-    pruned = _view2d(pruned)
-    if structure == "channels":
-        return finite.mean(dim=1).masked_fill(pruned.any(dim=1), -math.inf)
-    r, c = structure.blocks
-    rows, cols, nr, nc = _tile_grid(score.shape, r, c)
-    pad = (0, nc * c - cols, 0, nr * r - rows)
-    sums = torch.nn.functional.pad(finite, pad).reshape(nr, r, nc, c).sum(dim=(1, 3)).flatten()
-    hit = torch.nn.functional.pad(pruned, pad).reshape(nr, r, nc, c).any(dim=3).any(dim=1).flatten()
-    sizes = group_sizes(score.shape, structure).to(device=score.device, dtype=score.dtype)
-    return (sums / sizes).masked_fill(hit, -math.inf)
+        return _nm_rank(score, structure).flatten().to(score.dtype)
+    layout = group_layout(score.shape, structure).to(score.device)
+    slot = layout >= 0
+    values = score.reshape(-1)[layout.clamp(min=0)]
+    pruned = torch.isneginf(values) & slot
+    sums = values.masked_fill(pruned | ~slot, 0.0).sum(dim=1)
+    return (sums / slot.sum(dim=1).to(score.dtype)).masked_fill(pruned.any(dim=1), -math.inf)
 
 
 def expand(group_mask: torch.Tensor, shape: torch.Size | tuple[int, ...], spec: Any) -> torch.Tensor:
@@ -197,13 +201,11 @@ def expand(group_mask: torch.Tensor, shape: torch.Size | tuple[int, ...], spec: 
     group_mask = group_mask.bool()
     if structure == "unstructured" or isinstance(structure, NM):
         return group_mask.reshape(shape)
-    rows, cols = shape[0], math.prod(shape[1:])
-    if structure == "channels":
-        return group_mask[:, None].expand(rows, cols).reshape(shape)
-    r, c = structure.blocks
-    _, _, nr, nc = _tile_grid(shape, r, c)
-    tiles = group_mask.reshape(nr, nc).repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)
-    return tiles[:rows, :cols].reshape(shape)
+    layout = group_layout(shape, structure).to(group_mask.device)
+    slot = layout >= 0
+    out = torch.empty(math.prod(shape), dtype=torch.bool, device=group_mask.device)
+    out[layout[slot]] = group_mask.unsqueeze(1).expand_as(layout)[slot]
+    return out.reshape(shape)
 
 
 def _prune_prefix(scores: torch.Tensor, sizes: torch.Tensor, need: int) -> torch.Tensor:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from compressor.mask_patterns import NM, Blocks, as_structure
+from compressor.mask_patterns import NM, Blocks, as_structure, group_layout
 
 
 def describe(spec: Any) -> str:
@@ -27,19 +26,12 @@ def violations(array: np.ndarray, spec: Any) -> tuple[int, int]:
     Blocks and channels: a tile (or row) that holds a zero without being entirely zero breaks it.
     """
     structure = as_structure(spec)
-    if isinstance(structure, NM):
-        moved = np.moveaxis(array, 1, -1) if array.ndim >= 2 else array
-        groups = np.ascontiguousarray(moved).reshape(-1, structure.m)
-        return int(((groups != 0).sum(axis=1) > structure.n).sum()), len(groups)
     if structure == "unstructured" or array.ndim == 0:
         return 0, 0
-    rows, cols = array.shape[0], math.prod(array.shape[1:])
-    r, c = structure.blocks if isinstance(structure, Blocks) else (1, cols)
-    nr, nc = -(-rows // r), -(-cols // c)
-    zero = np.zeros((nr * r, nc * c), dtype=bool)
-    zero[:rows, :cols] = array.reshape(rows, cols) == 0
-    filled = np.ones_like(zero)
-    filled[:rows, :cols] = False  # padding counts as zero for "entirely zero", not as "holds a zero"
-    tiles = (zero | filled).reshape(nr, r, nc, c).all(axis=(1, 3))
-    any_zero = zero.reshape(nr, r, nc, c).any(axis=(1, 3))
-    return int((any_zero & ~tiles).sum()), nr * nc
+    layout = group_layout(array.shape, structure).numpy()  # (groups, k), -1 pads edge tiles
+    slot = layout >= 0
+    nonzero = (np.asarray(array).reshape(-1) != 0)[np.maximum(layout, 0)] & slot
+    if isinstance(structure, NM):
+        return int((nonzero.sum(axis=1) > structure.n).sum()), len(layout)
+    holds_zero = (slot & ~nonzero).any(axis=1)
+    return int((holds_zero & nonzero.any(axis=1)).sum()), len(layout)

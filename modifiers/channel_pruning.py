@@ -20,27 +20,23 @@ Importance of channel c:
     consumers`` (default), the input slices for c of the layers that read it (the next conv's input
     channel, fc1's 49 columns of a conv2 channel): zeroing exactly those removes the channel, after
     which c's own filter, bias and batch-norm entries have no effect; ``scope: group`` also adds the
-    producer's slices as separate blocks (the literal group, measured worse: see below). The form is
-    *exact*, in m x m algebra instead of the k x k block (k = |Q| runs into thousands): with
-    K = m*lambda*I + G_R G_R^T and R the other unmasked coordinates of the block (Schur complement),
+    producer's slices as separate blocks (the literal group). The form is *exact*, in m x m algebra
+    instead of the k x k block (k = |Q| runs into thousands): with K = m*lambda*I + G_R G_R^T and R
+    the other unmasked coordinates of the block (Schur complement),
 
         w_Q^T ([F^-1]_QQ)^-1 w_Q = lambda * (||w_Q||^2 + (G_Q w_Q)^T K^-1 (G_Q w_Q))
 
-    (``tests/test_channel_pruning.py`` checks it against ``FisherInverse.submatrices``). With
-    ``obs_update`` (default) the OBS update of the removal is applied before the surgery, per block:
-    the kept weights move by dw_R = G_R^T K^-1 G_Q w_Q for the set Q of all channels removed from the
-    layer (the minimizer of the quadratic model with w_Q = 0), the correction the saliency assumes.
-    ``damp`` is relative by default: m*lambda = damp * mean(diag(G G^T)) per block ("percdamp"),
-    so one value suits every layer; ``relative_damp: false`` makes it the absolute lambda. Layers are
-    pruned one after the other in model order, each with fresh gradients of the already pruned model.
-
-    Measured one-shot (50% of conv1, conv2, fc1 channels, no fine-tuning, test accuracy; magnitude
-    vs second_order defaults): mnist-cnn 94.4% vs 96.4% (dense 97.2%, 3 seeds, bench/quality.py
-    part e); digits-cnn 48.5% vs 90.0% (dense 98%, 4 seeds). Without the update the saliency alone
-    gave 94.2% on the earlier 16/32-channel mnist-cnn (92.2% magnitude, 96.2% with the update);
-    ``scope: group`` or a small damp with the update fall back to magnitude's level or below (the
-    producer's slices do not measure the channel's removal, and with m << d an almost undamped
-    update overfits the m sampled gradients).
+    (``compressor.mfac.obs.schur_group_saliencies``). With ``obs_update`` (default) the OBS update of
+    the removal is applied before the surgery, per block: the kept weights move by
+    dw_R = G_R^T K^-1 G_Q w_Q for the set Q of all channels removed from the layer (the minimizer of
+    the quadratic model with w_Q = 0, ``schur_removal_update``), the correction the saliency assumes.
+    ``damp`` is relative by default, as in MFACPruning: lambda = damp * mean(diag(G^T G / m)), the
+    mean empirical Fisher diagonal of the layer's sampled gradients over the unmasked coordinates
+    of all its blocks (one lambda per layer; ``compressor.mfac.obs.damping``), so one value suits
+    every layer and gradient scale; ``relative_damp: false`` makes ``damp`` lambda itself. The
+    default damp 1 (lambda = the mean diagonal) was chosen on held-out data; the measurements are in
+    bench/results/quality.md (parts e and g). Layers are pruned one after the other in model order,
+    each with fresh gradients of the already pruned model.
 
 After the surgery ``session.params`` is refreshed, masks of other pruners on the touched parameters
 shrink with them (``MaskSet`` rebuilt), and the training optimizer is rebound to the new parameters
@@ -70,14 +66,12 @@ from compressor.channel_surgery import (
     rebind,
 )
 from compressor.masks import MASK_SUFFIX
+from compressor.mfac.obs import damping, schur_group_saliencies, schur_removal_update
 from compressor.modifier import Modifier
 from compressor.params import match_params, normalize
 
 if TYPE_CHECKING:
     from compressor.session import Session
-
-#: Bound on the float64 temporaries of one chunk of per-channel m x m matrices (bytes).
-CHUNK_BYTES = 64 << 20
 
 
 class StructuredPruning(Modifier):
@@ -95,10 +89,15 @@ class StructuredPruning(Modifier):
     importance: Literal["magnitude", "second_order"] = "second_order"
     num_grads: StrictInt = Field(64, ge=1, description="second_order: gradients sampled per layer")
     grad_batch_size: int = Field(32, ge=1, description="second_order: samples per gradient")
-    damp: float = Field(1e-2, gt=0.0, allow_inf_nan=False, description="second_order: dampening of F")
+    damp: float = Field(
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="second_order: dampening of F, a fraction of mean(diag(G^T G / m)) (else lambda itself)",
+    )
     relative_damp: bool = Field(
         True,
-        description="second_order: damp is a fraction of the gradients' mean Gram diagonal (else absolute)",
+        description="second_order: lambda = damp * mean(diag(G^T G / m)) of each layer's gradients",
     )
     obs_update: bool = Field(True, description="second_order: move the kept weights by the OBS update")
     scope: Literal["consumers", "group"] = Field(
@@ -270,8 +269,10 @@ class GroupL2Importance(tp.importance.Importance):
 class GroupOBSImportance(tp.importance.Importance):
     """Group OBS saliency w_Q^T ([F^-1]_QQ)^-1 w_Q / 2 per channel of the root (see the module doc).
 
-    ``update(removed)`` after a call applies the OBS update for removing those root channels, with
-    the gradients of that call.
+    F is block-diagonal with one block per parameter tensor, damped by one lambda
+    (``compressor.mfac.obs.damping`` of the sampled gradients of the unmasked coordinates). The
+    saliency is computed in m x m algebra (``schur_group_saliencies``). ``update(removed)`` after a
+    call applies the OBS update for removing those root channels, with the gradients of that call.
     """
 
     def __init__(
@@ -286,20 +287,8 @@ class GroupOBSImportance(tp.importance.Importance):
     ) -> None:
         self.sampler, self.num_grads, self.batch_size = sampler, num_grads, batch_size
         self.damp, self.key, self.relative, self.consumers_only = damp, key, relative, consumers_only
-        self._blocks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, float]] = []
-
-    def _lambda(self, g: torch.Tensor) -> float:
-        """The block's dampening: ``damp``, or (relative) ``damp`` times the mean eigenvalue of G G^T / m.
-
-        Relative: m*lambda = damp * mean(diag(G G^T)), so K = m*lambda*I + G G^T is the Gram matrix of
-        the gradients with ``damp`` of its mean diagonal added (as "percdamp" in OBC/SparseGPT), which
-        keeps the meaning of ``damp`` across layers, gradient scales and block sizes.
-        """
-        if not self.relative:
-            return self.damp
-        m = g.shape[0]
-        mean = float(g.square().sum()) / (m * m)
-        return self.damp * mean if mean > 0 else self.damp
+        self._blocks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self._lambda = damp
 
     def __call__(self, group: Any) -> torch.Tensor:
         n = len(group[0].idxs)
@@ -308,74 +297,32 @@ class GroupOBSImportance(tp.importance.Importance):
         grads = self.sampler.sample(
             [names[id(p)] for p, _, _ in coords], self.num_grads, self.batch_size, key=self.key
         )
-        m = self.num_grads
+        alive = torch.cat([a for _, _, a in coords]).to(grads.device)
+        self._lambda = damping(grads[:, alive], self.damp, self.relative)
         saliency = torch.zeros(n, dtype=torch.float64)
         self._blocks = []
         offset = 0
-        for param, root_of, alive in coords:
+        for param, root_of, live in coords:
             size = param.numel()
             g = grads[:, offset : offset + size].to(torch.float64).cpu()
             offset += size
-            g[:, ~alive] = 0.0  # masked coordinates take no part
-            w = param.detach().reshape(-1).to(torch.float64).cpu().masked_fill(~alive, 0.0)
-            lam = self._lambda(g)
-            self._blocks.append((param, root_of, g, lam))
-            sel = root_of >= 0
-            roots, gs, ws = root_of[sel], g[:, sel], w[sel]
-            v = torch.zeros(m, n, dtype=torch.float64).index_add_(1, roots, gs * ws)  # G_Q w_Q per channel
-            wsq = torch.zeros(n, dtype=torch.float64).index_add_(0, roots, ws.square())
-            gram = g @ g.T
-            quad = torch.zeros(n, dtype=torch.float64)
-            for chunk, bq in _channel_grams(gs, roots, n):
-                k = gram.expand(len(chunk), m, m) - bq  # G_R G_R^T
-                k = k + m * lam * torch.eye(m, dtype=torch.float64)
-                vc = v[:, chunk].T.unsqueeze(-1)
-                quad[chunk] = (vc * _spd_solve(k, vc)).sum(dim=(1, 2))
-            saliency += lam * (wsq + quad) / 2.0
+            g[:, ~live] = 0.0  # masked coordinates take no part
+            w = param.detach().reshape(-1).to(torch.float64).cpu().masked_fill(~live, 0.0)
+            self._blocks.append((param, root_of, g))
+            saliency += schur_group_saliencies(g, w, root_of, n, self._lambda)
         return saliency
 
     @torch.no_grad()
     def update(self, removed: list[int]) -> None:
         """Move the kept weights of each block by dw_R = G_R^T K^-1 G_Q w_Q (Q: all ``removed``)."""
         drop = torch.tensor(sorted(removed), dtype=torch.int64)
-        for param, root_of, g, lam in self._blocks:
-            m = g.shape[0]
+        for param, root_of, g in self._blocks:
             q = torch.isin(root_of, drop)
             if not q.any():
                 continue
             w = param.detach().reshape(-1).to(torch.float64).cpu()
-            gq, gr = g[:, q], g.masked_fill(q.unsqueeze(0), 0.0)  # masked columns of g are zero already
-            k = gr @ gr.T + m * lam * torch.eye(m, dtype=torch.float64)
-            x = _spd_solve(k.unsqueeze(0), (gq @ w[q]).view(1, m, 1)).view(m)
-            dw = gr.T @ x
-            dw[q] = -w[q]  # removed: exactly zero (they are cut out next)
+            dw = schur_removal_update(g, w, q, self._lambda)  # masked columns of g are zero already
             param.add_(dw.view_as(param).to(device=param.device, dtype=param.dtype))
-
-
-def _spd_solve(k: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Solve k x = b for a batch of symmetric positive definite k (float64), least squares if singular."""
-    chol, info = torch.linalg.cholesky_ex(k)
-    if bool((info == 0).all()):
-        return torch.cholesky_solve(b, chol)
-    return torch.linalg.lstsq(k, b).solution
-
-
-def _channel_grams(gs: torch.Tensor, roots: torch.Tensor, n: int):
-    """Yield (channels, G_Q G_Q^T per channel (c, m, m)) in chunks, Q the columns of each channel."""
-    m = gs.shape[0]
-    counts = torch.bincount(roots, minlength=n)
-    kmax = int(counts.max()) if counts.numel() else 0
-    order = torch.argsort(roots, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(len(roots)) - starts[roots[order]]
-    table = torch.full((n, max(kmax, 1)), -1, dtype=torch.int64)
-    table[roots[order], slot] = order
-    per = max(1, CHUNK_BYTES // (8 * m * max(kmax + m, 1)))
-    padded = torch.cat([gs, torch.zeros(m, 1, dtype=gs.dtype)], dim=1)  # column -1: zeros
-    for s in range(0, n, per):
-        chunk = torch.arange(s, min(n, s + per))
-        cols = padded[:, table[chunk]]  # (m, c, kmax)
-        yield chunk, torch.einsum("ick,jck->cij", cols, cols)
 
 
 # ---------------------------------------------------------------------- group -> parameter coordinates

@@ -7,10 +7,14 @@ Each sub-step:
 1. samples m mini-batch gradients of the *remaining* weights at the current weights;
 2. builds F^-1 over them, F = lambda*I + G^T G / m (``FisherInverse``): blocks of ``block_size``
    coordinates over the concatenated remaining weights of all parameters, or one full block per
-   parameter (``block_size: null``). lambda = ``damp`` (absolute, the paper's), or with
-   ``relative_damp: true`` lambda = damp * mean(diag(G^T G / m)), the mean empirical Fisher
-   diagonal of this sub-step's gradients: the same setting then suits models whose gradients are
-   tiny (a model that fits its training data; see bench/results/quality.md, part f);
+   parameter (``block_size: null``). By default (``relative_damp: true``) lambda = damp *
+   mean(diag(G^T G / m)), ``damp`` times the mean empirical Fisher diagonal of this sub-step's
+   gradients over all the remaining weights (one lambda for every block;
+   ``compressor.mfac.obs.damping``), so one setting suits any gradient scale. ``relative_damp:
+   false`` makes ``damp`` lambda itself (the paper's absolute dampening, default then 1e-5); when
+   the Fisher's mean diagonal falls below damp / 10 (a model that fits its training data has tiny
+   gradients) F^-1 ~ I / damp and the saliency is magnitude's, so a UserWarning says so once.
+   The default 0.3 was chosen on held-out data (bench/quality.py, part h);
 3. scores: unstructured w_q^2 / (2 [F^-1]_qq); for a group structure the group OBS saliency
    w_Q^T ([F^-1]_QQ)^-1 w_Q / 2, given to every weight of the group (``select_masks`` averages);
    for N:M, in every group of M the subset Q of M-N weights with the smallest joint saliency gets
@@ -25,15 +29,25 @@ The sampler runs the model in eval mode (batch-norm uses its running statistics)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from itertools import combinations, pairwise
-from typing import TYPE_CHECKING, Literal
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import Field, StrictInt, field_validator
+from pydantic import Field, PrivateAttr, StrictInt, field_validator, model_validator
 
-from compressor.mask_patterns import NM, Blocks, Structure, select_masks
+from compressor.mask_patterns import NM, Structure, group_layout, select_masks
 from compressor.mfac import FisherInverse
+from compressor.mfac.obs import (
+    damping,
+    group_obs,
+    mean_fisher_diagonal,
+    nm_best_subsets,
+    obs_update,
+    removal_vector,
+    saliencies,
+)
 from compressor.pruning import PruningModifier
 
 if TYPE_CHECKING:
@@ -41,8 +55,12 @@ if TYPE_CHECKING:
 
 #: N:M with more candidate subsets per group than this is scored weight by weight instead.
 MAX_NM_SUBSETS = 256
-#: Bound on the float64 temporaries of one batch of group submatrices (bytes).
-GROUP_CHUNK_BYTES = 64 << 20
+#: Default damp: lambda = RELATIVE_DAMP * mean(diag(G^T G / m)) (relative_damp: true).
+RELATIVE_DAMP = 0.3
+#: Default damp with relative_damp: false: lambda itself (the paper's).
+ABSOLUTE_DAMP = 1e-5
+#: Absolute mode warns once when mean(diag(G^T G / m)) < damp / WARN_RATIO.
+WARN_RATIO = 10.0
 
 
 class MFACPruning(PruningModifier):
@@ -55,9 +73,15 @@ class MFACPruning(PruningModifier):
         64, description="gradients per sub-step, or {sparsity: count} (count used from that target on)"
     )
     grad_batch_size: int = Field(32, ge=1, description="samples per gradient (mini-batch size)")
-    damp: float = Field(1e-5, gt=0.0, allow_inf_nan=False, description="dampening lambda of F")
+    damp: float = Field(
+        RELATIVE_DAMP,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="dampening of F: the fraction of mean(diag(G^T G / m)) added (relative_damp), "
+        f"else lambda itself (default then {ABSOLUTE_DAMP:g})",
+    )
     relative_damp: bool = Field(
-        False, strict=True, description="lambda = damp * mean(diag(G^T G / m)) of each sub-step's gradients"
+        True, strict=True, description="lambda = damp * mean(diag(G^T G / m)) of each sub-step's gradients"
     )
     block_size: int | None = Field(
         128, ge=1, description="Fisher blocks over the remaining weights; null: one block per parameter"
@@ -68,6 +92,16 @@ class MFACPruning(PruningModifier):
     grads_device: Literal["cpu", "cuda"] | None = Field(
         None, description="where the gradient buffer lives (default: the parameters' device)"
     )
+
+    _warned_damp: bool = PrivateAttr(default=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_default(cls, data: Any) -> Any:
+        """``relative_damp: false`` without a ``damp``: the absolute default, not the relative one."""
+        if isinstance(data, dict) and data.get("relative_damp") is False and "damp" not in data:
+            return {**data, "damp": ABSOLUTE_DAMP}
+        return data
 
     @field_validator("num_grads")
     @classmethod
@@ -140,13 +174,23 @@ class MFACPruning(PruningModifier):
         self._last_update = session.step
 
     def damping(self, grads: torch.Tensor) -> float:
-        """lambda for the (m, d) gradients ``grads``: ``damp``, or damp * mean(g_ij^2) when relative
-        (``damp`` itself when every sampled gradient is zero)."""
-        if not self.relative_damp:
-            return self.damp
-        # ||G||_F^2 / (m d), accumulated in float64 without a float64 copy of G
-        scale = float(torch.linalg.vector_norm(grads, dtype=torch.float64)) ** 2 / max(grads.numel(), 1)
-        return self.damp * scale if scale > 0.0 else self.damp
+        """lambda for this sub-step's (m, d) gradients (``compressor.mfac.obs.damping``).
+
+        Absolute mode: warns (once) when the gradients' mean Fisher diagonal is below damp / 10.
+        """
+        if not self.relative_damp and not self._warned_damp:
+            scale = mean_fisher_diagonal(grads)
+            if scale < self.damp / WARN_RATIO:
+                self._warned_damp = True
+                warnings.warn(
+                    f"{self.type}: the sampled empirical Fisher's mean diagonal, mean(diag(G^T G / m)) = "
+                    f"{scale:.3g}, is below damp / {WARN_RATIO:g} (absolute damp {self.damp:g}): F^-1 is "
+                    "about I / damp and OBS ranks weights as magnitude pruning does. Use relative_damp: "
+                    f"true (lambda = damp * that mean; damp {RELATIVE_DAMP:g} by default) or a smaller damp.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return damping(grads, self.damp, self.relative_damp)
 
     # ------------------------------------------------------------------ one sub-step
 
@@ -196,7 +240,7 @@ class MFACPruning(PruningModifier):
             u[starts[i] : starts[i + 1]] = _removal_vector(
                 parts[i], local[i], weights[i], removed, self.structure, params[i].shape
             )
-        dw = fisher.mul(-u)
+        dw = obs_update(fisher, u)
         for i, name in enumerate(names):
             moved = weights[i][alive[i]] + dw[starts[i] : starts[i + 1]]
             params[i].masked_scatter_(current[name], moved.to(params[i].dtype))
@@ -257,50 +301,6 @@ def _diag(fi: FisherInverse | None, device: torch.device) -> torch.Tensor | None
 # ---------------------------------------------------------------------- scores and removals
 
 
-def _layout(shape: torch.Size, structure: Structure) -> torch.Tensor:
-    """Flat positions of each group (g, k) of a parameter, -1 padding short edge tiles."""
-    numel = math.prod(shape)
-    pos = torch.arange(numel).reshape(shape)
-    if isinstance(structure, NM):
-        moved = pos.movedim(1, -1) if pos.dim() >= 2 else pos
-        return moved.reshape(-1, structure.m)
-    view = pos.reshape(shape[0], -1)
-    if structure == "channels":
-        return view
-    assert isinstance(structure, Blocks)
-    r, c = structure.blocks
-    rows, cols = view.shape
-    nr, nc = -(-rows // r), -(-cols // c)
-    padded = torch.nn.functional.pad(view, (0, nc * c - cols, 0, nr * r - rows), value=-1)
-    return padded.reshape(nr, r, nc, c).permute(0, 2, 1, 3).reshape(nr * nc, r * c)
-
-
-def _group_solve(
-    fi: FisherInverse, coords: torch.Tensor, valid: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_Q = ([F^-1]_QQ)^-1 w_Q and the saliency w_Q . x_Q / 2 for each row Q of ``coords`` (g, k).
-
-    Slots where ``valid`` is False take no part (identity rows in the submatrix, w = 0).
-    """
-    g, k = coords.shape
-    x = torch.zeros(g, k, dtype=torch.float64, device=coords.device)
-    per_group = 8 * k * (k + fi.num_grads + 2)
-    step = max(1, GROUP_CHUNK_BYTES // per_group)
-    for s in range(0, g, step):
-        c, v = coords[s : s + step], valid[s : s + step]
-        wq = w[s : s + step].masked_fill(~v, 0.0)
-        sub = fi.submatrices(c.masked_fill(~v, 0)).to(coords.device)
-        both = v.unsqueeze(2) & v.unsqueeze(1)
-        sub = sub.masked_fill(~both, 0.0) + torch.diag_embed((~v).to(torch.float64))
-        chol, info = torch.linalg.cholesky_ex(sub)
-        if bool((info == 0).all()):
-            x[s : s + step] = torch.cholesky_solve(wq.unsqueeze(-1), chol).squeeze(-1)
-        else:  # near-singular in float64: a least-squares solve is the safest fallback
-            x[s : s + step] = torch.linalg.lstsq(sub, wq.unsqueeze(-1)).solution.squeeze(-1)
-    w0 = w.masked_fill(~valid, 0.0)
-    return x.masked_fill(~valid, 0.0), 0.5 * (w0 * x).sum(dim=1)
-
-
 def _per_weight(structure: Structure) -> bool:
     """Scored and removed weight by weight: unstructured, or N:M with too many subsets to enumerate."""
     return structure == "unstructured" or (
@@ -322,50 +322,26 @@ def _scores(
 ) -> torch.Tensor:
     """OBS saliency of each weight of one parameter (flat, float64; pruned weights: 0).
 
-    ``coord``: each weight's coordinate in ``part.fi`` (-1: pruned).
+    ``coord``: each weight's coordinate in ``part.fi`` (-1: pruned). A group's saliency goes to each
+    of its weights; for N:M the best subset of each group gets its saliency, the others +inf (kept).
     """
     alive = coord >= 0
     out = torch.zeros(w.numel(), dtype=torch.float64, device=w.device)
     if part.fi is None or not alive.any():
         return out
     if _per_weight(structure):
-        out[alive] = w[alive].square() / (2.0 * part.diag[coord[alive]])
+        out[alive] = saliencies(w[alive], part.diag[coord[alive]])
         return out
-    layout = _layout(shape, structure).to(w.device)
+    layout = group_layout(shape, structure).to(w.device)
     gcoord, gw, slot = _grouped(layout, coord, w)
     if isinstance(structure, NM):
-        return _nm_scores(part.fi, layout, gcoord, gw, structure, out)
-    _, sal = _group_solve(part.fi, gcoord, gcoord >= 0, gw)
-    out[layout[slot]] = sal.unsqueeze(1).expand_as(layout)[slot]
-    return out
-
-
-def _nm_scores(
-    fi: FisherInverse,
-    layout: torch.Tensor,
-    gcoord: torch.Tensor,
-    gw: torch.Tensor,
-    structure: NM,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """N:M: per group of M, the subset of M-N weights (holding every already pruned one) with the
-    smallest joint OBS saliency gets that saliency; the group's other weights get +inf (kept)."""
-    k = structure.m - structure.n
-    if k == 0:
-        return out.fill_(math.inf)
-    g = layout.shape[0]
-    subsets = torch.tensor(list(combinations(range(structure.m), k)), device=layout.device)  # (C, k)
-    alive = gcoord >= 0
-    dead = (~alive).sum(dim=1)  # (g,)
-    sub_alive = alive[:, subsets]  # (g, C, k)
-    admissible = (~sub_alive).sum(dim=2) == dead.unsqueeze(1)
-    flat_coord = gcoord[:, subsets].reshape(-1, k)
-    _, sal = _group_solve(fi, flat_coord, sub_alive.reshape(-1, k), gw[:, subsets].reshape(-1, k))
-    sal = sal.view(g, -1).masked_fill(~admissible, math.inf)
-    best, which = sal.min(dim=1)
-    out.fill_(math.inf)
-    chosen = layout.gather(1, subsets[which])  # (g, k) flat positions
-    out[chosen.reshape(-1)] = best.unsqueeze(1).expand(g, k).reshape(-1)
+        choice = nm_best_subsets(part.fi, gcoord, gw, structure.n, alive=gcoord >= 0)
+        chosen = layout.gather(1, choice.slots)  # (g, M-N) flat positions
+        out.fill_(math.inf)
+        out[chosen.reshape(-1)] = choice.saliency.unsqueeze(1).expand_as(chosen).reshape(-1)
+        return out
+    saliency = group_obs(part.fi, gcoord, gw, valid=gcoord >= 0).saliency
+    out[layout[slot]] = saliency.unsqueeze(1).expand_as(layout)[slot]
     return out
 
 
@@ -385,14 +361,14 @@ def _removal_vector(
         return u
     if _per_weight(structure):
         c = coord[removed]
-        u[c - part.offset] = w[removed] / part.diag[c]
+        u[c - part.offset] = removal_vector(w[removed], part.diag[c])
         return u
-    layout = _layout(shape, structure).to(w.device)
+    layout = group_layout(shape, structure).to(w.device)
     gcoord, gw, slot = _grouped(layout, coord, w)
     hit = removed[layout.clamp(min=0)] & slot
     rows = hit.any(dim=1)
     if rows.any():
         gcoord, gw, valid = gcoord[rows], gw[rows], hit[rows]
-        x, _ = _group_solve(part.fi, gcoord, valid, gw)
+        x = group_obs(part.fi, gcoord, gw, valid=valid).u
         u[gcoord[valid] - part.offset] = x[valid]
     return u

@@ -55,3 +55,29 @@ def test_the_optimizer_sweep_picks_the_lowest_held_out_loss(tmp_path):
     assert defaults["M-FAC m=512"] == quality.REFERENCE_MFAC
     table = "\n".join(quality._sweep_table(sweep))
     assert "| SGD | lr 0.01 (chosen) |" in table and "| SGD | lr 0.1 |" in table
+
+
+def test_damp_choices_are_the_lowest_held_out_loss(tmp_path):
+    """Parts g and h: the structured damp with the lowest mean loss; M-FAC's averaged over sparsities."""
+    g_rows = {
+        "dense": [_shot(0.1, 0.9)],
+        "magnitude": [_shot(0.5, 0.8)],
+        "second_order damp=0.1": [_shot(0.14, 0.9), _shot(0.10, 0.9)],  # mean 0.12
+        "second_order damp=1": [_shot(0.11, 0.9), _shot(0.12, 0.9)],  # mean 0.115: chosen
+    }
+    quality.save_part(tmp_path, "g", [0, 1], g_rows)
+    h_rows = {"dense": [_shot(0.1, 0.9)]}
+    for s in quality.DAMP_SPARSITIES:
+        h_rows[f"magnitude {s:.0%}"] = [_shot(0.3, 0.9)]
+        for damp, relative in quality.MFAC_DAMPS:
+            loss = 0.2 if (damp, relative) == (0.03, True) else 0.25
+            if (damp, relative) == (1e-5, False) and s == 0.9:
+                loss = 0.12  # best at one sparsity only, worse on average
+            h_rows[f"{quality._mfac_damp_label(damp, relative)} {s:.0%}"] = [_shot(loss, 0.9)]
+    quality.save_part(tmp_path, "h", [0], h_rows)
+    parts = quality.load_parts(tmp_path)
+    assert quality.best_structured_damp(parts["g"]["rows"]) == 1.0
+    assert quality.best_mfac_damp(parts["h"]["rows"]) == (0.03, True)
+    text = quality.write_report(tmp_path, parts, [0.9])
+    assert "| second_order damp=1 (chosen) |" in text
+    assert "| M-FAC relative damp=0.03 (chosen) |" in text

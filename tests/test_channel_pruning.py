@@ -283,6 +283,40 @@ def test_group_saliency_matches_fisher_inverse_submatrices(trained, digits):
         torch.testing.assert_close(saliency, expected, rtol=1e-5, atol=0)
 
 
+def test_relative_damp_is_the_mean_fisher_diagonal_and_scale_free(trained, digits):
+    """lambda = damp * mean(diag(G^T G / m)) over the unmasked coordinates of all the layer's blocks
+    (MFACPruning's definition); gradients x1000 give saliencies x1e6, the same channels and the
+    same OBS update of the weights."""
+    import torch_pruning as tp
+
+    damp, m = 0.5, 16
+    runs = []
+    for scale in (1.0, 1000.0):
+        model = copy.deepcopy(trained)
+        session = Session(
+            [], model, torch.optim.SGD(model.parameters(), lr=0.1), steps_per_epoch=1, data=digits.train
+        )
+        inner = session.sampler.sample
+        session.sampler.sample = lambda *a, _inner=inner, _s=scale, **k: _inner(*a, **k) * _s
+        graph = dependency_graph(model, digits.train.tensors[0][:1])
+        group = graph.get_pruning_group(model.conv2, tp.prune_conv_out_channels, idxs=list(range(16)))
+        obs = GroupOBSImportance(session.sampler, m, 16, damp, key=3, relative=True, consumers_only=False)
+        saliency = obs(group)
+        coords = group_coordinates(group)
+        names = {id(p): normalize(n) for n, p in model.named_parameters()}
+        grads = session.sampler.sample([names[id(p)] for p, _, _ in coords], m, 16, key=3).double()
+        alive = torch.cat([a for _, _, a in coords])
+        assert obs._lambda == pytest.approx(damp * float(grads[:, alive].square().mean()), rel=1e-6)
+        removed = sorted(torch.argsort(saliency)[:8].tolist())
+        obs.update(removed)
+        runs.append((saliency, removed, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (small, removed_small, after_small), (large, removed_large, after_large) = runs
+    torch.testing.assert_close(large, small * 1e6, rtol=1e-4, atol=0)
+    assert removed_small == removed_large
+    for name, value in after_small.items():
+        torch.testing.assert_close(after_large[name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_second_order_one_shot_beats_magnitude(trained, digits):
     """Measured: 50% of conv1/conv2/fc1 channels, no fine-tuning (digits-cnn: ~0.9 vs ~0.5 over seeds)."""
     dense = _accuracy(trained, digits.test)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import ClassVar
@@ -12,7 +13,15 @@ from oracles import nm_topk_mask
 from pydantic import ValidationError
 
 from compressor import registry
-from compressor.mask_patterns import as_structure, expand, group_scores, group_sizes, nm_problem, select_masks
+from compressor.mask_patterns import (
+    as_structure,
+    expand,
+    group_layout,
+    group_scores,
+    group_sizes,
+    nm_problem,
+    select_masks,
+)
 from compressor.modifier import Modifier
 from compressor.recipe import RecipeError, load_recipe
 from modifiers.magnitude import MagnitudePruning
@@ -254,3 +263,49 @@ def test_a_bad_structure_gets_only_its_own_form_s_message() -> None:
     assert [e["msg"] for e in err.value.errors()] == ["Value error, N:M structure needs 0 < N < M, got 5:4"]
     with pytest.raises(ValidationError, match=r"expected 'unstructured', 'channels', \{blocks: \[r, c\]\}"):
         as_structure({"rows": 2})
+
+
+def _explicit_layout(shape: tuple[int, ...], spec) -> list[list[int]]:
+    """Each group's flat positions by explicit loops (the module's definitions)."""
+    pos = torch.arange(math.prod(shape)).reshape(shape)
+    if spec == "unstructured":
+        return [[p] for p in range(pos.numel())]
+    if isinstance(spec, dict) and "n" in spec:
+        m = spec["m"]
+        if pos.dim() == 1:
+            return [pos[g : g + m].tolist() for g in range(0, len(pos), m)]
+        out = []
+        for o in range(shape[0]):
+            for rest in itertools.product(*[range(s) for s in shape[2:]]):
+                line = pos[(o, slice(None), *rest)]
+                out += [line[g : g + m].tolist() for g in range(0, shape[1], m)]
+        return out
+    view = pos.reshape(shape[0], -1)
+    if spec == "channels":
+        return [row.tolist() for row in view]
+    r, c = spec["blocks"]
+    return [
+        view[i : i + r, j : j + c].flatten().tolist()
+        for i in range(0, view.shape[0], r)
+        for j in range(0, view.shape[1], c)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shape", "spec"),
+    [
+        ((7, 2, 5), {"blocks": [3, 4]}),  # edge tiles of 1 row and 2 columns
+        ((6, 8), {"blocks": [2, 3]}),
+        ((5, 1), {"blocks": [2, 2]}),
+        ((5, 8, 3, 2), {"n": 2, "m": 4}),  # conv: groups along in for each (out, kh, kw)
+        ((3, 12), {"n": 1, "m": 3}),
+        ((12,), {"n": 2, "m": 4}),
+        ((4, 3, 3, 3), "channels"),
+        ((5, 3), "unstructured"),
+    ],
+)
+def test_group_layout_is_each_groups_positions(shape: tuple[int, ...], spec) -> None:
+    layout = group_layout(shape, spec)
+    groups = [[p for p in row if p >= 0] for row in layout.tolist()]
+    assert groups == _explicit_layout(shape, spec)
+    assert sorted(p for g in groups for p in g) == list(range(math.prod(shape)))  # a partition

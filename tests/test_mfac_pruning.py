@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from itertools import combinations
 from typing import Any
 
@@ -126,7 +127,14 @@ def _removed_coords(session: Session, masks_before: dict) -> list[int]:
 def test_one_update_matches_dense_obs_with_exactly_m_gradients(gen: torch.Generator) -> None:
     m, damp = 12, 1e-3
     modifier = MFACPruning(
-        params=NAMES, final_sparsity=0.6, start=0, end=0, num_grads=m, damp=damp, block_size=1000
+        params=NAMES,
+        final_sparsity=0.6,
+        start=0,
+        end=0,
+        num_grads=m,
+        damp=damp,
+        block_size=1000,
+        relative_damp=False,
     )
     session = _session(gen, modifier)
     masks = {n: session.masks.mask(n).clone() for n in NAMES}
@@ -154,7 +162,14 @@ def test_obs_step_raises_a_quadratic_loss_by_exactly_the_predicted_saliency(gen:
     that; zeroing it without the update would cost 1/2 w_q^2 H_qq, more."""
     m, damp = 10, 0.1
     modifier = MFACPruning(
-        params=NAMES, final_sparsity=0.02, start=0, end=0, num_grads=m, damp=damp, block_size=1000
+        params=NAMES,
+        final_sparsity=0.02,
+        start=0,
+        end=0,
+        num_grads=m,
+        damp=damp,
+        block_size=1000,
+        relative_damp=False,
     )
     session = _session(gen, modifier)  # 6*5 + 5*4 = 50 weights: 2% is exactly one
     masks = {n: session.masks.mask(n).clone() for n in NAMES}
@@ -210,6 +225,40 @@ def test_relative_damp_is_a_fraction_of_the_mean_fisher_diagonal_and_scale_free(
         torch.testing.assert_close(small.params[name], large.params[name], rtol=1e-4, atol=1e-6)
 
 
+def test_relative_damping_is_the_default_and_absolute_has_its_own() -> None:
+    relative = MFACPruning(params=NAMES, final_sparsity=0.5)
+    assert relative.relative_damp is True and relative.damp == 0.3
+    absolute = MFACPruning(params=NAMES, final_sparsity=0.5, relative_damp=False)
+    assert absolute.damp == 1e-5  # the paper's lambda, not the relative default
+    assert MFACPruning(params=NAMES, final_sparsity=0.5, relative_damp=False, damp=1e-3).damp == 1e-3
+    assert MFACPruning(params=NAMES, final_sparsity=0.5, damp=0.05).damp == 0.05
+
+
+def _one_shot_with_scaled_grads(gen: torch.Generator, scale: float, **settings: Any) -> list[str]:
+    """Prune once in two sub-steps with the sampled gradients times ``scale``; the warnings' texts."""
+    modifier = MFACPruning(
+        params=NAMES, final_sparsity=0.5, start=0, end=0, num_grads=8, num_recomputations=2, **settings
+    )
+    session = _session(gen, modifier)
+    inner = session.sampler.sample
+    session.sampler.sample = lambda *a, **k: inner(*a, **k) * scale
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session.before_step()
+        session.after_step()
+    assert session.masks.global_sparsity() == pytest.approx(0.5, abs=0.02)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_absolute_damp_far_above_the_fisher_warns_once(gen: torch.Generator) -> None:
+    """Tiny gradients (a model that fits its data) under an absolute damp: OBS is magnitude pruning,
+    and the user hears about relative_damp once; not with gradients that matter, nor when relative."""
+    tiny = _one_shot_with_scaled_grads(gen, 1e-6, relative_damp=False)
+    assert len(tiny) == 1 and "relative_damp" in tiny[0] and "mean(diag(G^T G / m))" in tiny[0]
+    assert _one_shot_with_scaled_grads(gen, 1.0, relative_damp=False, damp=1e-6) == []
+    assert _one_shot_with_scaled_grads(gen, 1e-6) == []  # relative (the default): scale-free
+
+
 # ---------------------------------------------------------------------- 2. Fisher blocks
 
 
@@ -217,7 +266,14 @@ def test_relative_damp_is_a_fraction_of_the_mean_fisher_diagonal_and_scale_free(
 def test_blocks_over_remaining_weights_or_per_parameter(block_size: int | None, gen: torch.Generator) -> None:
     m, damp = 10, 1e-3
     modifier = MFACPruning(
-        params=NAMES, final_sparsity=0.7, start=0, end=0, num_grads=m, damp=damp, block_size=block_size
+        params=NAMES,
+        final_sparsity=0.7,
+        start=0,
+        end=0,
+        num_grads=m,
+        damp=damp,
+        block_size=block_size,
+        relative_damp=False,
     )
     session = _session(gen, modifier)
     _preset_masks(session, gen, [9, 5])  # 21 + 15 remaining: 36
@@ -340,6 +396,7 @@ def test_two_four_picks_the_jointly_best_pair_and_applies_group_obs(gen: torch.G
         end=0,
         num_grads=m,
         damp=damp,
+        relative_damp=False,
         block_size=None,
         structure={"n": 2, "m": 4},
     )
@@ -379,6 +436,7 @@ def test_blocks_structure_prunes_whole_tiles_by_group_saliency(gen: torch.Genera
         end=0,
         num_grads=m,
         damp=damp,
+        relative_damp=False,
         block_size=20,
         structure={"blocks": [2, 3]},
     )
