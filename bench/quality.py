@@ -479,20 +479,18 @@ def write_report(out: Path, parts: dict[str, Any], sparsities: list[float]) -> s
         lines += _one_shot_table(parts["a"]["rows"], sparsities, "loss")
         lines += _paired_table(parts["a"]["rows"], sparsities)
         lines += [f"Not run (time): {', '.join(f'm={m} R={r}' for m, r in sorted(LEFT_OUT))}.", ""]
-    if "b" in parts:
-        lines += _gradual_table(parts["b"]["rows"])
-    if "c" in parts:
-        lines += _optimizer_table(parts["c"]["rows"])
-    if "d" in parts:
-        lines += _sweep_table(parts["d"]["rows"])
-    if "e" in parts:
-        lines += _structured_table(parts["e"]["rows"])
-    if "f" in parts:
-        lines += _damp_table(parts["f"]["rows"])
-    if "g" in parts:
-        lines += _structured_damp_table(parts["g"]["rows"])
-    if "h" in parts:
-        lines += _mfac_damp_table(parts["h"]["rows"])
+    tables = {
+        "b": _gradual_table,
+        "c": _optimizer_table,
+        "d": _sweep_table,
+        "e": _structured_table,
+        "f": _damp_table,
+        "g": _structured_damp_table,
+        "h": _mfac_damp_table,
+    }
+    for name, table in tables.items():
+        if name in parts:
+            lines += table(parts[name]["rows"])
     notes = out / "quality_notes.md"  # the reading of these results, written by hand
     if notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
