@@ -172,12 +172,12 @@ class Block:
             raise ImportError("blocked: " + name)
         return None
 sys.meta_path.insert(0, Block())
-import compressor.retrieval
+import compressor.retrieval, compressor.data
 print("ok")
 """
 
 
-def test_retrieval_imports_with_torch_alone():
+def test_retrieval_and_data_import_with_torch_alone():
     done = subprocess.run(
         [sys.executable, "-c", BLOCK_TRANSFORMERS], capture_output=True, text=True, cwd=ROOT
     )
