@@ -102,6 +102,9 @@ def test_first_sentence():
     assert build.first_sentence("Split the\n   string on x!  Also y.") == "Split the string on x!"
     assert build.first_sentence("No full stop here\n\nSecond paragraph.") == "No full stop here"
     assert build.first_sentence("Use os.path.join here. Next.") == "Use os.path.join here."
+    assert build.first_sentence("Quote a value (e.g. a path). Then more.") == "Quote a value (e.g. a path)."
+    assert build.first_sentence("Same, i.e. twice") == "Same, i.e. twice"
+    assert build.first_sentence("Names, files, etc. Then more.") == "Names, files, etc."
 
 
 FAKE_MODULE = '''

@@ -24,7 +24,8 @@ Rules, applied in this order (all deterministic; the output depends only on the 
    ``JSONEncoder.encode``). A second function with the same module and qualified name (a property
    setter, a definition under ``if``/``else``) is skipped: the first in source order is kept.
 3. Query: the docstring's first paragraph with whitespace collapsed, cut after the first ``.``, ``!``
-   or ``?`` that is followed by whitespace or ends the paragraph. Kept when it has at least
+   or ``?`` that is followed by whitespace or ends the paragraph, except the full stops of
+   ``NOT_SENTENCE_ENDS`` (e.g., i.e., cf., vs.). Kept when it has at least
    ``MIN_QUERY_WORDS`` words and at most ``MAX_QUERY_CHARS`` characters, and no doctest prompt
    (``>>>``).
 4. Document: the docstring must sit on lines of its own (not on the ``def`` line); what is left after
@@ -69,6 +70,8 @@ from typing import Any
 FORMAT = "compressor.code_pairs/1"
 SKIP_DIRS = ("site-packages", "lib-dynload", "ensurepip", "turtledemo", "__pycache__")
 SKIP_DIR_PREFIXES = ("config-",)
+#: Abbreviations whose full stop does not end a sentence.
+NOT_SENTENCE_ENDS = ("e.g.", "i.e.", "cf.", "vs.")
 MIN_QUERY_WORDS = 4
 MAX_QUERY_CHARS = 300
 MIN_DOC_BODY_LINES = 1
@@ -84,6 +87,7 @@ def rules() -> dict[str, Any]:
     return {
         "skip_dirs": list(SKIP_DIRS),
         "skip_dir_prefixes": list(SKIP_DIR_PREFIXES),
+        "not_sentence_ends": list(NOT_SENTENCE_ENDS),
         "min_query_words": MIN_QUERY_WORDS,
         "max_query_chars": MAX_QUERY_CHARS,
         "min_doc_body_lines": MIN_DOC_BODY_LINES,
@@ -114,8 +118,10 @@ def first_sentence(docstring: str) -> str:
     """The first sentence of a cleaned docstring's first paragraph, whitespace collapsed."""
     paragraph = docstring.strip().split("\n\n", 1)[0]
     text = " ".join(paragraph.split())
-    match = _SENTENCE_END.search(text)
-    return text[: match.end()] if match else text
+    for match in _SENTENCE_END.finditer(text):
+        if not text[: match.end()].lower().endswith(NOT_SENTENCE_ENDS):
+            return text[: match.end()]
+    return text
 
 
 def module_name(relative: Path) -> str:
