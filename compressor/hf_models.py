@@ -222,14 +222,16 @@ class SentenceEncoder(nn.Module):
         layout = _sentence_layout(directory)
         pooling, normalize, max_len = layout if layout is not None else ("mean", True, None)
         transformers = _transformers()
-        kwargs: dict[str, Any] = {}
         try:
             config = _offline(transformers, transformers.AutoConfig.from_pretrained, str(directory))
-            model_cls = transformers.AutoModel._model_mapping[type(config)]
-            if "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
-                kwargs["add_pooling_layer"] = False
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise ZooError(f"cannot read the config in {directory}: {type(err).__name__}: {err}") from err
+        try:  # the class AutoModel builds: does it take add_pooling_layer (BERT, RoBERTa, ...)?
+            model_cls = transformers.AutoModel._model_mapping[type(config)]
+            poolable = "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters
+        except (AttributeError, KeyError, TypeError, ValueError):
+            poolable = False
+        kwargs: dict[str, Any] = {"add_pooling_layer": False} if poolable else {}
         auto_model = _load_transformer(directory, None, **kwargs)
         return cls(auto_model, pooling, normalize, source=directory, max_seq_length=max_len)
 
