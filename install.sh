@@ -21,7 +21,7 @@ if ! cmp -s pyproject.toml "$stamp" || ! cmp -s <(echo "$extras") "$stamp.extras
     >/dev/null 2>&1; then
   # torch pinned to the version present, in the same command as the packages that depend on it
   # (torch-pruning, transformers), so that pip never swaps it for another build.
-  torch_pin="torch==$(.venv/bin/python -c 'import torch; print(torch.__version__)')"
+  torch_pin="torch==$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null)"
   .venv/bin/pip install --quiet "$torch_pin" -e ".[$extras]"
   cp pyproject.toml "$stamp"
   echo "$extras" > "$stamp.extras"
