@@ -293,3 +293,27 @@ def test_the_engine_does_not_import_transformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_checkpoint_round_trips_and_inspect_reports_its_sparsity(bert_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from compressor.checkpoint import load_checkpoint, save_checkpoint
+    from compressor.cli import app
+
+    model = build_model(f"hf:{bert_dir}", (), 0).eval()
+    query = model.auto_model.encoder.layer[1].attention.self.query.weight
+    with torch.no_grad():
+        query[:, : HIDDEN // 2] = 0.0  # half of one tensor pruned
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model": model.state_dict(), "epoch": 1})
+    fresh = build_model(f"hf:{bert_dir}", (), 0).eval()
+    fresh.load_state_dict(load_checkpoint(tmp_path / "checkpoint.pt")["model"])
+    ids, mask = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, mask), model(ids, mask))
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "checkpoint.pt")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line for line in result.output.splitlines() if "auto_model." in line}
+    assert "50.0%" in rows["auto_model.encoder.layer.1.attention.self.query.weight"]
+    assert "0.0%" in rows["auto_model.encoder.layer.0.attention.self.query.weight"]
+    assert "auto_model.embeddings.word_embeddings.weight" in rows
