@@ -317,3 +317,16 @@ def test_a_checkpoint_round_trips_and_inspect_reports_its_sparsity(bert_dir: Pat
     assert "50.0%" in rows["auto_model.encoder.layer.1.attention.self.query.weight"]
     assert "0.0%" in rows["auto_model.encoder.layer.0.attention.self.query.weight"]
     assert "auto_model.embeddings.word_embeddings.weight" in rows
+
+
+def test_every_parameter_gets_a_gradient_from_the_embedding(bert_dir: Path) -> None:
+    """No unused parameters (the pooler is not built): DDP and gradient sampling see them all."""
+    model = build_model(f"hf:{bert_dir}", (), 0)
+    ids, mask = _batch()
+    anchor, positive = model(ids, mask), model(ids.flip(0), mask.flip(0))
+    loss = torch.nn.functional.cross_entropy(20 * anchor @ positive.T, torch.arange(2))
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    query = model.auto_model.encoder.layer[0].attention.self.query.weight
+    assert query.grad.abs().sum() > 0
