@@ -330,3 +330,15 @@ def test_every_parameter_gets_a_gradient_from_the_embedding(bert_dir: Path) -> N
     assert missing == []
     query = model.auto_model.encoder.layer[0].attention.self.query.weight
     assert query.grad.abs().sum() > 0
+
+
+def test_the_cli_run_stops_with_exit_1_and_no_traceback_on_a_missing_directory(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+
+    path = _recipe(tmp_path, f"hf:{tmp_path / 'nope'}")
+    result = CliRunner().invoke(app, ["run", str(path), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{path}:4:10: train.model: model directory" in result.output
+    assert "does not exist" in result.output and "Traceback" not in result.output
