@@ -265,8 +265,17 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     wide enough that its latency is compute-bound) and digits-cnn (the same with 8/16 channels and
     fc1 16*2*2->64). ``"package.module:factory"`` calls
     ``factory(input_shape=..., num_classes=...)``, passing only the arguments it accepts.
+    ``"hf:DIRECTORY"`` or ``"hf:installed_package"`` loads a pretrained transformers model with its
+    saved weights (``compressor.hf_models.load_pretrained``; the ``hf`` extra; never a download), for
+    which ``input_shape``, ``num_classes`` and ``seed`` play no part.
     """
     input_shape = tuple(int(s) for s in input_shape)
+    if name.startswith("hf:"):
+        from . import hf_models
+
+        model = hf_models.load_pretrained(name)
+        model.train()
+        return model
     if is_factory(name):
         kwargs = {"input_shape": input_shape, "num_classes": num_classes}
         make = functools.partial(_call_factory, name, "model", kwargs)

@@ -41,9 +41,35 @@ _SPEC = re.compile(rf"^({_DOTTED}):({_DOTTED})$")
 SPEC_FORM = "'package.module:factory'"
 
 
+#: The prefix of a pretrained transformers model (``hf:DIRECTORY`` or ``hf:installed_package``); it is
+#: reserved, never read as a factory, and names data to read, not code to run (see compressor.hf_models).
+PRETRAINED_PREFIX = "hf:"
+
+
 def is_factory(name: str) -> bool:
-    """Whether a model or data name is a factory string (it has a ':'), rather than a built-in name."""
-    return ":" in name
+    """Whether a model or data name is a factory string (it has a ':'), rather than a built-in name.
+
+    ``hf:...`` names a pretrained model, not a factory.
+    """
+    return ":" in name and not name.startswith(PRETRAINED_PREFIX)
+
+
+def is_path_source(source: str) -> bool:
+    """Whether the SOURCE of ``hf:SOURCE`` is a path (a separator, or a leading '.' or '~'), not a package."""
+    return "/" in source or "\\" in source or source.startswith((".", "~"))
+
+
+def pretrained_problem(name: str) -> str | None:
+    """Why ``hf:SOURCE`` is malformed (checked without touching the disk), or None when well formed."""
+    source = name[len(PRETRAINED_PREFIX) :]
+    if not source.strip():
+        return f"{name!r} names no model; expected 'hf:DIRECTORY' or 'hf:installed_package'"
+    if not is_path_source(source) and not re.fullmatch(_DOTTED, source):
+        return (
+            f"{name!r}: {source!r} is neither a directory (write 'hf:./{source}' for one in the current "
+            "directory) nor an installed package name"
+        )
+    return None
 
 
 def split_factory(spec: str) -> tuple[str, str]:
@@ -93,13 +119,18 @@ def _factory_values(train: Any) -> Iterator[tuple[Path, str]]:
 
 
 def spec_problems(data: Any) -> list[tuple[Path, str]]:
-    """(path, message) for each factory string that is not 'package.module:factory'.
+    """(path, message) for each factory string that is not 'package.module:factory', and a malformed 'hf:'.
 
     ``data`` is the recipe's plain data (a mapping, variables substituted), so that these problems are
     reported together with the schema's.
     """
     train = data.get("train") if isinstance(data, Mapping) else None
     problems = []
+    model = train.get("model") if isinstance(train, Mapping) else None
+    if isinstance(model, str) and model.startswith(PRETRAINED_PREFIX):
+        problem = pretrained_problem(model)
+        if problem is not None:
+            problems.append((("train", "model"), problem))
     for path, value in _factory_values(train):
         try:
             split_factory(value)
