@@ -159,7 +159,7 @@ def test_one_update_matches_dense_obs_with_exactly_m_gradients(gen: torch.Genera
 def test_obs_step_raises_a_quadratic_loss_by_exactly_the_predicted_saliency(gen: torch.Generator) -> None:
     """On L(w) = L* + 1/2 dw^T H dw with H = F = damp*I + G^T G / m (the Hessian M-FAC assumes), the
     pruning step removes the weight of least saliency w_q^2 / (2 [H^-1]_qq) and raises L by exactly
-    that; zeroing it without the update would cost 1/2 w_q^2 H_qq, more."""
+    that; zeroing it without the update would cost 1/2 w_q^2 H_qq, never less."""
     m, damp = 10, 0.1
     modifier = MFACPruning(
         params=NAMES,
@@ -189,7 +189,9 @@ def test_obs_step_raises_a_quadratic_loss_by_exactly_the_predicted_saliency(gen:
     dw = after - before
     increase = 0.5 * dw @ hessian @ dw
     assert increase == pytest.approx(float(saliency[q]), rel=1e-4)
-    assert 0.5 * before[q] ** 2 * hessian[q, q] > increase * (1 + 1e-3)
+    # zeroing w_q alone costs 1/2 w_q^2 H_qq: never less than OBS (equal only when no other weight
+    # couples to q through H, as happens when the least salient weight's gradients are all tiny)
+    assert 0.5 * before[q] ** 2 * hessian[q, q] >= increase * (1 - 1e-6)
 
 
 def test_relative_damp_is_a_fraction_of_the_mean_fisher_diagonal_and_scale_free(gen: torch.Generator) -> None:

@@ -138,7 +138,7 @@ def test_vectors_in_the_gradient_span_and_zero_gradients(gen: torch.Generator) -
 
 def _dense_group(finv: torch.Tensor, index: list[int], w: torch.Tensor) -> tuple[torch.Tensor, float]:
     """u_Q = ([F^-1]_QQ)^-1 w_Q and rho_Q = w_Q . u_Q / 2 by a dense float64 solve."""
-    q = torch.tensor(index)
+    q = torch.tensor(index, dtype=torch.int64)
     u = torch.linalg.solve(finv[q][:, q], w)
     return u, float(w @ u) / 2
 
@@ -262,6 +262,7 @@ def _owner(gen: torch.Generator, d: int, groups: int) -> torch.Tensor:
     owner = torch.randint(-1, groups, (d,), generator=gen)
     owner[owner == -1] = torch.where(torch.rand(int((owner == -1).sum()), generator=gen) < 0.6, -1, 0)
     owner[:20] = 0
+    owner[20 : 20 + groups] = torch.arange(groups)  # no group is empty by chance
     owner[-3:] = groups - 1
     return owner
 
