@@ -10,7 +10,9 @@ batch: they ask the task. A ``Task`` says
   the batch's share of the step under gradient accumulation and DDP slices);
 - ``batch_size(batch)``: how many samples the batch holds (the weight of its mean loss);
 - ``metric_sums(output, batch)`` and ``metrics(sums, seen)``: optional metrics, as sums over the
-  batch that add up over an epoch (and over ranks), then turned into the epoch's values.
+  batch that add up over an epoch (and over ranks), then turned into the epoch's values;
+- ``model_inputs(batch)``: what the model is called with, for tracing (channel surgery's dependency
+  graph): a tensor or tuple (``model(*inputs)``) or a dict (``model(**inputs)``).
 
 Built-ins (``build_task(name)``): ``classification`` (batches (x, y), cross entropy, accuracy) and
 ``model-loss`` (batches are dicts passed as ``model(**batch)``, the model returns its own loss as
@@ -105,6 +107,14 @@ class Task:
         """Per-batch sums that add up over an epoch and over ranks (e.g. correct predictions)."""
         return {}
 
+    def model_inputs(self, batch: Any) -> Any:
+        """The model's inputs in ``batch``, as tracers take them: a tensor (``model(x)``), a tuple of
+        positional arguments or a dict of keyword arguments. A task that does not say: TaskError."""
+        raise TaskError(
+            f"{type(self).__name__} does not say how its batches are fed to the model "
+            "(define model_inputs(batch)); tracing the model needs it"
+        )
+
     def metrics(self, sums: Mapping[str, float], seen: int) -> dict[str, float]:
         """The epoch's metrics from the summed ``metric_sums`` over ``seen`` samples (default: means)."""
         return {name: value / seen for name, value in sums.items()}
@@ -150,6 +160,10 @@ class ClassificationTask(Task):
             return float(self.loss_fn(output, self._pair(batch)[1], reduction="sum").detach())
         return super().loss_sum(output, batch)
 
+    def model_inputs(self, batch: Any) -> Any:
+        """``x``."""
+        return self._pair(batch)[0]
+
     def metric_sums(self, output: Any, batch: Any) -> dict[str, float]:
         """``{"accuracy": correct}``."""
         return {"accuracy": int((output.argmax(1) == self._pair(batch)[1]).sum())}
@@ -174,6 +188,10 @@ class ModelLossTask(Task):
                 f"(model(**batch)), got {_describe(batch)}"
             )
         return model(**batch)
+
+    def model_inputs(self, batch: Any) -> Any:
+        """The batch itself, a dict of keyword arguments (labels included)."""
+        return batch
 
     def loss(self, output: Any, batch: Any) -> torch.Tensor:
         """``output.loss`` (or ``output["loss"]``)."""
