@@ -312,6 +312,12 @@ def test_a_model_with_its_own_loss_trains_through_a_recipe_with_a_user_task(
     train_losses = [float(r.rsplit(",", 1)[1]) for r in lines if ",train,loss," in r]
     assert len(train_losses) == 4 and train_losses[-1] < train_losses[0]  # 2 epochs of 48 / 32 steps
     assert not any(",accuracy," in r for r in lines)
+    from exporters import ExportError, export_checkpoint
+
+    with pytest.raises(
+        ExportError, match=r"the model takes a dict of features, labels \(ModelLossTask\); export"
+    ):
+        export_checkpoint(tmp_path / "out" / "checkpoint.pt", allow_imports=[user_module])
     recipe.write_text(RECIPE.format(mod=user_module, task="not_a_task"))
     with pytest.raises(
         RecipeError, match=r"r.yaml:5:9: train.task: task factory .* returned int, not a compressor"

@@ -88,3 +88,40 @@ def test_a_task_without_model_inputs_says_so() -> None:
 
     with pytest.raises(TaskError, match=r"Bare does not say how its batches are fed to the model"):
         Bare().model_inputs({"x": torch.zeros(1)})
+
+
+def test_export_inputs_go_through_the_task() -> None:
+    from exporters import ExportError
+    from exporters.prepare import _test_inputs
+
+    x, y = torch.randn(6, 4), torch.arange(6)
+    assert torch.equal(_test_inputs(TensorDataset(x, y), 4), x[:4])
+    pairs = [(x[i].double(), y[i]) for i in range(6)]  # not a TensorDataset: collated by the task
+    inputs = _test_inputs(pairs, 3)
+    assert inputs.dtype == torch.float32 and torch.equal(inputs, x[:3])
+    with pytest.raises(ExportError, match=r"the model takes a dict of features, labels \(ModelLossTask\)"):
+        _test_inputs(DictData(4), 2, ModelLossTask())
+    with pytest.raises(
+        ExportError, match=r"cannot be read as the model's inputs: classification: a batch must"
+    ):
+        _test_inputs(DictData(4), 2)
+
+
+def test_without_data_the_keyword_inputs_of_the_loop_are_traced() -> None:
+    torch.manual_seed(0)
+    model, data = DictMLP(), DictData(16)
+    modifier = StructuredPruning(
+        type="StructuredPruning",
+        params=["fc1.weight"],
+        channel_sparsity=0.25,
+        importance="magnitude",
+        start=1,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    session = Session([modifier], model, optimizer, steps_per_epoch=1, total_epochs=2)
+    optimizer = session.wrap(optimizer)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(features=data.features, labels=data.labels)["loss"].backward()
+        optimizer.step()
+    assert (model.fc1.out_features, model.fc2.in_features) == (12, 12)
