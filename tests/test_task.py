@@ -231,7 +231,7 @@ def test_gradient_accumulation_of_uneven_batches_is_the_full_batch_gradient() ->
     full.backward()
     assert len(grads) == 1 and model.calls == 4
     assert torch.allclose(grads[0], model.fc.weight.grad, atol=1e-6)
-    assert rows[0][0] == "loss" and rows[0][1] == pytest.approx(float(full), rel=1e-6)
+    assert rows[0][0] == "loss" and rows[0][1] == pytest.approx(float(full.detach()), rel=1e-6)
 
 
 USER_MODULE = """
@@ -353,3 +353,31 @@ def test_a_minimal_task_subclass_evaluates_with_the_defaults() -> None:
         model.bias.fill_(1.0)
     data = [{"x": torch.zeros(2), "y": torch.tensor([3.0])} for _ in range(5)]
     assert evaluate(model, data, _Custom(), batch_size=2) == {"loss": pytest.approx(4.0)}
+
+
+def _renaming_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A DataLoader's own collate: the samples hold "x" and "y", the model takes features and labels."""
+    return {
+        "features": torch.stack([s["x"] for s in samples]),
+        "labels": torch.stack([s["y"] for s in samples]),
+    }
+
+
+def test_a_dataloader_gives_its_dataset_and_collate_to_the_sampler_and_the_trainer() -> None:
+    torch.manual_seed(0)
+    model, plain = OwnLoss(), DictData(12)
+    renamed = [{"x": plain.features[i], "y": plain.labels[i]} for i in range(12)]
+    loader = DataLoader(renamed, batch_size=5, collate_fn=_renaming_collate)
+    rows = GradientSampler(model, loader, task=ModelLossTask(), seed=2).sample(["fc.weight"], 3, 4, key=1)
+    expected = GradientSampler(model, plain, task=ModelLossTask(), seed=2).sample(["fc.weight"], 3, 4, key=1)
+    assert torch.equal(rows, expected)  # the same seeded batches, collated by the loader's collate_fn
+    session = Session([], model, torch.optim.SGD(model.parameters(), lr=0.0), steps_per_epoch=2)
+    losses: list[float] = []
+    log = SimpleNamespace(log=lambda step, epoch, split, name, value: losses.append(value))
+    train = SimpleNamespace(seed=0, batch_size=4, grad_accum=2)  # batches 4, 4 | 4: two steps
+    bar = SimpleNamespace(update=lambda *a, **k: None)
+    _train_epoch(session, SimpleNamespace(train=loader), train, 0, ModelLossTask(), log, bar)
+    assert session.step == 2 and len(losses) == 2 and model.calls == 3 + 3 + 3
+    with torch.no_grad():
+        everything = float(model(features=plain.features, labels=plain.labels).loss)
+    assert (8 * losses[0] + 4 * losses[1]) / 12 == pytest.approx(everything, rel=1e-6)  # lr 0: one model
