@@ -191,6 +191,7 @@ def _build(
     torch.manual_seed(train.seed)
     bundle, model = build_train(first, allow_imports)
     task = build_task(first, allow_imports)
+    _probe_task(first, task, model, bundle.train, device)
     model.to(device)
     names = [normalize(n) for n, _ in model.named_parameters()]
     recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
@@ -219,6 +220,30 @@ def _build(
 
         kernels.build_in_background("cpu")
     return RunState(files, raw_text, recipe, train, bundle, model, session, task, log, device)
+
+
+def _probe_task(recipe: Recipe, task: Task, model: torch.nn.Module, data: Any, device: torch.device) -> None:
+    """Run the task once on a batch of the first training sample (eval mode, no gradients) so that a
+    batch the task cannot read, or a model it cannot call, stops the run before training starts, as
+    a RecipeError at ``train.task``. Touches no RNG and no batch-norm statistics."""
+    dataset, collate = unpack_data(data, task)
+    if len(dataset) == 0:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch = task.to_device(collate([dataset[0]]), device)
+            task.loss(task.forward(model, batch), batch)
+            task.batch_size(batch)
+    except Exception as exc:
+        name = recipe.train.task if recipe.train is not None else "classification"
+        detail = str(exc) if isinstance(exc, CompressorError) else f"{type(exc).__name__}: {exc}"
+        message = f"task {name!r} cannot run the model on the training data: {detail}"
+        source = recipe._source or Source(file="<recipe>", data=None)
+        raise RecipeError([source.issue(("train", "task"), message)]) from exc
+    finally:
+        model.train(was_training)
 
 
 def resolve_device(spec: str, ctx: distributed.Context) -> torch.device:

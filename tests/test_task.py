@@ -381,3 +381,22 @@ def test_a_dataloader_gives_its_dataset_and_collate_to_the_sampler_and_the_train
     with torch.no_grad():
         everything = float(model(features=plain.features, labels=plain.labels).loss)
     assert (8 * losses[0] + 4 * losses[1]) / 12 == pytest.approx(everything, rel=1e-6)  # lr 0: one model
+
+
+def test_a_batch_the_task_cannot_read_stops_the_cli_before_training(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\ntrain:\n  model: digits-mlp\n  data: digits\n  task: model-loss\n  epochs: 1\n"
+        "  optimizer: {type: SGD, lr: 0.1}\nmodifiers: []\n"
+    )
+    result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        f"{recipe}:5:9: train.task: task 'model-loss' cannot run the model on the training data: model-loss: "
+        "a batch must be a mapping of the model's keyword arguments (model(**batch)), got a list of 2"
+    ) in " ".join(result.output.split())
+    assert not (tmp_path / "out" / "metrics.csv").exists()
