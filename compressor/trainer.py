@@ -190,9 +190,9 @@ def _build(
     device = _recipe_device(first, ctx)
     torch.manual_seed(train.seed)
     bundle, model = build_train(first, allow_imports)
+    model.to(device)
     task = build_task(first, allow_imports)
     _probe_task(first, task, model, bundle.train, device)
-    model.to(device)
     names = [normalize(n) for n, _ in model.named_parameters()]
     recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
     _check_world(recipe, train.batch_size, ctx.world_size)
