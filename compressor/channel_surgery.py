@@ -387,15 +387,20 @@ def _is_hooks(attribute: str) -> bool:
 # ---------------------------------------------------------------------- resume
 
 
-def example_inputs_of(session: Session) -> torch.Tensor | None:
-    """One input sample from the session's data (for tracing), or None when it has no data."""
+def example_inputs_of(session: Session) -> Any:
+    """The model's inputs for a batch of the first sample of the session's data (for tracing), on the
+    model's device, or None when it has no data.
+
+    The session's task collates the sample and says what the model takes (``Task.model_inputs``):
+    for classification the input tensor (1, *input_shape), for ``model-loss`` the dict of keyword
+    arguments (each tensor with a leading dim of 1).
+    """
     sampler = getattr(session, "sampler", None)
     if sampler is None or len(sampler.data) == 0:
         return None
-    x = sampler.data[0][0]
-    x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-    device = next(iter(session.params.values())).device if session.params else x.device
-    return x.unsqueeze(0).to(device)
+    task = sampler.task
+    device = next(iter(session.params.values())).device if session.params else torch.device("cpu")
+    return task.model_inputs(task.to_device(sampler.collate([sampler.data[0]]), device))
 
 
 def resume_shapes(session: Session, state_dict: Mapping[str, Any], example_inputs: Any = None) -> bool:

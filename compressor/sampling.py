@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from . import distributed
 from .mfac.partition import shard_range
 from .params import normalize
+from .task import Task, as_task, unpack_data
 
 
 class GradientSampler:
@@ -37,8 +38,11 @@ class GradientSampler:
     Args:
         model: the model, possibly DDP-wrapped (the wrapper is looked through: sampling never
             triggers DDP's all-reduce).
-        data: a Dataset of (input, target) pairs.
-        loss_fn: loss(output, target), default cross entropy.
+        data: a Dataset whose samples ``task`` collates and reads, or a DataLoader (its dataset and
+            collate_fn are used; batches are drawn by index in the sampler's own seeded order).
+        loss_fn: loss(output, target) of a classification task (default cross entropy); or give
+        task: a ``compressor.task.Task`` (how batches are collated, moved, fed to the model and
+            their mean loss taken); not both.
         seed: seeds the sampler's own shuffling (the global RNG is not touched).
     """
 
@@ -48,10 +52,12 @@ class GradientSampler:
         data: Dataset,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         seed: int = 0,
+        *,
+        task: Task | None = None,
     ) -> None:
         self.model = distributed.unwrap(model)
-        self.data = data
-        self.loss_fn = loss_fn or torch.nn.functional.cross_entropy
+        self.task = as_task(task, loss_fn)
+        self.data, self.collate = unpack_data(data, self.task)
         self.seed = seed
 
     def sample(
@@ -69,6 +75,7 @@ class GradientSampler:
         ``names``: parameters (normalized names) whose gradients are concatenated in this order.
         ``select``: optional bool mask per name; only those coordinates are kept (d = their count).
         ``key``: mixed into the shuffling seed (pass the step, so resumed runs draw the same batches).
+        The loss of row i is the task's (``task.loss(task.forward(model, batch), batch)``).
         Collective under torch.distributed: every rank must call it with the same arguments.
         """
         if num_grads < 1 or batch_size < 1:
@@ -95,11 +102,11 @@ class GradientSampler:
             for _ in range(first):  # the rows of the ranks before this one: drawn, not loaded
                 next(batches)
             for row in range(count):
-                x, y = fetch_batch(self.data, next(batches))
+                batch = self.task.to_device(fetch_batch(self.data, next(batches), self.collate), model_device)
                 for p in every:
                     p.grad = None
                 with torch.enable_grad():
-                    self.loss_fn(self.model(x.to(model_device)), y.to(model_device)).backward()
+                    self.task.loss(self.task.forward(self.model, batch), batch).backward()
                 offset = 0
                 for p, k in zip(chosen, keep, strict=True):
                     g = torch.zeros_like(p) if p.grad is None else p.grad
@@ -126,18 +133,20 @@ class GradientSampler:
             for indices in loader:
                 yield indices.tolist()
 
-    def _batches(self, batch_size: int, key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, batch_size: int, key: int) -> Iterator[Any]:
         """Shuffled batches (``_index_batches``, loaded and collated)."""
         for indices in self._index_batches(batch_size, key):
-            yield fetch_batch(self.data, indices)
+            yield fetch_batch(self.data, indices, self.collate)
 
 
-def fetch_batch(data: Dataset, indices: list[int]) -> Any:
+def fetch_batch(
+    data: Dataset, indices: list[int], collate: Callable[[list[Any]], Any] = default_collate
+) -> Any:
     """The samples of ``data`` at ``indices``, collated as a DataLoader does (``__getitems__`` if the
-    dataset has it, else one ``data[i]`` each; ``default_collate``)."""
+    dataset has it, else one ``data[i]`` each; then ``collate``, by default ``default_collate``)."""
     getitems = getattr(data, "__getitems__", None)
     samples = getitems(indices) if getitems is not None else [data[i] for i in indices]
-    return default_collate(samples)
+    return collate(samples)
 
 
 def shard(m: int, world: int, rank: int) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from .masks import MaskSet
 from .modifier import Modifier, to_step
 from .params import match_params, normalize
 from .sampling import GradientSampler
+from .task import Task, as_task
 
 
 class LifecycleError(CompressorError, RuntimeError):
@@ -45,10 +46,14 @@ class Session:
         optimizer: the training optimizer (a modifier may swap it; ``session.optimizer`` is current).
         steps_per_epoch: optimizer steps per epoch; converts epoch positions into steps.
         total_epochs: length of training, for modifiers whose ``end`` is None (optional).
-        data: a Dataset of (input, target) pairs for modifiers that sample gradients. Under DDP give
-            every rank the whole set: sampling is collective, each rank computes its share of the
-            rows and all gather the same m (``compressor.sampling``).
-        loss_fn: loss(output, target) for those modifiers (default: cross entropy).
+        data: a Dataset (or a DataLoader: its dataset and collate_fn) for modifiers that sample
+            gradients; its batches are what ``task`` reads. Under DDP give every rank the whole set:
+            sampling is collective, each rank computes its share of the rows and all gather the same
+            m (``compressor.sampling``).
+        loss_fn: loss(output, target) for those modifiers: shorthand for
+            ``task=ClassificationTask(loss_fn)`` ((input, target) batches; default cross entropy).
+        task: a ``compressor.task.Task`` instead (dict batches, a model that returns its own loss,
+            ...); give ``task`` or ``loss_fn``, not both. ``session.task`` is the one in use.
         metrics: optional callback(step, name, value) receiving what modifiers log.
     """
 
@@ -63,6 +68,7 @@ class Session:
         data: torch.utils.data.Dataset | None = None,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         metrics: Callable[[int, str, float], None] | None = None,
+        task: Task | None = None,
     ) -> None:
         modifiers = recipe if isinstance(recipe, (list, tuple)) else getattr(recipe, "modifiers", None)
         if modifiers is None or not all(isinstance(m, Modifier) for m in modifiers):
@@ -77,7 +83,8 @@ class Session:
         self.total_epochs = total_epochs
         self.params: dict[str, torch.nn.Parameter] = {normalize(n): p for n, p in model.named_parameters()}
         self.masks = MaskSet(model, self._pruned_names())
-        self.sampler = GradientSampler(model, data, loss_fn) if data is not None else None
+        self.task = as_task(task, loss_fn)
+        self.sampler = GradientSampler(model, data, task=self.task) if data is not None else None
         self.step = 0
         self._metrics = metrics
         self._wrapped: tuple[torch.optim.Optimizer, Callable[..., Any]] | None = None  # see wrap()

@@ -32,13 +32,13 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .errors import CompressorError
 from .params import normalize
 from .preflight import preflight
-from .recipe import AllowImports, Recipe, RecipeError, build_train, parse_recipe, resolved_yaml
+from .recipe import AllowImports, Recipe, RecipeError, build_task, build_train, parse_recipe, resolved_yaml
 from .recipe.source import Source
 from .report import MetricsLog, Progress, plot_run, write_summary
 from .sampling import fetch_batch
 from .session import Session
-
-LOSSES = {"cross_entropy": torch.nn.functional.cross_entropy}
+from .task import LOSSES as LOSSES  # re-exported: the losses ``train.loss`` may name
+from .task import ClassificationTask, Task, unpack_data
 
 
 class RunError(CompressorError, ValueError):
@@ -140,7 +140,7 @@ class RunState:
     bundle: zoo.DataBundle
     model: torch.nn.Module
     session: Session
-    loss_fn: Any
+    task: Task
     log: Any  # MetricsLog on rank 0, _NoLog elsewhere
     device: torch.device
     start_epoch: int = 0
@@ -191,16 +191,15 @@ def _build(
     torch.manual_seed(train.seed)
     bundle, model = build_train(first, allow_imports)
     model.to(device)
+    task = build_task(first, allow_imports)
+    _probe_task(first, task, model, bundle.train, device)
     names = [normalize(n) for n, _ in model.named_parameters()]
     recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
-    loss_fn = LOSSES.get(train.loss)
-    if loss_fn is None:
-        raise RunError(f"train.loss: unknown loss {train.loss!r}; known: {', '.join(LOSSES)}")
     _check_world(recipe, train.batch_size, ctx.world_size)
     optimizer = build_optimizer(train.optimizer, model.parameters())
     if any(m.restructures for m in recipe.modifiers):
         check_rebuildable(optimizer)  # channel surgery rebuilds it: refuse now, not after the surgery
-    batches_per_epoch = math.ceil(len(bundle.train) / train.batch_size)
+    batches_per_epoch = math.ceil(len(unpack_data(bundle.train, task)[0]) / train.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
     if ctx.rank == 0:
         files.root.mkdir(parents=True, exist_ok=True)
@@ -212,7 +211,7 @@ def _build(
         steps_per_epoch=steps_per_epoch,
         total_epochs=train.epochs,
         data=bundle.train,
-        loss_fn=loss_fn,
+        task=task,
         metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
     )
     _preflight(recipe, session)
@@ -220,7 +219,31 @@ def _build(
         from .mfac import kernels  # a first run compiles them: overlap that with training
 
         kernels.build_in_background("cpu")
-    return RunState(files, raw_text, recipe, train, bundle, model, session, loss_fn, log, device)
+    return RunState(files, raw_text, recipe, train, bundle, model, session, task, log, device)
+
+
+def _probe_task(recipe: Recipe, task: Task, model: torch.nn.Module, data: Any, device: torch.device) -> None:
+    """Run the task once on a batch of the first training sample (eval mode, no gradients) so that a
+    batch the task cannot read, or a model it cannot call, stops the run before training starts, as
+    a RecipeError at ``train.task``. Touches no RNG and no batch-norm statistics."""
+    dataset, collate = unpack_data(data, task)
+    if len(dataset) == 0:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch = task.to_device(collate([dataset[0]]), device)
+            task.loss(task.forward(model, batch), batch)
+            task.batch_size(batch)
+    except Exception as exc:
+        name = recipe.train.task if recipe.train is not None else "classification"
+        detail = str(exc) if isinstance(exc, CompressorError) else f"{type(exc).__name__}: {exc}"
+        message = f"task {name!r} cannot run the model on the training data: {detail}"
+        source = recipe._source or Source(file="<recipe>", data=None)
+        raise RecipeError([source.issue(("train", "task"), message)]) from exc
+    finally:
+        model.train(was_training)
 
 
 def resolve_device(spec: str, ctx: distributed.Context) -> torch.device:
@@ -309,9 +332,11 @@ def _train(state: RunState, ctx: distributed.Context, progress: bool) -> dict[st
     began = time.perf_counter() - state.elapsed
     with Progress(total_steps, enabled=progress and ctx.rank == 0, quiet=ctx.rank != 0) as bar:
         for epoch in range(state.start_epoch, epochs):
-            _train_epoch(session, bundle, train, epoch, state.loss_fn, log, bar, net=net, ctx=ctx)
+            _train_epoch(session, bundle, train, epoch, state.task, log, bar, net=net, ctx=ctx)
             last = epoch + 1 == epochs or (total_steps is not None and session.step >= total_steps)
-            shown: dict[str, float | None] = {"eval_loss": None, "eval_accuracy": None}
+            shown: dict[str, float | None] = {"eval_loss": None}
+            if isinstance(state.task, ClassificationTask):
+                shown["eval_accuracy"] = None
             if last or (epoch + 1) % train.eval_every == 0:
                 shown = _log_eval(state, ctx)
             bar.epoch_done(epoch + 1, epochs, shown, session.masks.global_sparsity())
@@ -320,7 +345,7 @@ def _train(state: RunState, ctx: distributed.Context, progress: bool) -> dict[st
             if last:
                 break
     session.finalize()
-    final = _evaluate(model, bundle.test, state.loss_fn, ctx)
+    final = _evaluate(model, bundle.test, state.task, ctx)
     wall = time.perf_counter() - began
     world = ctx.world_size
     summary = distributed.on_main(lambda: _write_summary(state.files, session, log, final, wall, world))
@@ -329,13 +354,14 @@ def _train(state: RunState, ctx: distributed.Context, progress: bool) -> dict[st
 
 
 def _log_eval(state: RunState, ctx: distributed.Context) -> dict[str, float | None]:
-    """Evaluate on the test split and log loss, accuracy and sparsity; the values the bar shows."""
+    """Evaluate on the test split and log the loss, the task's metrics (accuracy, ...) and sparsity;
+    the values the bar shows."""
     session, log = state.session, state.log
-    metrics = _evaluate(state.model, state.bundle.test, state.loss_fn, ctx)
-    log.log(session.step, session.epoch, "eval", "loss", metrics["loss"])
-    log.log(session.step, session.epoch, "eval", "accuracy", metrics["accuracy"])
+    metrics = _evaluate(state.model, state.bundle.test, state.task, ctx)
+    for name, value in metrics.items():
+        log.log(session.step, session.epoch, "eval", name, value)
     log.log(session.step, session.epoch, "eval", "sparsity", session.masks.global_sparsity())
-    return {"eval_loss": metrics["loss"], "eval_accuracy": metrics["accuracy"]}
+    return {f"eval_{name}": value for name, value in metrics.items()}
 
 
 def _write_summary(
@@ -435,7 +461,7 @@ def _train_epoch(
     bundle: Any,
     train: Any,
     epoch: int,
-    loss_fn: Any,
+    task: Task,
     log: Any,
     bar: Any,
     *,
@@ -448,17 +474,21 @@ def _train_epoch(
     r-th of P equal slices of every batch (a last, partial batch is split as evenly as possible)
     and DDP averages the gradients, each rank's loss weighted so that the step's gradient is the
     mean over the global batch, as in one process.
+
+    ``task`` reads the batches: each batch's loss is its mean, weighted by its share of the step's
+    samples (its sample count over the group's, under gradient accumulation; the rank's slice over
+    the global batch under DDP), so the step's gradient is the mean over all the step's samples.
+    The logged train loss and the task's metrics are over the samples of the step.
     """
     model = session.model
     net = model if net is None else net
     world, rank = (1, 0) if ctx is None else (ctx.world_size, ctx.rank)
     device = torch.device("cpu") if ctx is None else ctx.device
     model.train()
+    data, collate = unpack_data(bundle.train, task)
     order = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
     # Batches of indices drawn exactly as DataLoader(data, shuffle=True, generator=order) would.
-    index_loader = DataLoader(
-        range(len(bundle.train)), batch_size=train.batch_size, shuffle=True, generator=order
-    )
+    index_loader = DataLoader(range(len(data)), batch_size=train.batch_size, shuffle=True, generator=order)
     index_batches = list(index_loader)
     total_steps = session.total_steps
     for first in range(0, len(index_batches), train.grad_accum):
@@ -467,73 +497,83 @@ def _train_epoch(
         group = index_batches[first : first + train.grad_accum]
         group_size = sum(len(b) for b in group)
         session.optimizer.zero_grad()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, seen = 0.0, 0
+        sums: dict[str, float] = {}
         for i, indices in enumerate(group):
             mine = indices.tensor_split(world)[rank] if world > 1 else indices
             share = len(mine) * world  # the loss below is the global batch's mean, as in one process
             if share == 0:  # still run a sample with weight 0: DDP's all-reduce needs every rank
                 mine = indices[:1]
-            x, y = _fetch(bundle.train, mine, device)
+            batch = task.to_device(fetch_batch(data, mine.tolist(), collate), device)
             sync = world == 1 or i == len(group) - 1
             with contextlib.nullcontext() if sync else net.no_sync():
-                out = net(x)
-                loss = loss_fn(out, y)
+                out = task.forward(net, batch)
+                loss = task.loss(out, batch)
                 (loss * share / group_size).backward()
+            size = task.batch_size(batch)
+            for name, value in task.metric_sums(out, batch).items():  # every key on every rank
+                sums[name] = sums.get(name, 0) + (value if share else 0)
             if share:
-                loss_sum += loss.item() * len(y)
-                correct += int((out.argmax(1) == y).sum())
-                seen += len(y)
+                loss_sum += loss.item() * size
+                seen += size
         if world > 1:
-            loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen])
+            loss_sum, seen, *values = distributed.all_sum([loss_sum, seen, *sums.values()])
+            sums = dict(zip(sums, values, strict=True))
         session.before_step()
         session.optimizer.step()
         session.after_step()
-        log.log(session.step, session.epoch, "train", "loss", loss_sum / seen)
-        log.log(session.step, session.epoch, "train", "accuracy", correct / seen)
-        bar.update(
-            session.step, loss=loss_sum / seen, acc=correct / seen, sparsity=session.masks.global_sparsity()
-        )
-
-
-def _fetch(data: Any, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of ``data`` at ``indices``, collated as a DataLoader does."""
-    x, y = fetch_batch(data, indices.tolist())
-    return x.to(device), y.to(device)
+        metrics = {"loss": loss_sum / seen, **task.metrics(sums, seen)}
+        for name, value in metrics.items():
+            log.log(session.step, session.epoch, "train", name, value)
+        shown = {("acc" if name == "accuracy" else name): value for name, value in metrics.items()}
+        bar.update(session.step, **shown, sparsity=session.masks.global_sparsity())
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Any, loss_fn: Any, batch_size: int = 512) -> dict[str, float]:
-    """Mean loss and accuracy (fraction) of ``model`` on ``data``, in eval mode (mode restored)."""
-    total, correct, seen = _eval_sums(model, data, loss_fn, batch_size)
-    return {"loss": total / seen, "accuracy": correct / seen}
+def evaluate(model: torch.nn.Module, data: Any, task: Any, batch_size: int = 512) -> dict[str, float]:
+    """Mean loss over the samples of ``data`` and the task's metrics (classification: ``accuracy``,
+    a fraction), in eval mode (mode restored).
+
+    ``task``: a ``compressor.task.Task``, or a loss function (a classification task with that loss).
+    ``data``: a Dataset, or a DataLoader (its dataset and collate_fn; batches of ``batch_size``).
+    """
+    task = task if isinstance(task, Task) else ClassificationTask(task)
+    data, collate = unpack_data(data, task)
+    total, sums, seen = _eval_sums(model, data, task, collate, batch_size)
+    return {"loss": total / seen, **task.metrics(sums, seen)}
 
 
 @torch.no_grad()
 def _eval_sums(
-    model: torch.nn.Module, data: Any, loss_fn: Any, batch_size: int = 512
-) -> tuple[float, int, int]:
+    model: torch.nn.Module, data: Any, task: Task, collate: Any, batch_size: int = 512
+) -> tuple[float, dict[str, float], int]:
+    """(summed loss, summed ``task.metric_sums``, samples) of ``model`` over ``data``, in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, correct, seen = 0.0, 0, 0
-    for x, y in DataLoader(data, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        total += float(loss_fn(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-        seen += len(y)
+    total, seen = 0.0, 0
+    sums: dict[str, float] = {}
+    for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate):
+        batch = task.to_device(batch, device)
+        out = task.forward(model, batch)
+        total += task.loss_sum(out, batch)
+        for name, value in task.metric_sums(out, batch).items():
+            sums[name] = sums.get(name, 0) + value
+        seen += task.batch_size(batch)
     model.train(was_training)
-    return total, correct, seen
+    return total, sums, seen
 
 
-def _evaluate(model: torch.nn.Module, data: Any, loss_fn: Any, ctx: distributed.Context) -> dict[str, float]:
+def _evaluate(model: torch.nn.Module, data: Any, task: Task, ctx: distributed.Context) -> dict[str, float]:
     """``evaluate``, sharded over the ranks (rank r takes samples r, r + P, ...), rank 0's buffers."""
     if ctx.world_size <= 1:
-        return evaluate(model, data, loss_fn)
+        return evaluate(model, data, task)
     distributed.broadcast_buffers(model)
+    data, collate = unpack_data(data, task)
     part = Subset(data, range(ctx.rank, len(data), ctx.world_size))
-    total, correct, seen = distributed.all_sum(list(_eval_sums(model, part, loss_fn)))
-    return {"loss": total / seen, "accuracy": correct / seen}
+    total, sums, seen = _eval_sums(model, part, task, collate)
+    total, seen, *values = distributed.all_sum([total, seen, *sums.values()])
+    return {"loss": total / seen, **task.metrics(dict(zip(sums, values, strict=True)), seen)}
 
 
 def _checkpoint(
@@ -584,7 +624,7 @@ def _summary(session: Session, log: MetricsLog, final: dict[str, float], wall: f
     dense = [r for r in log.rows() if r["split"] == "eval" and r["name"] == "accuracy"]
     dense = [r["value"] for r in dense if first is None or r["step"] <= first]
     return {
-        "eval": {"accuracy": final["accuracy"], "loss": final["loss"]},
+        "eval": {**{k: v for k, v in final.items() if k != "loss"}, "loss": final["loss"]},
         "dense_eval_accuracy": dense[-1] if dense else None,
         "sparsity": {"global": session.masks.global_sparsity(), "per_parameter": session.masks.sparsities()},
         "parameters": sum(p.numel() for p in session.model.parameters()),

@@ -18,7 +18,8 @@ from compressor.checkpoint import load_checkpoint
 from compressor.mask_patterns import as_structure
 from compressor.masks import MASK_SUFFIX, MaskSet, mask_names
 from compressor.params import match_params, normalize
-from compressor.recipe import AllowImports, build_train, parse_recipe
+from compressor.recipe import AllowImports, build_task, build_train, parse_recipe
+from compressor.task import ClassificationTask, Task, TaskError, unpack_data
 
 from .errors import ExportError
 
@@ -30,7 +31,8 @@ class Prepared:
     weights: normalized name -> baked tensor, for every weight (dim >= 2) and every masked parameter.
     mask_sparsity: normalized name -> fraction of the mask that is off, for the masked parameters.
     structures: normalized name -> the structure its pruner asked for (only non-unstructured ones).
-    inputs: real test samples (n, *input_shape), float32.
+    inputs: real test samples (n, *input_shape), float32: the model's inputs as the recipe's task
+        reads them from the test split (one tensor; models that take several are not exported yet).
     """
 
     path: Path
@@ -64,7 +66,7 @@ def prepare(path: Path, samples: int, allow_imports: AllowImports = ()) -> Prepa
         raise ExportError(f"{path}: the checkpoint's recipe has no 'train' section naming model and data")
     train = recipe.train
     bundle, model = build_train(recipe, allow_imports)
-    inputs = _test_inputs(bundle.test, samples)
+    inputs = _test_inputs(bundle.test, samples, build_task(recipe, allow_imports))
     state_dict: dict[str, torch.Tensor] = state["model"]
     model = _match_shapes(model, state_dict, inputs[:2])
     masked = mask_names(state_dict)
@@ -93,16 +95,30 @@ def prepare(path: Path, samples: int, allow_imports: AllowImports = ()) -> Prepa
     )
 
 
-def _test_inputs(test: Any, samples: int) -> torch.Tensor:
-    """The first ``samples`` inputs of the test split, stacked, float32."""
+def _test_inputs(test: Any, samples: int, task: Task | None = None) -> torch.Tensor:
+    """The model's inputs for the first ``samples`` samples of the test split, float32.
+
+    ``task`` (default classification) collates them and says what the model takes
+    (``Task.model_inputs``); ExportError when that is not one tensor, or the task cannot read them.
+    """
+    task = task or ClassificationTask()
+    test, collate = unpack_data(test, task)
     count = min(samples, len(test))
     if count < 1:
         raise ExportError("the run's test data is empty: nothing to verify the export on")
     tensors = getattr(test, "tensors", None)
-    if tensors is not None:
-        xs = tensors[0][:count]
-    else:
-        xs = torch.stack([torch.as_tensor(test[i][0]) for i in range(count)])
+    if tensors is not None and isinstance(task, ClassificationTask):
+        return tensors[0][:count].to(torch.float32).contiguous()
+    try:
+        xs = task.model_inputs(collate([test[i] for i in range(count)]))
+    except TaskError as exc:
+        raise ExportError(f"the test samples cannot be read as the model's inputs: {exc}") from exc
+    if not isinstance(xs, torch.Tensor):
+        kind = f"a dict of {', '.join(map(str, xs))}" if isinstance(xs, dict) else type(xs).__name__
+        raise ExportError(
+            f"the model takes {kind} ({type(task).__name__}); export handles models that take one "
+            "input tensor so far"
+        )
     return xs.to(torch.float32).contiguous()
 
 

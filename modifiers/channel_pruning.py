@@ -139,11 +139,17 @@ class StructuredPruning(Modifier):
         if example is not None:
             self._check_groups(session.model, dependency_graph(session.model, example))
         elif not self._done:  # remember a batch of the user's loop for tracing
-            self._hook = session.model.register_forward_pre_hook(self._record_input)
+            self._hook = session.model.register_forward_pre_hook(self._record_input, with_kwargs=True)
 
-    def _record_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _record_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Keep the first sample of the loop's input: a tensor argument, or else the keyword arguments
+        (a dict batch called as ``model(**batch)``; tensors cut to their first row)."""
         if args and isinstance(args[0], torch.Tensor):
             self._seen_input = args[0][:1].detach()
+        elif not args and kwargs:
+            self._seen_input = {
+                k: v[:1].detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()
+            }
 
     def before_step(self, session: Session) -> None:
         if not self._done and session.step >= self.start_step:

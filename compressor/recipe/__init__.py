@@ -27,7 +27,7 @@ called only when the person running the recipe allows it (``--allow-import MODUL
 """
 
 from .errors import RecipeError, RecipeIssue
-from .imports import AllowImports, build_train, check_imports, factory_imports
+from .imports import AllowImports, build_task, build_train, check_imports, factory_imports
 from .loader import SetError, load_recipe, parse_recipe, parse_sets, resolved_yaml, validate_command
 from .schema import OptimizerSection, Recipe, TrainSection
 
@@ -39,6 +39,7 @@ __all__ = [
     "RecipeIssue",
     "SetError",
     "TrainSection",
+    "build_task",
     "build_train",
     "check_imports",
     "factory_imports",

@@ -1,4 +1,5 @@
-"""Code a recipe names ("package.module:factory" in ``train.model``, ``train.data``), run only if allowed.
+"""Code a recipe names ("package.module:factory" in ``train.model``, ``train.data``, ``train.task``),
+run only if allowed.
 
 A recipe is a file people download and share, so importing and calling the code it names is the
 choice of the person who runs it, never of the recipe (as ``trust_remote_code`` is in transformers):
@@ -26,11 +27,12 @@ from .source import Source
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..task import Task
     from ..zoo import DataBundle
     from .schema import Recipe
 
 #: The recipe fields that may name a factory.
-FACTORY_FIELDS: tuple[Path, ...] = (("train", "model"), ("train", "data"))
+FACTORY_FIELDS: tuple[Path, ...] = (("train", "model"), ("train", "data"), ("train", "task"))
 
 #: Which imports a recipe may make: True (any), False or () (none), or module names, each allowing
 #: itself and its submodules ("mypkg" allows "mypkg.models"; "mypkg.models:build" allows that one factory).
@@ -47,7 +49,7 @@ PRETRAINED_PREFIX = "hf:"
 
 
 def is_factory(name: str) -> bool:
-    """Whether a model or data name is a factory string (it has a ':'), rather than a built-in name.
+    """Whether a model, data or task name is a factory string (it has a ':'), rather than a built-in name.
 
     ``hf:...`` names a pretrained model, not a factory.
     """
@@ -225,3 +227,32 @@ def build_train(recipe: Recipe, allow_imports: AllowImports = ()) -> tuple[DataB
     with reported_at(recipe, ("train", "model")):
         model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
     return bundle, model
+
+
+def build_task(recipe: Recipe, allow_imports: AllowImports = ()) -> Task:
+    """The task of ``recipe.train`` (``compressor.task``): a built-in by name, or a factory's.
+
+    A ``"package.module:factory"`` is imported only when ``allow_imports`` permits it and called as
+    ``factory(loss=train.loss)`` if it takes ``loss``, else ``factory()``; it must return a
+    ``compressor.task.Task``. Every failure is a RecipeError at ``train.task`` (or ``train.loss``).
+    """
+    from .. import zoo
+    from ..task import Task, TaskError
+    from ..task import build_task as builtin_task
+
+    train = recipe.train
+    if train is None:
+        raise RecipeError([_source(recipe).issue((), "the recipe has no 'train' section")])
+    check_imports(recipe, allow_imports)
+    if not is_factory(train.task):
+        field = ("train", "loss") if train.task == "classification" else ("train", "task")
+        try:
+            return builtin_task(train.task, train.loss)
+        except TaskError as err:
+            raise RecipeError([_source(recipe).issue(field, str(err))]) from None
+    with reported_at(recipe, ("train", "task")):
+        task = zoo._call_factory(train.task, "task", {"loss": train.loss})
+    if not isinstance(task, Task):
+        message = f"task factory {train.task!r} returned {type(task).__name__}, not a compressor.task.Task"
+        raise RecipeError([_source(recipe).issue(("train", "task"), message)])
+    return task

@@ -134,7 +134,8 @@ class OptimizerSection(BaseModel):
 
 
 class TrainSection(BaseModel):
-    """``train``: what ``compressor run`` trains; model and data: built-in names or ``pkg.mod:factory``."""
+    """``train``: what ``compressor run`` trains; model, data and task: built-in names or
+    ``pkg.mod:factory``."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -144,7 +145,13 @@ class TrainSection(BaseModel):
     batch_size: Int = Field(64, ge=1)
     seed: Int = 0
     optimizer: OptimizerSection
-    loss: str = "cross_entropy"
+    loss: str = Field("cross_entropy", description="the classification task's loss")
+    task: str = Field(
+        "classification",
+        min_length=1,
+        description="what a batch is and how the model is scored: classification, model-loss or "
+        "'package.module:factory' (see compressor.task)",
+    )
     grad_accum: Int = Field(1, ge=1, description="batches per optimizer step")
     eval_every: Int = Field(
         1, ge=1, description="evaluate on the test split every this many epochs, and after the last one"
