@@ -68,3 +68,18 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
     return g
+
+
+class DictData(torch.utils.data.Dataset):
+    """n samples {"features": (8,) float32, "labels": () int64} of 3 classes, fixed by ``seed``."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.features = torch.randn(n, 8, generator=gen)
+        self.labels = torch.randint(0, 3, (n,), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"features": self.features[i], "labels": self.labels[i]}

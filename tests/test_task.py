@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import DictData
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from compressor.recipe import RecipeError
 from compressor.sampling import GradientSampler
@@ -31,21 +32,6 @@ from compressor.trainer import _train_epoch, evaluate, run
 from modifiers.mfac_pruning import MFACPruning
 
 Pair = namedtuple("Pair", "x y")
-
-
-class DictData(Dataset):
-    """n samples {"features": (8,) float32, "labels": () int64} of 3 classes, fixed by ``seed``."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.features = torch.randn(n, 8, generator=gen)
-        self.labels = torch.randint(0, 3, (n,), generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"features": self.features[i], "labels": self.labels[i]}
 
 
 class OwnLoss(nn.Module):

@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DictData
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from compressor.channel_surgery import example_inputs_of
 from compressor.session import Session
 from compressor.task import ModelLossTask, Task, TaskError
 from modifiers.channel_pruning import StructuredPruning
-
-
-class DictData(Dataset):
-    """n samples {"features": (8,) float32, "labels": () int64} of 3 classes."""
-
-    def __init__(self, n: int) -> None:
-        gen = torch.Generator().manual_seed(0)
-        self.features = torch.randn(n, 8, generator=gen)
-        self.labels = torch.randint(0, 3, (n,), generator=gen)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"features": self.features[i], "labels": self.labels[i]}
 
 
 class DictMLP(nn.Module):
