@@ -82,8 +82,9 @@ class Session:
         self.steps_per_epoch = steps_per_epoch
         self.total_epochs = total_epochs
         self.params: dict[str, torch.nn.Parameter] = {normalize(n): p for n, p in model.named_parameters()}
-        self.masks = MaskSet(model, self._pruned_names())
         self.task = as_task(task, loss_fn)
+        self.task.prepare(model)  # before masks: a task's reference copy of the model stays plain
+        self.masks = MaskSet(model, self._pruned_names())
         self.sampler = GradientSampler(model, data, task=self.task) if data is not None else None
         self.step = 0
         self._metrics = metrics

@@ -119,6 +119,27 @@ class Task:
         """The epoch's metrics from the summed ``metric_sums`` over ``seen`` samples (default: means)."""
         return {name: value / seen for name, value in sums.items()}
 
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Called with the model before the first batch is collated (the trainer, ``Session`` and the
+        exporters call it; a second call does nothing). Default: nothing. A task that needs the
+        model's tokenizer, or the untrained model as a reference, takes them here."""
+
+    def split_outputs(self, output: Any, batch: Any) -> Any:
+        """What evaluation keeps of a batch for ``split_metrics`` (e.g. embeddings moved to the CPU);
+        None (the default) keeps nothing."""
+        return None
+
+    def split_metrics(self, outputs: list[Any]) -> dict[str, float]:
+        """Metrics over a whole split from every batch's ``split_outputs`` (in batch order; under DDP
+        every rank's, rank by rank), for those that do not add up batch by batch, such as retrieval
+        of each query's document among all of the split's. Default: none."""
+        return {}
+
+    def example_inputs(self, batch: Any) -> list[Any]:
+        """The model's inputs in ``batch`` as the exporters verify them: a list of what
+        ``model_inputs`` returns (default ``[model_inputs(batch)]``; a pair task gives both sides)."""
+        return [self.model_inputs(batch)]
+
 
 class ClassificationTask(Task):
     """Batches (x, y): output = model(x) of shape (n, C), loss = ``loss_fn(output, y)`` (default cross
@@ -204,10 +225,17 @@ class ModelLossTask(Task):
         return loss
 
 
-#: Built-in tasks by recipe name: name -> factory(loss_fn) -> Task.
-BUILTIN: dict[str, Callable[[Callable[..., torch.Tensor] | None], Task]] = {
-    "classification": ClassificationTask,
-    "model-loss": lambda loss_fn: ModelLossTask(),
+def _contrastive(loss_fn: Callable[..., torch.Tensor] | None, **options: Any) -> Task:
+    from .contrastive_task import ContrastiveTask  # retrieval metrics, tokenization: only when named
+
+    return ContrastiveTask(**options)
+
+
+#: Built-in tasks by recipe name: name -> factory(loss_fn, **options) -> Task.
+BUILTIN: dict[str, Callable[..., Task]] = {
+    "classification": lambda loss_fn, **options: ClassificationTask(loss_fn, **options),
+    "model-loss": lambda loss_fn, **options: ModelLossTask(**options),
+    "contrastive": _contrastive,
 }
 
 
@@ -218,8 +246,10 @@ def loss_by_name(name: str) -> Callable[..., torch.Tensor]:
     return LOSSES[name]
 
 
-def build_task(name: str, loss: str = "cross_entropy") -> Task:
-    """The built-in task ``name`` (``classification`` with the loss named ``loss``, or ``model-loss``).
+def build_task(name: str, loss: str = "cross_entropy", options: Mapping[str, Any] | None = None) -> Task:
+    """The built-in task ``name``: ``classification`` (with the loss named ``loss``), ``model-loss``
+    or ``contrastive`` (``compressor.contrastive_task``), given the keyword ``options`` its class
+    takes (``train.task_options``; e.g. ``max_length`` for contrastive); TaskError otherwise.
 
     A ``"package.module:factory"`` is resolved by ``compressor.recipe.build_task``, which checks the
     recipe's import opt-in first.
@@ -228,7 +258,11 @@ def build_task(name: str, loss: str = "cross_entropy") -> Task:
         raise TaskError(
             f"unknown task {name!r} (built-ins: {', '.join(BUILTIN)}; or 'package.module:factory')"
         )
-    return BUILTIN[name](loss_by_name(loss) if name == "classification" else None)
+    loss_fn = loss_by_name(loss) if name == "classification" else None
+    try:
+        return BUILTIN[name](loss_fn, **dict(options or {}))
+    except TypeError as exc:  # an option the task does not take
+        raise TaskError(f"task {name!r}: bad task_options: {exc}") from None
 
 
 def as_task(task: Task | None, loss_fn: Callable[..., torch.Tensor] | None = None) -> Task:

@@ -223,15 +223,18 @@ def _build(
 
 
 def _probe_task(recipe: Recipe, task: Task, model: torch.nn.Module, data: Any, device: torch.device) -> None:
-    """Run the task once on a batch of the first training sample (eval mode, no gradients) so that a
-    batch the task cannot read, or a model it cannot call, stops the run before training starts, as
-    a RecipeError at ``train.task``. Touches no RNG and no batch-norm statistics."""
+    """Prepare the task with the model (``Task.prepare``), then run it once on a batch of the first
+    training sample (eval mode, no gradients) so that a batch the task cannot read, or a model it
+    cannot call, stops the run before training starts, as a RecipeError at ``train.task``. Touches no
+    RNG and no batch-norm statistics."""
     dataset, collate = unpack_data(data, task)
     if len(dataset) == 0:
+        task.prepare(model)
         return
     was_training = model.training
     model.eval()
     try:
+        task.prepare(model)
         with torch.no_grad():
             batch = task.to_device(collate([dataset[0]]), device)
             task.loss(task.forward(model, batch), batch)
@@ -331,6 +334,8 @@ def _train(state: RunState, ctx: distributed.Context, progress: bool) -> dict[st
     epochs = math.ceil(train.epochs)
     began = time.perf_counter() - state.elapsed
     with Progress(total_steps, enabled=progress and ctx.rank == 0, quiet=ctx.rank != 0) as bar:
+        if train.eval_at_start and session.step == 0:
+            _log_eval(state, ctx)  # the dense figures of a pretrained model, before any pruning
         for epoch in range(state.start_epoch, epochs):
             _train_epoch(session, bundle, train, epoch, state.task, log, bar, net=net, ctx=ctx)
             last = epoch + 1 == epochs or (total_steps is not None and session.step >= total_steps)
@@ -532,27 +537,32 @@ def _train_epoch(
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Any, task: Any, batch_size: int = 512) -> dict[str, float]:
     """Mean loss over the samples of ``data`` and the task's metrics (classification: ``accuracy``,
-    a fraction), in eval mode (mode restored).
+    a fraction; contrastive: ``recall@1``, ``mrr@10``, ``mean_cosine`` over the whole split), in eval
+    mode (mode restored). A task whose loss depends on the batch (in-batch negatives) is scored on
+    batches of ``batch_size``.
 
     ``task``: a ``compressor.task.Task``, or a loss function (a classification task with that loss).
     ``data``: a Dataset, or a DataLoader (its dataset and collate_fn; batches of ``batch_size``).
     """
     task = task if isinstance(task, Task) else ClassificationTask(task)
+    task.prepare(model)
     data, collate = unpack_data(data, task)
-    total, sums, seen = _eval_sums(model, data, task, collate, batch_size)
-    return {"loss": total / seen, **task.metrics(sums, seen)}
+    total, sums, seen, kept = _eval_sums(model, data, task, collate, batch_size)
+    return {"loss": total / seen, **task.metrics(sums, seen), **task.split_metrics(kept)}
 
 
 @torch.no_grad()
 def _eval_sums(
     model: torch.nn.Module, data: Any, task: Task, collate: Any, batch_size: int = 512
-) -> tuple[float, dict[str, float], int]:
-    """(summed loss, summed ``task.metric_sums``, samples) of ``model`` over ``data``, in eval mode."""
+) -> tuple[float, dict[str, float], int, list[Any]]:
+    """(summed loss, summed ``task.metric_sums``, samples, the batches' ``task.split_outputs``) of
+    ``model`` over ``data``, in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, seen = 0.0, 0
     sums: dict[str, float] = {}
+    kept: list[Any] = []
     for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate):
         batch = task.to_device(batch, device)
         out = task.forward(model, batch)
@@ -560,8 +570,11 @@ def _eval_sums(
         for name, value in task.metric_sums(out, batch).items():
             sums[name] = sums.get(name, 0) + value
         seen += task.batch_size(batch)
+        part = task.split_outputs(out, batch)
+        if part is not None:
+            kept.append(part)
     model.train(was_training)
-    return total, sums, seen
+    return total, sums, seen, kept
 
 
 def _evaluate(model: torch.nn.Module, data: Any, task: Task, ctx: distributed.Context) -> dict[str, float]:
@@ -571,9 +584,11 @@ def _evaluate(model: torch.nn.Module, data: Any, task: Task, ctx: distributed.Co
     distributed.broadcast_buffers(model)
     data, collate = unpack_data(data, task)
     part = Subset(data, range(ctx.rank, len(data), ctx.world_size))
-    total, sums, seen = _eval_sums(model, part, task, collate)
+    total, sums, seen, kept = _eval_sums(model, part, task, collate)
     total, seen, *values = distributed.all_sum([total, seen, *sums.values()])
-    return {"loss": total / seen, **task.metrics(dict(zip(sums, values, strict=True)), seen)}
+    kept = [out for rank in distributed.all_gather_objects(kept) for out in rank]
+    metrics = task.metrics(dict(zip(sums, values, strict=True)), seen)
+    return {"loss": total / seen, **metrics, **task.split_metrics(kept)}
 
 
 def _checkpoint(
@@ -621,14 +636,24 @@ def _summary(session: Session, log: MetricsLog, final: dict[str, float], wall: f
     """Final eval, the dense model's eval (the last one before any pruning starts), sparsity, size, time."""
     compressing = [m for m in session.modifiers if m.prunes or m.restructures]
     first = min((session.window(m)[0] for m in compressing), default=None)
-    dense = [r for r in log.rows() if r["split"] == "eval" and r["name"] == "accuracy"]
-    dense = [r["value"] for r in dense if first is None or r["step"] <= first]
+    dense = _dense_eval(log.rows(), first)
     return {
         "eval": {**{k: v for k, v in final.items() if k != "loss"}, "loss": final["loss"]},
-        "dense_eval_accuracy": dense[-1] if dense else None,
+        "dense_eval": dense,
+        "dense_eval_accuracy": dense.get("accuracy") if dense else None,
         "sparsity": {"global": session.masks.global_sparsity(), "per_parameter": session.masks.sparsities()},
         "parameters": sum(p.numel() for p in session.model.parameters()),
         "steps": session.step,
         "epochs": session.epoch,
         "wall_time_s": wall,
     }
+
+
+def _dense_eval(rows: list[dict[str, Any]], first: int | None) -> dict[str, float] | None:
+    """The metrics of the last evaluation at or before step ``first`` (the first compressing step;
+    None: any), sparsity left out; None when there was none."""
+    evals = [r for r in rows if r["split"] == "eval" and (first is None or r["step"] <= first)]
+    if not evals:
+        return None
+    last = evals[-1]["step"]
+    return {r["name"]: r["value"] for r in evals if r["step"] == last and r["name"] not in ("sparsity",)}

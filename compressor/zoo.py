@@ -38,11 +38,13 @@ class ZooError(CompressorError, ValueError):
 class DataBundle:
     """A train/test pair with what a model needs to know about it.
 
-    train, test: TensorDataset of (x float32 (n, *input_shape), y int64 (n,)) for the built-ins.
+    train, test: TensorDataset of (x float32 (n, *input_shape), y int64 (n,)) for the image
+    built-ins; ``compressor.data.CodePairs`` of {"query", "document"} texts for ``code_pairs``
+    (input_shape (), num_classes 0: a text model takes neither).
     """
 
-    train: TensorDataset
-    test: TensorDataset
+    train: Dataset
+    test: Dataset
     input_shape: tuple[int, ...]
     num_classes: int
     name: str
@@ -115,7 +117,19 @@ def _mnist(seed: int) -> DataBundle:
     return _bundle("mnist", *_mnist_arrays(), num_classes=10)
 
 
-_DATA: dict[str, Callable[[int], DataBundle]] = {"digits": _digits, "mnist": _mnist}
+def _code_pairs(seed: int) -> DataBundle:
+    """6,322 (docstring sentence, code) pairs from the Python 3.11.7 standard library
+    (``compressor.data``): 4,462 train / 1,215 test, raw texts; the contrastive task tokenizes them."""
+    from .data import CodePairs
+
+    return DataBundle(CodePairs("train"), CodePairs("test"), (), 0, "code_pairs")
+
+
+_DATA: dict[str, Callable[[int], DataBundle]] = {
+    "digits": _digits,
+    "mnist": _mnist,
+    "code_pairs": _code_pairs,
+}
 
 
 def load_data(name: str, seed: int = 0) -> DataBundle:
@@ -123,8 +137,10 @@ def load_data(name: str, seed: int = 0) -> DataBundle:
 
     Built-in splits are fixed (see ``stratified_split``) and ignore ``seed``. A factory is called as
     ``factory(seed=seed)`` if it takes ``seed``, else ``factory()``, and must return a DataBundle or a
-    (train_dataset, test_dataset) pair of (x, y) datasets; input_shape and num_classes are then inferred
-    (``infer_num_classes``: from what the datasets declare, never by loading every sample).
+    (train_dataset, test_dataset) pair. For datasets of (x, y) samples input_shape and num_classes
+    are inferred (``infer_num_classes``: from what the datasets declare, never by loading every
+    sample); for other samples (dicts, texts) input_shape is () and num_classes what the datasets
+    declare, else 0.
     """
     if not is_factory(name):
         return _DATA[_known(name, _DATA, "dataset")](seed)
@@ -133,12 +149,23 @@ def load_data(name: str, seed: int = 0) -> DataBundle:
         return out
     if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(d, Dataset) for d in out):
         train, test = out
-        shape = tuple(torch.as_tensor(train[0][0]).shape)
-        return DataBundle(train, test, shape, infer_num_classes(train, test, name), name)
+        sample = train[0] if len(train) > 0 else None  # type: ignore[arg-type]
+        if sample is None or _is_pair(sample):
+            shape = tuple(torch.as_tensor(sample[0]).shape) if sample is not None else ()
+            return DataBundle(train, test, shape, infer_num_classes(train, test, name), name)
+        # samples that are not (x, y) pairs (dicts of text or token ids, ...): a model factory gets
+        # input_shape () and the classes the datasets declare, else 0
+        declared = _declared_classes(train) or _declared_classes(test)
+        return DataBundle(train, test, (), declared or 0, name)
     raise ZooError(
         f"dataset factory {name!r} returned {type(out).__name__}; expected a DataBundle or a "
         "(train_dataset, test_dataset) pair"
     )
+
+
+def _is_pair(sample: Any) -> bool:
+    """Whether a sample is an (x, y) pair."""
+    return isinstance(sample, (tuple, list)) and len(sample) == 2 and not isinstance(sample[0], str)
 
 
 def infer_num_classes(train: Dataset, test: Dataset, source: str = "the dataset factory") -> int:

@@ -247,12 +247,30 @@ def build_task(recipe: Recipe, allow_imports: AllowImports = ()) -> Task:
     if not is_factory(train.task):
         field = ("train", "loss") if train.task == "classification" else ("train", "task")
         try:
-            return builtin_task(train.task, train.loss)
+            return builtin_task(train.task, train.loss, train.task_options)
         except TaskError as err:
             raise RecipeError([_source(recipe).issue(field, str(err))]) from None
     with reported_at(recipe, ("train", "task")):
-        task = zoo._call_factory(train.task, "task", {"loss": train.loss})
+        unknown = _unaccepted(zoo._import_factory(train.task, "task"), train.task_options)
+        if unknown:
+            raise zoo.ZooError(f"task factory {train.task!r} takes no option {', '.join(map(repr, unknown))}")
+        task = zoo._call_factory(train.task, "task", {"loss": train.loss, **train.task_options})
     if not isinstance(task, Task):
         message = f"task factory {train.task!r} returned {type(task).__name__}, not a compressor.task.Task"
         raise RecipeError([_source(recipe).issue(("train", "task"), message)])
     return task
+
+
+def _unaccepted(factory: Any, options: dict[str, Any]) -> list[str]:
+    """The names in ``options`` that ``factory``'s signature does not take (none when it takes
+    ``**kwargs`` or has no signature)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return []
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return [name for name in options if name not in named]

@@ -152,9 +152,19 @@ class TrainSection(BaseModel):
         description="what a batch is and how the model is scored: classification, model-loss or "
         "'package.module:factory' (see compressor.task)",
     )
+    task_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the task (e.g. max_length for contrastive); a factory "
+        "task gets them as keyword arguments too",
+    )
     grad_accum: Int = Field(1, ge=1, description="batches per optimizer step")
     eval_every: Int = Field(
         1, ge=1, description="evaluate on the test split every this many epochs, and after the last one"
+    )
+    eval_at_start: bool = Field(
+        False,
+        description="evaluate once before the first step too (a pretrained model's dense figures, "
+        "for recipes that prune at step 0)",
     )
     device: str = Field("auto", description="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N")
 
