@@ -12,12 +12,20 @@ batch: they ask the task. A ``Task`` says
 - ``metric_sums(output, batch)`` and ``metrics(sums, seen)``: optional metrics, as sums over the
   batch that add up over an epoch (and over ranks), then turned into the epoch's values;
 - ``model_inputs(batch)``: what the model is called with, for tracing (channel surgery's dependency
-  graph): a tensor or tuple (``model(*inputs)``) or a dict (``model(**inputs)``).
+  graph): a tensor or tuple (``model(*inputs)``) or a dict (``model(**inputs)``);
+  ``example_inputs(batch)`` the list of them the exporters verify on;
+- ``prepare(model)``: called once with the model before the first batch is collated (a tokenizer,
+  a reference copy of the dense model);
+- ``split_outputs(output, batch)`` and ``split_metrics(outputs)``: metrics over a whole split that
+  do not add up batch by batch (retrieval among all of the split's documents).
 
-Built-ins (``build_task(name)``): ``classification`` (batches (x, y), cross entropy, accuracy) and
+Built-ins (``build_task(name)``): ``classification`` (batches (x, y), cross entropy, accuracy),
 ``model-loss`` (batches are dicts passed as ``model(**batch)``, the model returns its own loss as
-``output.loss``, as Hugging Face models do). A recipe's ``train.task`` names one of them or a
-``"package.module:factory"`` returning a Task (imported only when allowed, as ``train.model``).
+``output.loss``, as Hugging Face models do) and ``contrastive`` (text pairs embedded by a sentence
+encoder, in-batch negatives, recall@1 / MRR@10 / mean cosine to the dense model:
+``compressor.contrastive_task``). A recipe's ``train.task`` names one of them or a
+``"package.module:factory"`` returning a Task (imported only when allowed, as ``train.model``);
+``train.task_options`` are its keyword arguments.
 """
 
 from __future__ import annotations
