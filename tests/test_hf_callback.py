@@ -6,6 +6,8 @@ and trained on a few dozen random token sequences with labels, on the CPU, for a
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -85,6 +87,7 @@ class Probe(TrainerCallback):
     def __init__(self, callback: CompressionCallback) -> None:
         self.callback = callback
         self.after_optimizer: list[bool] = []
+        self.lrs: list[float] = []  # the learning rate each optimizer step used
         self.steps: list[dict] = []
         self.at_begin: dict[str, torch.Tensor] | None = None
 
@@ -100,8 +103,9 @@ class Probe(TrainerCallback):
         masks = self.callback.session.masks
         self.at_begin = {n: masks.mask(n).clone() for n in masks.names}
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self.after_optimizer.append(self._held())
+        self.lrs.append(optimizer.param_groups[0]["lr"])
 
     def on_step_end(self, args, state, control, **kwargs):
         masks = self.callback.session.masks
@@ -317,8 +321,9 @@ def test_missing_transformers_is_a_clear_error():
     code = textwrap.dedent(
         """
         import sys
+        import compressor, compressor.integrations, compressor.session
+        assert "transformers" not in sys.modules, "import compressor must stay light"
         sys.modules["transformers"] = None  # as if the hf extra were not installed
-        import compressor, compressor.session
         try:
             import compressor.integrations.hf
         except ImportError as err:
@@ -328,3 +333,61 @@ def test_missing_transformers_is_a_clear_error():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("MissingExtraError") and "pip install compressor[hf]" in done.stdout
+
+
+def test_a_learning_rate_modifier_overrides_the_trainers_scheduler_in_its_window(tmp_path):
+    recipe = f"""
+version: 1
+modifiers:
+  - type: ConstantPruning
+    params: ['{ENCODER_LINEARS}']
+  - type: LearningRate
+    kind: constant
+    value: 0.05
+    start: {{step: 2}}
+    end: {{step: 4}}
+"""
+    _, _, probe = _train(tmp_path, recipe, max_steps=6)
+    linear = [1e-3 * (6 - step) / 6 for step in range(6)]  # the Trainer's default linear decay
+    assert probe.lrs[:2] == pytest.approx(linear[:2])
+    assert probe.lrs[2:4] == [0.05, 0.05]
+    # at its end (step 4) the schedule's last update sets its final value once; then the Trainer's again
+    assert probe.lrs[4] == 0.05 and probe.lrs[5] == pytest.approx(linear[5])
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_trainer_example() -> str:
+    """The one ```python block of the README's "### With the Hugging Face Trainer" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n### With the Hugging Face Trainer\n", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```python\n")[1:]
+    assert len(blocks) == 1, "the section should hold exactly one python example"
+    return blocks[0].split("\n```", 1)[0]
+
+
+def test_readme_trainer_example_runs(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(readme_trainer_example())
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(README.parent), os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+        "COMPRESSOR_KERNELS": "off",  # the PyTorch path: no kernel build in a test
+        "OMP_NUM_THREADS": "1",  # a tiny model: threads only contend
+    }
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sparsity 0.50" in done.stdout.splitlines()
+    # the saved model: no mask buffers left, half of the encoder's linear weights exactly zero
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "bert-pruned" / "final" / "model.safetensors")
+    assert not [k for k in saved if k.endswith("_mask")]
+    chosen = [v for k, v in saved.items() if re.fullmatch(ENCODER_LINEARS[3:], k)]
+    assert len(chosen) == 12
+    zeros = sum(int((v == 0).sum()) for v in chosen) / sum(v.numel() for v in chosen)
+    assert abs(zeros - 0.5) < 1e-3

@@ -33,6 +33,9 @@ Trainer events used (transformers >= 4.44 has them all):
   that falls on the last step fires there; at ``max_steps`` it comes before the Trainer saves the
   last checkpoint).
 
+A ``LearningRate`` modifier sets the learning rate at ``before_step`` on the steps of its window (and
+at its end), over the Trainer's scheduler, whose value applies again on the next step after that.
+
 Gradients for M-FAC pruning come from the Trainer's train dataloader: its dataset and its collate
 function (after the Trainer removed the columns the model does not take), drawn in the sampler's own
 seeded order. The default task is ``ModelLossTask``: ``model(**batch).loss``, as Hugging Face models
@@ -89,7 +92,10 @@ __all__ = ["CallbackError", "CompressionCallback", "UnsupportedModifierError"]
 
 logger = logging.getLogger(__name__)
 
-#: Modifiers (registry type) that swap the training optimizer, with what to do instead.
+#: The Trainer events the session's steps hang on (transformers' newer events).
+_EVENTS = ("on_pre_optimizer_step", "on_optimizer_step")
+
+#: Modifiers (registry type) that swap the training optimizer.
 _SWAPS_OPTIMIZER = {"MFACOptimizer"}
 
 
@@ -207,6 +213,12 @@ class CompressionCallback(TrainerCallback, ExportableState):
         overrides: dict[str, str] | None = None,
         metrics: Callable[[int, str, float], None] | None = None,
     ) -> None:
+        missing = [e for e in _EVENTS if not hasattr(TrainerCallback, e)]
+        if missing:
+            raise MissingExtraError(
+                f"CompressionCallback needs a transformers Trainer with the {' and '.join(missing)} "
+                f"events (tested with transformers 5.24): {INSTALL_HINT} --upgrade"
+            )
         self._recipe, self._reread = _read_recipe(recipe, overrides)
         problems = [p for i, m in enumerate(self._recipe.modifiers) if (p := _unsupported(m, i))]
         if problems:
@@ -319,7 +331,8 @@ class CompressionCallback(TrainerCallback, ExportableState):
         if session.step != state.global_step:
             raise CallbackError(
                 f"the compression session is at step {session.step} but the Trainer at {state.global_step}: "
-                "was the optimizer stepped outside the Trainer's loop?"
+                "did the Trainer skip the on_pre_optimizer_step / on_optimizer_step events, or was the "
+                "optimizer stepped outside its loop?"
             )
         if state.global_step >= state.max_steps:
             self._finalize()
