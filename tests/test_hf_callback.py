@@ -13,21 +13,19 @@ import sys
 import textwrap
 from pathlib import Path
 
+import accelerate  # noqa: F401  (the hf extra; the Trainer needs it: install.sh installs both)
 import pytest
 import torch
+import transformers
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs accelerate")
-
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
-
-from compressor.integrations.hf import (  # noqa: E402
+from compressor.integrations.hf import (
     CallbackError,
     CompressionCallback,
     UnsupportedModifierError,
 )
-from compressor.recipe import RecipeError  # noqa: E402
-from compressor.sampling import GradientSampler  # noqa: E402
+from compressor.recipe import RecipeError
+from compressor.sampling import GradientSampler
 
 ENCODER_LINEARS = r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)\.weight"
 SEQ, VOCAB, SAMPLES, BATCH = 12, 40, 24, 4
