@@ -227,3 +227,13 @@ def test_a_model_trained_on_its_own_loss_with_labels_is_refused_clearly(tmp_path
     assert cli.returncode == 1, cli.stderr
     assert "Traceback" not in cli.stdout + cli.stderr
     assert "labels" in cli.stdout + cli.stderr and not checkpoint.with_suffix(".onnx").exists()
+
+
+def test_a_fixed_batch_keeps_the_sequence_axis_dynamic(trained: Path) -> None:
+    report = export_checkpoint(trained, trained.parent / "fixed.onnx", batch=5, allow_imports=[MODULE])
+    assert report.passed and report.numerics.batch_sizes == [5]
+    assert report.numerics.runs == 2 * (TEST // 5)  # whole batches only, both sides of each
+    assert report.inputs[0]["shape"] == [5, "sequence"] and report.outputs[0]["shape"] == [5, 32]
+    assert len(report.numerics.sequence_lengths) >= 3
+    with pytest.raises(ExportError, match=r"--batch 25 is larger than the 24 test samples available"):
+        export_checkpoint(trained, trained.parent / "big.onnx", batch=25, allow_imports=[MODULE])
