@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compressor.checkpoint import load_checkpoint
+from compressor.errors import CompressorError
 from compressor.mask_patterns import as_structure
 from compressor.masks import MASK_SUFFIX, MaskSet, mask_names
 from compressor.params import match_params, normalize
@@ -72,7 +73,7 @@ def prepare(path: Path, samples: int, allow_imports: AllowImports = (), batch: i
     task = build_task(recipe, allow_imports)
     try:
         task.prepare(model)  # e.g. the contrastive task takes the model's tokenizer to collate
-    except TaskError as exc:
+    except CompressorError as exc:  # TaskError, or ZooError: no tokenizer saved beside the model
         raise ExportError(f"{path}: the task cannot collate the test data for this model: {exc}") from exc
     inputs = _test_inputs(bundle.test, samples, task, batch)
     state_dict: dict[str, torch.Tensor] = state["model"]

@@ -237,3 +237,31 @@ def test_a_fixed_batch_keeps_the_sequence_axis_dynamic(trained: Path) -> None:
     assert len(report.numerics.sequence_lengths) >= 3
     with pytest.raises(ExportError, match=r"--batch 25 is larger than the 24 test samples available"):
         export_checkpoint(trained, trained.parent / "big.onnx", batch=25, allow_imports=[MODULE])
+
+
+def test_a_classifier_called_by_name_exports_its_logits_without_the_loss(tmp_path: Path) -> None:
+    from compressor.hf_models import load_tokenizer
+    from exporters.convert import to_onnx_named
+    from exporters.named import KeywordModel, NamedInputs, output_names
+    from exporters.numerics import compare_named
+
+    directory = hf_tiny.classifier_dir(tmp_path / "classifier", _texts(), labels=3)
+    model = load_pretrained(f"hf:{directory}").eval()
+    tokenizer = load_tokenizer(directory)
+    texts = _texts()
+    tokens = [
+        tokenizer(chunk, padding=True, truncation=True, max_length=40, return_tensors="pt")
+        for chunk in (texts[:4], texts[4:5], texts[5:12:2])
+    ]
+    batches = [{k: t[k].long() for k in ("input_ids", "attention_mask")} for t in tokens]
+    named = NamedInputs(["input_ids", "attention_mask"], batches)
+    outputs = output_names(model, batches[0])
+    assert outputs == (["logits"], ["logits"])  # a ModelOutput: its tensors, never a loss
+    proto = to_onnx_named(model, named, batches[0], outputs, batch=None, opset=None, exporter="legacy")
+    out = proto.graph.output[0]
+    assert out.name == "logits" and [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == [
+        "batch",
+        3,
+    ]
+    numerics = compare_named(proto, KeywordModel(model, named.names, outputs[1]), named, 1e-4, 1e-3)
+    assert numerics.ok and numerics.runs == 3 and len(numerics.sequence_lengths) >= 2
