@@ -192,6 +192,9 @@ class SentenceEncoder(nn.Module):
     ``max_seq_length`` (tokens; from ``sentence_bert_config.json`` when present) are for data code.
     """
 
+    #: The name of forward's output in an ONNX export, as sentence-transformers' own exports name it.
+    onnx_output_names: tuple[str, ...] = ("sentence_embedding",)
+
     def __init__(
         self,
         auto_model: nn.Module,

@@ -5,6 +5,10 @@ They depend on ``compressor`` and are found through the registry, never imported
     from exporters import export_checkpoint
     report = export_checkpoint("out/checkpoint.pt", compress=True)   # -> out/checkpoint.onnx
     print(report.numerics.max_abs_diff, report.size_ratio)
+
+A model called with tensors by name (a sentence encoder of ``hf:DIR`` with ``task: contrastive``)
+exports with inputs ``input_ids`` and ``attention_mask`` (int64, dynamic batch and sequence) and output
+``sentence_embedding``, verified on the task's tokenized test batches (see ``exporters.named``).
 """
 
 from .errors import ExportError, VerificationError

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 import torch
@@ -16,8 +16,9 @@ from compressor.atomic import atomic_write
 from compressor.recipe import AllowImports
 
 from .compact import to_sparse
-from .convert import Exporter, to_onnx
+from .convert import Exporter, to_onnx, to_onnx_named
 from .errors import ExportError, VerificationError
+from .named import KeywordModel, NamedInputs, output_names
 from .prepare import prepare
 from .report import REPORT_NAME, ExportReport
 from .verify import verify
@@ -49,7 +50,10 @@ def export_checkpoint(
         batch: "dynamic" (a dynamic batch axis) or a fixed batch size.
         compress: store tensors that shrink as sparse initializers; the compact model is verified too.
         atol, rtol: thresholds on max |onnx - torch| and on that divided by max |torch|.
-        samples: test samples compared (in batches of the exported batch size).
+        samples: test samples compared (in batches of the exported batch size). A model called with
+            tensors by name (a sentence encoder's ``input_ids`` and ``attention_mask``) is compared on
+            every input the task gives per batch (both sides of a pair), in batches of several sizes
+            and sequence lengths (see ``exporters.named``).
         exporter: "legacy" (TorchScript) or "dynamo".
         allow_imports: the modules whose "package.module:factory" the checkpoint's recipe may import
             and call to rebuild its model and data (True: any); by default none (a RecipeError says so).
@@ -64,23 +68,34 @@ def export_checkpoint(
     fixed = _batch_size(batch)
     if samples < 1:
         raise ExportError(f"samples must be >= 1, got {samples}")
-    prepared = prepare(source, samples, allow_imports)
+    prepared = prepare(source, samples, allow_imports, batch=fixed)
     _check_size(prepared.model)
-    if fixed is not None and fixed > len(prepared.inputs):
-        raise ExportError(f"--batch {fixed} is larger than the {len(prepared.inputs)} test samples available")
-    example = prepared.inputs[: fixed or min(2, len(prepared.inputs))]
-    dense = to_onnx(prepared.model, example, batch=fixed, opset=opset, exporter=exporter)
+    runner = None
+    if isinstance(prepared.inputs, NamedInputs):
+        example = _named_example(prepared.inputs, fixed)
+        outputs = output_names(prepared.model, example)
+        runner = KeywordModel(prepared.model, prepared.inputs.names, outputs[1]).eval()
+        dense = to_onnx_named(
+            prepared.model, prepared.inputs, example, outputs, batch=fixed, opset=opset, exporter=exporter
+        )
+    else:
+        if fixed is not None and fixed > len(prepared.inputs):
+            raise ExportError(
+                f"--batch {fixed} is larger than the {len(prepared.inputs)} test samples available"
+            )
+        example = prepared.inputs[: fixed or min(2, len(prepared.inputs))]
+        dense = to_onnx(prepared.model, example, batch=fixed, opset=opset, exporter=exporter)
     if opset is not None and _opset(dense) != opset:
         hint = " (dynamo starts at 18; use exporter 'legacy' below)" if exporter == "dynamo" else ""
         raise ExportError(f"asked for opset {opset}, the {exporter} exporter produced {_opset(dense)}{hint}")
     dense_bytes = dense.SerializeToString()
-    checks = verify(dense, prepared, batch=fixed, atol=atol, rtol=rtol)
+    checks = verify(dense, prepared, batch=fixed, atol=atol, rtol=rtol, runner=runner)
     final, payload, moved, compressed_numerics = dense, dense_bytes, [], None
     failures = list(checks.failures)
     if compress:
         final, moved = to_sparse(dense)
         payload = final.SerializeToString()
-        again = verify(final, prepared, batch=fixed, atol=atol, rtol=rtol)
+        again = verify(final, prepared, batch=fixed, atol=atol, rtol=rtol, runner=runner)
         compressed_numerics = again.numerics
         failures += [f"compressed model: {f}" for f in again.failures]
     report = ExportReport(
@@ -91,6 +106,8 @@ def export_checkpoint(
         opset=_opset(final),
         batch=fixed if fixed is not None else "dynamic",
         input_shape=_input_shape(final),
+        inputs=_signature(final.graph.input),
+        outputs=_signature(final.graph.output),
         numerics=checks.numerics,
         tensors=checks.tensors,
         dense_bytes=len(dense_bytes),
@@ -155,3 +172,32 @@ def _opset(model: onnx.ModelProto) -> int:
 def _input_shape(model: onnx.ModelProto) -> list[int | str]:
     dims = model.graph.input[0].type.tensor_type.shape.dim
     return [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in dims]
+
+
+def _named_example(inputs: NamedInputs, fixed: int | None) -> dict[str, torch.Tensor]:
+    """The batch the exporter traces: of the fixed size, else the largest batch with padding (a zero
+    in an attention mask) if any, else the largest one."""
+
+    def rank(batch: dict[str, torch.Tensor]) -> tuple[bool, bool, int]:
+        rows = int(next(iter(batch.values())).shape[0])
+        mask = batch.get("attention_mask")
+        padded = mask is not None and bool((mask == 0).any())
+        return (fixed is None or rows == fixed, padded, rows)
+
+    return max(inputs.batches, key=rank)
+
+
+def _signature(values: Any) -> list[dict[str, Any]]:
+    """Name, element type and shape (dimension names for dynamic axes) of graph inputs or outputs."""
+    out = []
+    for value in values:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in tensor.shape.dim]
+        out.append(
+            {
+                "name": value.name,
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                "shape": dims,
+            }
+        )
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,7 +16,11 @@ DYNAMIC_CHUNK = 64
 
 @dataclass
 class Numerics:
-    """max_rel_diff is max |onnx - torch| / max |torch| over all outputs (relative to the output scale)."""
+    """max_rel_diff is max |onnx - torch| / max |torch| over all outputs (relative to the output scale).
+
+    samples: rows compared over all runs. For keyword-input models: ``runs`` (model calls compared)
+    and ``sequence_lengths`` (the padded lengths of the token inputs, one per batch side); else None.
+    """
 
     samples: int
     batch_sizes: list[int]
@@ -23,6 +28,8 @@ class Numerics:
     max_rel_diff: float
     atol: float
     rtol: float
+    runs: int | None = None
+    sequence_lengths: list[int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -69,16 +76,57 @@ def compare(
             chunk = inputs[start : start + size]
             ref = _flat(torch_model(chunk))
             got = sess.run(None, {name: chunk.numpy()})
-            if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref, strict=False)):
-                shapes = [g.shape for g in got], [r.shape for r in ref]
-                raise ValueError(f"onnxruntime output shapes {shapes[0]} differ from PyTorch's {shapes[1]}")
-            for g, r in zip(got, ref, strict=True):
-                diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
-                worst_abs = max(worst_abs, float(diff.max()) if np.isfinite(diff).all() else float("inf"))
-                scale = max(scale, float(np.abs(r).max()))
+            worst_abs, scale = _diff(got, ref, worst_abs, scale)
             sizes.append(len(chunk))
     rel = worst_abs / scale if scale > 0 else (0.0 if worst_abs == 0 else float("inf"))
     return Numerics(usable, sorted(set(sizes), reverse=True), worst_abs, rel, atol, rtol)
+
+
+def compare_named(
+    model: onnx.ModelProto, torch_model: nn.Module, inputs: Any, atol: float, rtol: float
+) -> Numerics:
+    """Run both on every batch of ``inputs`` (``NamedInputs``): ``torch_model`` (a ``KeywordModel``)
+    on the batch's tensors in ``inputs.names`` order, the ONNX session fed by input name (int64 token
+    ids and masks as they are)."""
+    from .named import describe
+
+    sess = session(model)
+    wanted = [i.name for i in sess.get_inputs()]
+    missing = [n for n in wanted if n not in inputs.names]
+    if missing:
+        raise ValueError(f"the ONNX model takes {missing}, which the task's inputs ({inputs.names}) lack")
+    worst_abs, scale = 0.0, 0.0
+    with torch.no_grad():
+        for batch in inputs.batches:
+            ref = _flat(torch_model(*(batch[n] for n in inputs.names)))
+            got = sess.run(None, {n: batch[n].numpy() for n in wanted})
+            worst_abs, scale = _diff(got, ref, worst_abs, scale)
+    rel = worst_abs / scale if scale > 0 else (0.0 if worst_abs == 0 else float("inf"))
+    seen = describe(inputs)
+    return Numerics(
+        inputs.samples,
+        seen["batch_sizes"],
+        worst_abs,
+        rel,
+        atol,
+        rtol,
+        runs=seen["runs"],
+        sequence_lengths=seen["sequence_lengths"],
+    )
+
+
+def _diff(
+    got: list[np.ndarray], ref: list[np.ndarray], worst_abs: float, scale: float
+) -> tuple[float, float]:
+    """The running (max |diff|, max |ref|) with one more run's outputs."""
+    if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref, strict=False)):
+        shapes = [g.shape for g in got], [r.shape for r in ref]
+        raise ValueError(f"onnxruntime output shapes {shapes[0]} differ from PyTorch's {shapes[1]}")
+    for g, r in zip(got, ref, strict=True):
+        diff = np.abs(g.astype(np.float64) - r.astype(np.float64))
+        worst_abs = max(worst_abs, float(diff.max()) if np.isfinite(diff).all() else float("inf"))
+        scale = max(scale, float(np.abs(r).max()))
+    return worst_abs, scale
 
 
 def _flat(out: object) -> list[np.ndarray]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compressor.checkpoint import load_checkpoint
+from compressor.errors import CompressorError
 from compressor.mask_patterns import as_structure
 from compressor.masks import MASK_SUFFIX, MaskSet, mask_names
 from compressor.params import match_params, normalize
@@ -22,6 +23,7 @@ from compressor.recipe import AllowImports, build_task, build_train, parse_recip
 from compressor.task import ClassificationTask, Task, TaskError, unpack_data
 
 from .errors import ExportError
+from .named import NamedInputs, collect
 
 
 @dataclass
@@ -31,8 +33,9 @@ class Prepared:
     weights: normalized name -> baked tensor, for every weight (dim >= 2) and every masked parameter.
     mask_sparsity: normalized name -> fraction of the mask that is off, for the masked parameters.
     structures: normalized name -> the structure its pruner asked for (only non-unstructured ones).
-    inputs: real test samples (n, *input_shape), float32: the model's inputs as the recipe's task
-        reads them from the test split (one tensor; models that take several are not exported yet).
+    inputs: the model's inputs as the recipe's task reads them from the test split: real test
+        samples (n, *input_shape), float32, for a model that takes one tensor; ``NamedInputs`` (batches
+        of tensors by name, see ``exporters.named``) for one called as ``model(**inputs)``.
     """
 
     path: Path
@@ -40,13 +43,14 @@ class Prepared:
     weights: dict[str, torch.Tensor]
     mask_sparsity: dict[str, float]
     structures: dict[str, Any]
-    inputs: torch.Tensor
+    inputs: torch.Tensor | NamedInputs
     epoch: int | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def prepare(path: Path, samples: int, allow_imports: AllowImports = ()) -> Prepared:
-    """Load ``path`` (CheckpointError if damaged), rebuild and bake its model; ``samples`` test inputs.
+def prepare(path: Path, samples: int, allow_imports: AllowImports = (), batch: int | None = None) -> Prepared:
+    """Load ``path`` (CheckpointError if damaged), rebuild and bake its model; ``samples`` test inputs
+    (for a keyword-input model: batches of the fixed ``batch`` size, else of several sizes).
 
     The model and data are rebuilt from the checkpoint's recipe, importing a "package.module:factory"
     only when ``allow_imports`` permits it (see ``compressor.recipe.imports``).
@@ -66,9 +70,15 @@ def prepare(path: Path, samples: int, allow_imports: AllowImports = ()) -> Prepa
         raise ExportError(f"{path}: the checkpoint's recipe has no 'train' section naming model and data")
     train = recipe.train
     bundle, model = build_train(recipe, allow_imports)
-    inputs = _test_inputs(bundle.test, samples, build_task(recipe, allow_imports))
+    task = build_task(recipe, allow_imports)
+    try:
+        task.prepare(model)  # e.g. the contrastive task takes the model's tokenizer to collate
+    except CompressorError as exc:  # TaskError, or ZooError: no tokenizer saved beside the model
+        raise ExportError(f"{path}: the task cannot collate the test data for this model: {exc}") from exc
+    inputs = _test_inputs(bundle.test, samples, task, batch)
     state_dict: dict[str, torch.Tensor] = state["model"]
-    model = _match_shapes(model, state_dict, inputs[:2])
+    example = inputs[:2] if isinstance(inputs, torch.Tensor) else inputs.batches[0]
+    model = _match_shapes(model, state_dict, example)
     masked = mask_names(state_dict)
     masks = MaskSet(model, masked)
     try:
@@ -95,11 +105,15 @@ def prepare(path: Path, samples: int, allow_imports: AllowImports = ()) -> Prepa
     )
 
 
-def _test_inputs(test: Any, samples: int, task: Task | None = None) -> torch.Tensor:
-    """The model's inputs for the first ``samples`` samples of the test split, float32.
+def _test_inputs(
+    test: Any, samples: int, task: Task | None = None, batch: int | None = None
+) -> torch.Tensor | NamedInputs:
+    """The model's inputs for the first ``samples`` samples of the test split.
 
     ``task`` (default classification) collates them and says what the model takes
-    (``Task.model_inputs``); ExportError when that is not one tensor, or the task cannot read them.
+    (``Task.example_inputs``): one tensor (float32, all samples), or a dict of tensors by name
+    (``NamedInputs``: batches of the fixed ``batch`` size, else of several sizes, see
+    ``exporters.named``). ExportError for anything else, or when the task cannot read them.
     """
     task = task or ClassificationTask()
     test, collate = unpack_data(test, task)
@@ -109,20 +123,23 @@ def _test_inputs(test: Any, samples: int, task: Task | None = None) -> torch.Ten
     tensors = getattr(test, "tensors", None)
     if tensors is not None and isinstance(task, ClassificationTask):
         return tensors[0][:count].to(torch.float32).contiguous()
+    named = collect(test, collate, task, count, batch)
+    if named is not None:
+        return named
     try:
         xs = task.model_inputs(collate([test[i] for i in range(count)]))
     except TaskError as exc:
         raise ExportError(f"the test samples cannot be read as the model's inputs: {exc}") from exc
     if not isinstance(xs, torch.Tensor):
-        kind = f"a dict of {', '.join(map(str, xs))}" if isinstance(xs, dict) else type(xs).__name__
         raise ExportError(
-            f"the model takes {kind} ({type(task).__name__}); export handles models that take one "
-            "input tensor so far"
+            f"the model takes {type(xs).__name__} ({type(task).__name__}); export handles models that "
+            "take one input tensor, or tensors by name (a dict, such as a sentence encoder's input_ids "
+            "and attention_mask)"
         )
     return xs.to(torch.float32).contiguous()
 
 
-def _match_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], example: torch.Tensor) -> nn.Module:
+def _match_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], example: Any) -> nn.Module:
     """Resize channel-pruned layers with ``compressor.channel_surgery.match_shapes`` (when importable)."""
     try:
         module = importlib.import_module("compressor.channel_surgery")

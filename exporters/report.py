@@ -79,6 +79,8 @@ class ExportReport:
     compressed_numerics: Numerics | None = None
     failures: list[str] = field(default_factory=list)
     written: bool = False
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # name, dtype, shape of each ONNX input
+    outputs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -135,6 +137,18 @@ class ExportReport:
                 f"max |diff| {n.max_abs_diff:.3g} (atol {n.atol:g}), "
                 f"max rel {n.max_rel_diff:.3g} (rtol {n.rtol:g})",
             ]
+            if n.runs is not None:
+                lines[0] = (
+                    f"onnxruntime vs PyTorch on {n.samples} rows of named test inputs in {n.runs} batches "
+                    f"(batch sizes {n.batch_sizes}, sequence lengths {n.sequence_lengths}): "
+                    f"max |diff| {n.max_abs_diff:.3g} (atol {n.atol:g}), "
+                    f"max rel {n.max_rel_diff:.3g} (rtol {n.rtol:g})"
+                )
+        if self.inputs:
+            lines.insert(
+                0,
+                "ONNX inputs " + _signature_text(self.inputs) + "; outputs " + _signature_text(self.outputs),
+            )
         if self.compressed:
             c = self.compressed_numerics
             lines.append(
@@ -152,6 +166,10 @@ class ExportReport:
         lines = self.summary()
         styled = [Text(ln, style=verdict if ln.startswith(("PASSED", "FAILED")) else "") for ln in lines]
         return Group(self.table(), *styled)
+
+
+def _signature_text(values: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{v['name']} {v['dtype']} ({', '.join(map(str, v['shape']))})" for v in values)
 
 
 def _strict(obj: Any) -> Any:

@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from torch import nn
 
 from compressor.onnx_tensors import constant_tensors
 
 from .compliance import describe, violations
 from .matching import closest_unmatched, match_tensors
-from .numerics import Numerics, compare
+from .named import NamedInputs
+from .numerics import Numerics, compare, compare_named
 from .prepare import Prepared
 from .report import TensorRow
 
@@ -27,9 +29,19 @@ class Verification:
 
 
 def verify(
-    model: onnx.ModelProto, prepared: Prepared, *, batch: int | None, atol: float, rtol: float
+    model: onnx.ModelProto,
+    prepared: Prepared,
+    *,
+    batch: int | None,
+    atol: float,
+    rtol: float,
+    runner: nn.Module | None = None,
 ) -> Verification:
-    """Run every check; failures are collected (with their numbers), never raised."""
+    """Run every check; failures are collected (with their numbers), never raised.
+
+    ``runner``: for a keyword-input model, the ``KeywordModel`` that was exported (positional tensors
+    in the ONNX inputs' order, the exported outputs out); compared on every batch of the inputs.
+    """
     failures: list[str] = []
     try:  # shape inference (full_check) rejects sparse initializers as Gemm/Conv inputs; ORT accepts them
         onnx.checker.check_model(model, full_check=not model.graph.sparse_initializer)
@@ -37,7 +49,12 @@ def verify(
         failures.append(f"onnx.checker: {' '.join(str(exc).split())[:300]}")
     numerics = None
     try:
-        numerics = compare(model, prepared.model, prepared.inputs, batch, atol, rtol)
+        if isinstance(prepared.inputs, NamedInputs):
+            numerics = compare_named(
+                model, runner if runner is not None else prepared.model, prepared.inputs, atol, rtol
+            )
+        else:
+            numerics = compare(model, prepared.model, prepared.inputs, batch, atol, rtol)
     except Exception as exc:  # onnxruntime load/run errors carry their own message
         failures.append(f"onnxruntime could not run the model: {' '.join(str(exc).split())[:300]}")
     if numerics is not None and numerics.failure() is not None:
