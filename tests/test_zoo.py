@@ -159,7 +159,8 @@ def test_model_name_errors(user_module: str, spec: str, message: str) -> None:
 
 def test_data_name_errors(user_module: str) -> None:
     with pytest.raises(
-        zoo.ZooError, match=r"unknown dataset 'digit'; did you mean 'digits'\? \(built-ins: code_pairs, digits, mnist;"
+        zoo.ZooError,
+        match=r"unknown dataset 'digit'; did you mean 'digits'\? \(built-ins: code_pairs, digits, mnist;",
     ):
         zoo.load_data("digit")
     with pytest.raises(zoo.ZooError, match=r"returned Linear; expected a DataBundle"):
