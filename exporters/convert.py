@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 import torch
@@ -74,12 +74,25 @@ def _legacy(model: nn.Module, example: torch.Tensor, batch: int | None, opset: i
 
 def _dynamo(model: nn.Module, example: torch.Tensor, batch: int | None, opset: int | None) -> onnx.ModelProto:
     shapes = None if batch is not None else ({0: torch.export.Dim("batch")},)
+    return _dynamo_export(model, (example,), [INPUT], [OUTPUT], shapes, opset)
+
+
+def _dynamo_export(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    shapes: Any,
+    opset: int | None,
+) -> onnx.ModelProto:
+    """``torch.onnx.export(dynamo=True)`` of ``model(*args)`` with ``dynamic_shapes=shapes``, optimized,
+    weights inside the proto."""
     program = torch.onnx.export(
         model,
-        (example,),
+        args,
         dynamo=True,
-        input_names=[INPUT],
-        output_names=[OUTPUT],
+        input_names=input_names,
+        output_names=output_names,
         dynamic_shapes=shapes,
         opset_version=opset,
         external_data=False,
@@ -202,21 +215,7 @@ def _dynamo_named(
         {axis: dims.setdefault(name, torch.export.Dim(name)) for axis, name in in_axes[n].items()}
         for n in input_names
     )
-    program = torch.onnx.export(
-        model,
-        args,
-        dynamo=True,
-        input_names=input_names,
-        output_names=output_names,
-        dynamic_shapes=(shapes,),
-        opset_version=opset,
-        external_data=False,
-        optimize=True,
-        verbose=False,
-    )
-    if program is None:
-        raise ExportError("torch.onnx.export (dynamo) returned no program")
-    return program.model_proto
+    return _dynamo_export(model, args, input_names, output_names, (shapes,), opset)
 
 
 def _fix_output_dims(
