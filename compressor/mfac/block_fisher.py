@@ -135,7 +135,9 @@ class BlockFisherInverse:
         acc = self.accumulate
         esize = torch.empty((), dtype=acc).element_size()
         for seg, sums in zip(self._segments, self._blocks, strict=True):
-            per = max(1, PAGE_BYTES // (k * seg.size * esize))  # blocks per page
+            # blocks per page: the converted rows are a temporary of one page; without a conversion
+            # there is none, and one product over all blocks is the fastest
+            per = max(1, PAGE_BYTES // (k * seg.size * esize)) if chunk.dtype != acc else seg.blocks
             work = None
             for b0 in range(0, seg.blocks, per):
                 b1 = min(b0 + per, seg.blocks)
