@@ -179,6 +179,12 @@ class MFACPruning(PruningModifier):
         counts = self.num_grads.values() if isinstance(self.num_grads, dict) else [self.num_grads]
         return max(self._fisher_bytes(m, num_params) for m in counts)
 
+    def gathers_rows(self) -> bool:
+        """Whether some sub-step gathers the (m, d) rows over torch.distributed ranks (Woodbury);
+        the streamed path all-reduces its block sums in place (``preflight(..., gathered=...)``)."""
+        counts = self.num_grads.values() if isinstance(self.num_grads, dict) else [self.num_grads]
+        return not all(self.streamed(m) for m in counts)
+
     def _fisher_bytes(self, num_grads: int, num_params: int) -> int:
         if not self.streamed(num_grads) or self.block_size is None:
             return 2 * 4 * num_grads * num_params

@@ -26,6 +26,7 @@ def test_preflight_counts_the_ranks_on_one_host():
     preflight("x", 4 * gib, budget=10 * gib, world_size=4, local_ranks=1)  # 4 * 1.25 = 5 GiB
     with pytest.raises(PreflightError, match=r"2 ranks on this host"):
         preflight("x", 4 * gib, budget=10 * gib, world_size=2, local_ranks=2)  # 2 * 4 * 1.5 = 12 GiB
+    preflight("x", 4 * gib, budget=10 * gib, world_size=2, local_ranks=2, gathered=False)  # 8 GiB
 
 
 class Counting(Dataset):

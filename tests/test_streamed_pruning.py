@@ -87,7 +87,9 @@ def test_preflight_counts_the_path_taken():
     sums = BlockFisherInverse.bytes_needed(d, 32)
     assert sums == d * 32 * 8
     assert streamed.gradient_bytes(d) == sums + 16 * d * 4  # the block sums and one chunk of rows
+    assert not streamed.gathers_rows()
     woodbury = MFACPruning(params=NAMES, final_sparsity=0.5, num_grads=256, block_size=32, fisher="woodbury")
+    assert woodbury.gathers_rows()
     assert woodbury.gradient_bytes(d) == 2 * 4 * 256 * d
     wide = MFACPruning(params=NAMES, final_sparsity=0.5, num_grads=64, block_size=128)  # B >= m: Woodbury
     assert not wide.streamed(64) and wide.gradient_bytes(d) == 2 * 4 * 64 * d
