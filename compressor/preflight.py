@@ -36,6 +36,7 @@ def preflight(
     *,
     world_size: int | None = None,
     local_ranks: int | None = None,
+    gathered: bool = True,
 ) -> None:
     """Raise PreflightError when the host's need exceeds 90% of ``budget`` (default: available memory).
 
@@ -44,11 +45,14 @@ def preflight(
     plus its share of the rows before the gather (at most ceil(m / P) rows, bounded here by
     ``needed / P``); the ``local_ranks`` ranks on this host (default: torchrun's LOCAL_WORLD_SIZE)
     share its memory, so the check is ``local_ranks * needed * (1 + 1/P)`` against the budget.
+    ``gathered=False``: nothing is gathered (the streamed block Fisher: each rank holds its own
+    d * B sums, all-reduced in place), so the check is ``local_ranks * needed``.
     """
     budget = available_bytes() if budget is None else budget
     world = distributed.world_size() if world_size is None else world_size
     local = (distributed.local_world_size() if local_ranks is None else local_ranks) if world > 1 else 1
-    total = needed if world <= 1 else int(local * needed * (1 + 1 / world))
+    share = 1 + 1 / world if gathered else 1.0
+    total = needed if world <= 1 else int(local * needed * share)
     if total > 0.9 * budget:
         hint = f"; {suggestion}" if suggestion else ""
         ranks = f" ({local} ranks on this host, {_human(total / local)} each)" if local > 1 else ""

@@ -1,9 +1,11 @@
 """Mini-batch gradients for second-order modifiers.
 
 ``GradientSampler.sample`` returns m gradients of the selected parameters, one mini-batch each,
-as rows of an (m, d) float32 tensor. The model runs in eval mode (batch-norm uses its running
-statistics, as in the reference pruner) and is put back in its previous mode afterwards; the
-parameters' ``.grad`` are restored too, so sampling inside a training step changes nothing.
+as rows of an (m, d) float32 tensor; ``GradientSampler.chunks`` yields the same rows in (k, d)
+chunks (for the streamed block Fisher, which never holds all m rows). The model runs in eval mode
+(batch-norm uses its running statistics, as in the reference pruner) and is put back in its previous
+mode afterwards; the parameters' ``.grad`` are restored too, so sampling inside a training step
+changes nothing.
 Batches come from a private, seeded generator: the same call at the same step draws the same
 batches, which keeps interrupted-and-resumed runs identical.
 
@@ -15,7 +17,8 @@ gradients, none counted twice, no silent m / P. Each rank's batches are its own 
 stream: every rank draws the index lists of all m batches from the seeded generator (cheap), and
 loads and collates only the samples of its own rows. Gradients are taken on the model inside the
 DDP wrapper (no all-reduce of its own), after rank 0's batch-norm statistics are copied to every
-rank.
+rank. ``chunks`` yields only the rank's own rows, with no gather: the streamed block Fisher sums
+them on each rank and all-reduces its d * B sums instead of gathering m * d rows.
 """
 
 from __future__ import annotations
@@ -78,12 +81,53 @@ class GradientSampler:
         The loss of row i is the task's (``task.loss(task.forward(model, batch), batch)``).
         Collective under torch.distributed: every rank must call it with the same arguments.
         """
+        world = distributed.world_size()
+        parts = list(self.chunks(names, num_grads, batch_size, key=key, select=select, device=device))
+        (out,) = parts  # chunk_rows None: this rank's rows in one chunk, no copy
+        return out if world == 1 else gather_rows(out, num_grads, world)
+
+    def chunks(
+        self,
+        names: list[str],
+        num_grads: int,
+        batch_size: int,
+        *,
+        key: int = 0,
+        select: dict[str, torch.Tensor] | None = None,
+        device: torch.device | str = "cpu",
+        chunk_rows: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """The rows of ``sample`` as (k, d) float32 chunks of at most ``chunk_rows`` rows (None: one
+        chunk), each a new tensor, so a consumer (``compressor.mfac.BlockFisherInverse.add``) never
+        needs all m rows at once.
+
+        Under torch.distributed each rank yields only its own share of the rows (``shard``: rank r's
+        rows of the same seeded stream, in order; possibly none), with no gather: combine the ranks'
+        results yourself (``BlockFisherInverse.all_reduce``). Collective: every rank iterates it to
+        the end with the same arguments. The model's mode and the parameters' ``.grad`` are restored
+        when the iteration ends (or the iterator is closed).
+        """
         if num_grads < 1 or batch_size < 1:
             raise ValueError(f"num_grads and batch_size must be >= 1, got {num_grads} and {batch_size}")
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1 or None, got {chunk_rows}")
         params = dict((normalize(n), p) for n, p in self.model.named_parameters())
         missing = [n for n in names if n not in params]
         if missing:
             raise ValueError(f"unknown parameters {missing[:5]}")
+        return self._chunks(names, params, num_grads, batch_size, key, select, device, chunk_rows)
+
+    def _chunks(
+        self,
+        names: list[str],
+        params: dict[str, torch.nn.Parameter],
+        num_grads: int,
+        batch_size: int,
+        key: int,
+        select: dict[str, torch.Tensor] | None,
+        device: torch.device | str,
+        chunk_rows: int | None,
+    ) -> Iterator[torch.Tensor]:
         chosen = [params[n] for n in names]
         keep = [None if select is None else select[n].reshape(-1) for n in names]
         dim = sum(p.numel() if k is None else int(k.sum()) for p, k in zip(chosen, keep, strict=True))
@@ -91,7 +135,7 @@ class GradientSampler:
         first, count = shard(num_grads, world, rank)
         if world > 1:
             distributed.broadcast_buffers(self.model)
-        out = torch.empty(count, dim, dtype=torch.float32, device=device)
+        step = count if chunk_rows is None else chunk_rows
         every = list(self.model.parameters())
         saved = [p.grad for p in every]  # all of them: backward writes every parameter's .grad
         was_training = self.model.training
@@ -101,23 +145,39 @@ class GradientSampler:
             batches = self._index_batches(batch_size, key)
             for _ in range(first):  # the rows of the ranks before this one: drawn, not loaded
                 next(batches)
-            for row in range(count):
-                batch = self.task.to_device(fetch_batch(self.data, next(batches), self.collate), model_device)
-                for p in every:
-                    p.grad = None
-                with torch.enable_grad():
-                    self.task.loss(self.task.forward(self.model, batch), batch).backward()
-                offset = 0
-                for p, k in zip(chosen, keep, strict=True):
-                    g = torch.zeros_like(p) if p.grad is None else p.grad
-                    g = g.reshape(-1) if k is None else g.reshape(-1)[k]
-                    out[row, offset : offset + g.numel()] = g
-                    offset += g.numel()
+            if count == 0 and chunk_rows is None:
+                yield torch.empty(0, dim, dtype=torch.float32, device=device)
+            for start in range(0, count, max(1, step)):
+                out = torch.empty(min(step, count - start), dim, dtype=torch.float32, device=device)
+                for row in range(out.shape[0]):
+                    self._gradient_row(next(batches), model_device, every, chosen, keep, out[row])
+                yield out
         finally:
             for p, g in zip(every, saved, strict=True):
                 p.grad = g
             self.model.train(was_training)
-        return out if world == 1 else gather_rows(out, num_grads, world)
+
+    def _gradient_row(
+        self,
+        indices: list[int],
+        model_device: torch.device,
+        every: list[torch.nn.Parameter],
+        chosen: list[torch.nn.Parameter],
+        keep: list[torch.Tensor | None],
+        out: torch.Tensor,
+    ) -> None:
+        """Write the gradient of the mean loss over the batch ``indices`` into the row ``out``."""
+        batch = self.task.to_device(fetch_batch(self.data, indices, self.collate), model_device)
+        for p in every:
+            p.grad = None
+        with torch.enable_grad():
+            self.task.loss(self.task.forward(self.model, batch), batch).backward()
+        offset = 0
+        for p, k in zip(chosen, keep, strict=True):
+            g = torch.zeros_like(p) if p.grad is None else p.grad
+            g = g.reshape(-1) if k is None else g.reshape(-1)[k]
+            out[offset : offset + g.numel()] = g
+            offset += g.numel()
 
     def _index_batches(self, batch_size: int, key: int) -> Iterator[list[int]]:
         """The sample indices of each shuffled batch, cycling through the data as often as needed.

@@ -5,11 +5,17 @@ sub-steps R, with densities interpolated geometrically, density_j = (1-s0) * ((1
 Each sub-step:
 
 1. samples m mini-batch gradients of the *remaining* weights at the current weights;
-2. builds F^-1 over them, F = lambda*I + G^T G / m (``FisherInverse``): blocks of ``block_size``
-   coordinates over the concatenated remaining weights of all parameters, or one full block per
-   parameter (``block_size: null``). By default (``relative_damp: true``) lambda = damp *
-   mean(diag(G^T G / m)), ``damp`` times the mean empirical Fisher diagonal of this sub-step's
-   gradients over all the remaining weights (one lambda for every block;
+2. builds F^-1 over them, F = lambda*I + G^T G / m: blocks of ``block_size`` coordinates over the
+   concatenated remaining weights of all parameters, or one full block per parameter
+   (``block_size: null``). Two forms give the same F^-1 (``fisher``): the Woodbury form
+   (``FisherInverse``) holds the m sampled rows and a factor as large, about 2 * m * d float32
+   values; the streamed form (``BlockFisherInverse``) sums each block's B x B matrix G_b^T G_b as
+   the gradients arrive in chunks of rows and holds d * B float64 values whatever m is. ``auto``
+   (default) streams when the blocks are narrower than m (B < m), where it is the smaller. Under
+   torch.distributed the Woodbury form gathers every rank's rows (m * d values); the streamed form
+   sums each rank's own rows and all-reduces the d * B sums. By default (``relative_damp: true``)
+   lambda = damp * mean(diag(G^T G / m)), ``damp`` times the mean empirical Fisher diagonal of this
+   sub-step's gradients over all the remaining weights (one lambda for every block;
    ``compressor.mfac.obs.damping``), so one setting suits any gradient scale. ``relative_damp:
    false`` makes ``damp`` lambda itself (the paper's absolute dampening, default then 1e-5); when
    the Fisher's mean diagonal falls below damp / 10 (a model that fits its training data has tiny
@@ -37,8 +43,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field, PrivateAttr, StrictInt, field_validator, model_validator
 
+from compressor import distributed
 from compressor.mask_patterns import NM, Structure, group_layout, select_masks
-from compressor.mfac import FisherInverse
+from compressor.mfac import BlockFisherInverse, FisherInverse
 from compressor.mfac.obs import (
     damping,
     group_obs,
@@ -61,6 +68,9 @@ RELATIVE_DAMP = 0.3
 ABSOLUTE_DAMP = 1e-5
 #: Absolute mode warns once when mean(diag(G^T G / m)) < damp / WARN_RATIO.
 WARN_RATIO = 10.0
+#: The streamed Fisher is fed chunks of min(m, max(MIN_CHUNK_ROWS, B // 2)) gradient rows: at most
+#: d * B / 2 float32 values (a quarter of the float64 sums) for B >= 16.
+MIN_CHUNK_ROWS = 8
 
 
 class MFACPruning(PruningModifier):
@@ -90,7 +100,15 @@ class MFACPruning(PruningModifier):
         1, ge=1, le=1000, description="sub-steps per update, each with fresh gradients"
     )
     grads_device: Literal["cpu", "cuda"] | None = Field(
-        None, description="where the gradient buffer lives (default: the parameters' device)"
+        None,
+        description="where the gradient buffer (streamed: the Fisher block sums) lives "
+        "(default: the parameters' device)",
+    )
+    fisher: Literal["auto", "woodbury", "streamed"] = Field(
+        "auto",
+        description="how F^-1 is built: woodbury holds the m gradients and a factor (~2*m*d float32 "
+        "values); streamed sums each block's B x B Fisher from chunks of gradients (d*B float64 "
+        "values whatever m, needs block_size); auto: streamed when block_size < m, else woodbury",
     )
 
     _warned_damp: bool = PrivateAttr(default=False)
@@ -122,6 +140,14 @@ class MFACPruning(PruningModifier):
             raise ValueError(f"num_grads counts must be >= 1, got {low}")
         return dict(sorted(value.items()))
 
+    @model_validator(mode="after")
+    def _streamed_needs_blocks(self) -> MFACPruning:
+        if self.fisher == "streamed" and self.block_size is None:
+            raise ValueError(
+                "fisher: streamed needs a block_size (the d * B block sums); null needs woodbury"
+            )
+        return self
+
     # ------------------------------------------------------------------ settings helpers
 
     def grads_at(self, sparsity: float) -> int:
@@ -134,9 +160,36 @@ class MFACPruning(PruningModifier):
         """The largest number of gradients any sub-step samples (for the memory preflight)."""
         return self.num_grads if isinstance(self.num_grads, int) else max(self.num_grads.values())
 
+    def streamed(self, num_grads: int) -> bool:
+        """True when a sub-step with ``num_grads`` gradients builds the streamed block Fisher."""
+        if self.fisher == "auto":
+            return self.block_size is not None and self.block_size < num_grads
+        return self.fisher == "streamed"
+
+    def chunk_rows(self, num_grads: int) -> int:
+        """Gradient rows per chunk fed to the streamed Fisher."""
+        return min(num_grads, max(MIN_CHUNK_ROWS, (self.block_size or 0) // 2))
+
     def gradient_bytes(self, num_params: int) -> int:
-        """The float32 gradient buffer (m x d, largest m) plus the factor W of FisherInverse (as large)."""
-        return 2 * 4 * self.max_grads() * num_params
+        """Bytes of the Fisher of the largest sub-step, as the path it takes needs them.
+
+        Woodbury: the float32 gradient buffer (m x d) plus the factor W of FisherInverse (as large).
+        Streamed: the float64 block sums (about d * B) plus one float32 chunk of rows.
+        """
+        counts = self.num_grads.values() if isinstance(self.num_grads, dict) else [self.num_grads]
+        return max(self._fisher_bytes(m, num_params) for m in counts)
+
+    def gathers_rows(self) -> bool:
+        """Whether some sub-step gathers the (m, d) rows over torch.distributed ranks (Woodbury);
+        the streamed path all-reduces its block sums in place (``preflight(..., gathered=...)``)."""
+        counts = self.num_grads.values() if isinstance(self.num_grads, dict) else [self.num_grads]
+        return not all(self.streamed(m) for m in counts)
+
+    def _fisher_bytes(self, num_grads: int, num_params: int) -> int:
+        if not self.streamed(num_grads) or self.block_size is None:
+            return 2 * 4 * num_grads * num_params
+        sums = BlockFisherInverse.bytes_needed(num_params, self.block_size) if num_params else 0
+        return sums + 4 * self.chunk_rows(num_grads) * num_params
 
     def sub_targets(self, current: float, target: float) -> list[float]:
         """The R sparsities of the sub-steps from ``current`` to ``target`` (geometric in density)."""
@@ -178,19 +231,28 @@ class MFACPruning(PruningModifier):
 
         Absolute mode: warns (once) when the gradients' mean Fisher diagonal is below damp / 10.
         """
-        if not self.relative_damp and not self._warned_damp:
-            scale = mean_fisher_diagonal(grads)
-            if scale < self.damp / WARN_RATIO:
-                self._warned_damp = True
-                warnings.warn(
-                    f"{self.type}: the sampled empirical Fisher's mean diagonal, mean(diag(G^T G / m)) = "
-                    f"{scale:.3g}, is below damp / {WARN_RATIO:g} (absolute damp {self.damp:g}): F^-1 is "
-                    "about I / damp and OBS ranks weights as magnitude pruning does. Use relative_damp: "
-                    f"true (lambda = damp * that mean; damp {RELATIVE_DAMP:g} by default) or a smaller damp.",
-                    UserWarning,
-                    stacklevel=2,
-                )
+        scale = mean_fisher_diagonal(grads) if not (self.relative_damp or self._warned_damp) else 0.0
+        self._warn_damp(scale)
         return damping(grads, self.damp, self.relative_damp)
+
+    def damping_for(self, scale: float) -> float:
+        """lambda from the mean Fisher diagonal ``scale`` = mean(diag(G^T G / m)) (as ``damping``)."""
+        self._warn_damp(scale)
+        if not self.relative_damp:
+            return float(self.damp)
+        return float(self.damp) * scale if scale > 0.0 else float(self.damp)
+
+    def _warn_damp(self, scale: float) -> None:
+        if not self.relative_damp and not self._warned_damp and scale < self.damp / WARN_RATIO:
+            self._warned_damp = True
+            warnings.warn(
+                f"{self.type}: the sampled empirical Fisher's mean diagonal, mean(diag(G^T G / m)) = "
+                f"{scale:.3g}, is below damp / {WARN_RATIO:g} (absolute damp {self.damp:g}): F^-1 is "
+                "about I / damp and OBS ranks weights as magnitude pruning does. Use relative_damp: "
+                f"true (lambda = damp * that mean; damp {RELATIVE_DAMP:g} by default) or a smaller damp.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ one sub-step
 
@@ -203,16 +265,25 @@ class MFACPruning(PruningModifier):
         sizes = [int(a.sum()) for a in alive]
         if sum(sizes) == 0:
             return
-        grads = session.sampler.sample(
-            names,
-            self.grads_at(sparsity),
-            self.grad_batch_size,
-            key=key,
-            select=current,
-            device=self.grads_device or device,
-        )
-        fisher = _Fisher(grads, sizes, self.damping(grads), self.block_size, device)
-        del grads
+        m = self.grads_at(sparsity)
+        where = self.grads_device or device
+        if self.streamed(m):
+            fi = BlockFisherInverse(sum(sizes), self.block_size, dtype=torch.float64, device=where)
+            rows = self.chunk_rows(m)
+            for chunk in session.sampler.chunks(
+                names, m, self.grad_batch_size, key=key, select=current, device=where, chunk_rows=rows
+            ):
+                fi.add(chunk)
+            if distributed.world_size() > 1:
+                fi.all_reduce()  # d * B sums instead of the m * d rows
+            fi.damp = self.damping_for(fi.mean_fisher_diagonal())
+            fisher = _Fisher.streamed(fi, sizes, device)
+        else:
+            grads = session.sampler.sample(
+                names, m, self.grad_batch_size, key=key, select=current, device=where
+            )
+            fisher = _Fisher.woodbury(grads, sizes, self.damping(grads), self.block_size, device)
+            del grads
         # Per parameter: the coordinate of each flattened weight in its Fisher part (-1: pruned).
         coords = []
         for a, size in zip(alive, sizes, strict=True):
@@ -250,37 +321,49 @@ class MFACPruning(PruningModifier):
 # ---------------------------------------------------------------------- the Fisher over all parts
 
 
+Inverse = FisherInverse | BlockFisherInverse
+
+
 @dataclass(frozen=True)
 class _Part:
-    """The FisherInverse holding one parameter's remaining weights, from coordinate ``offset`` on."""
+    """The inverse Fisher holding one parameter's remaining weights, from coordinate ``offset`` on."""
 
-    fi: FisherInverse | None  # None: the parameter has no remaining weight (per-parameter mode)
+    fi: Inverse | None  # None: the parameter has no remaining weight (per-parameter mode)
     offset: int
     diag: torch.Tensor | None  # diag(F^-1) of ``fi``, float64, on the compute device
 
 
 class _Fisher:
-    """F^-1 over the concatenated remaining weights: one blocked FisherInverse, or one per parameter."""
+    """F^-1 over the concatenated remaining weights: one blocked inverse, or one per parameter."""
 
-    def __init__(
-        self, grads: torch.Tensor, sizes: list[int], damp: float, block_size: int | None, device: torch.device
-    ) -> None:
-        self.dim = sum(sizes)
+    def __init__(self, fis: list[Inverse | None], spans: list[tuple[int, int]], parts: list[_Part]) -> None:
+        self.dim = spans[-1][1] if spans else 0
+        self._fis, self._spans, self._parts = fis, spans, parts
+
+    @classmethod
+    def woodbury(
+        cls, grads: torch.Tensor, sizes: list[int], damp: float, block_size: int | None, device: torch.device
+    ) -> _Fisher:
+        """FisherInverse over the (m, d) rows: blocked, or one full block per parameter (None)."""
         starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
         if block_size is None:
             fis = [
                 FisherInverse(grads[:, a:b], damp, None, device=device) if b > a else None
                 for a, b in pairwise(starts)
             ]
-            self._spans = list(pairwise(starts))
-            self._parts = [_Part(fi, 0, _diag(fi, device)) for fi in fis]
-            self._fis = fis
-        else:
-            fi = FisherInverse(grads, damp, block_size, device=device)
-            self._spans = [(0, self.dim)]
-            diag = _diag(fi, device)
-            self._parts = [_Part(fi, a, diag) for a in starts[:-1]]
-            self._fis = [fi]
+            parts = [_Part(fi, 0, _diag(fi, device)) for fi in fis]
+            return cls(fis, list(pairwise(starts)), parts)
+        fi = FisherInverse(grads, damp, block_size, device=device)
+        return cls.blocked(fi, sizes, device)
+
+    @classmethod
+    def blocked(cls, fi: Inverse, sizes: list[int], device: torch.device) -> _Fisher:
+        """One blocked inverse over the concatenated remaining weights (either form)."""
+        starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        diag = _diag(fi, device)
+        return cls([fi], [(0, starts[-1])], [_Part(fi, a, diag) for a in starts[:-1]])
+
+    streamed = blocked
 
     def part(self, i: int) -> _Part:
         return self._parts[i]
@@ -294,7 +377,7 @@ class _Fisher:
         return out
 
 
-def _diag(fi: FisherInverse | None, device: torch.device) -> torch.Tensor | None:
+def _diag(fi: Inverse | None, device: torch.device) -> torch.Tensor | None:
     return None if fi is None else fi.diag().to(device=device, dtype=torch.float64)
 
 

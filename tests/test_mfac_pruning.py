@@ -43,26 +43,49 @@ def _session(gen: torch.Generator, modifier: MFACPruning, net: nn.Module | None 
 
 
 class Spy:
-    """Records every GradientSampler.sample call of a session (arguments, a copy of the rows)."""
+    """Records every GradientSampler.sample and .chunks call of a session (arguments, a copy of the
+    rows: for chunks, all of them stacked, and the chunk sizes)."""
 
     def __init__(self, session: Session) -> None:
         self.calls: list[dict[str, Any]] = []
+        self._inside_sample = False
         self._sample = session.sampler.sample
-        session.sampler.sample = self  # instance attribute: shadows the method
+        self._chunks = session.sampler.chunks
+        session.sampler.sample = self  # instance attributes: shadow the methods
+        session.sampler.chunks = self.chunks
 
-    def __call__(self, names, num_grads, batch_size, **kwargs):
-        out = self._sample(names, num_grads, batch_size, **kwargs)
+    def _record(self, names, num_grads, batch_size, kwargs, rows, **extra) -> None:
         select = {n: m.clone() for n, m in kwargs["select"].items()}
         self.calls.append(
             {
                 **kwargs,
                 "num_grads": num_grads,
                 "batch_size": batch_size,
-                "grads": out.clone(),
+                "grads": rows,
                 "select": select,
+                **extra,
             }
         )
+
+    def __call__(self, names, num_grads, batch_size, **kwargs):
+        self._inside_sample = True  # sample() reads its rows through chunks(): record once
+        try:
+            out = self._sample(names, num_grads, batch_size, **kwargs)
+        finally:
+            self._inside_sample = False
+        self._record(names, num_grads, batch_size, kwargs, out.clone(), streamed=False)
         return out
+
+    def chunks(self, names, num_grads, batch_size, **kwargs):
+        if self._inside_sample:
+            yield from self._chunks(names, num_grads, batch_size, **kwargs)
+            return
+        parts = []
+        for chunk in self._chunks(names, num_grads, batch_size, **kwargs):
+            parts.append(chunk.clone())
+            yield chunk
+        rows = torch.cat(parts)
+        self._record(names, num_grads, batch_size, kwargs, rows, streamed=True, sizes=[len(p) for p in parts])
 
 
 def _preset_masks(session: Session, gen: torch.Generator, counts: list[int]) -> None:
@@ -264,8 +287,13 @@ def test_absolute_damp_far_above_the_fisher_warns_once(gen: torch.Generator) -> 
 # ---------------------------------------------------------------------- 2. Fisher blocks
 
 
-@pytest.mark.parametrize("block_size", [7, None])
-def test_blocks_over_remaining_weights_or_per_parameter(block_size: int | None, gen: torch.Generator) -> None:
+@pytest.mark.parametrize(
+    ("block_size", "fisher"), [(7, "auto"), (7, "woodbury"), (7, "streamed"), (None, "auto")]
+)
+def test_blocks_over_remaining_weights_or_per_parameter(
+    block_size: int | None, fisher: str, gen: torch.Generator
+) -> None:
+    """Both forms of F^-1 (auto streams here: B = 7 < m = 10) against dense OBS on the same rows."""
     m, damp = 10, 1e-3
     modifier = MFACPruning(
         params=NAMES,
@@ -276,6 +304,7 @@ def test_blocks_over_remaining_weights_or_per_parameter(block_size: int | None, 
         damp=damp,
         block_size=block_size,
         relative_damp=False,
+        fisher=fisher,
     )
     session = _session(gen, modifier)
     _preset_masks(session, gen, [9, 5])  # 21 + 15 remaining: 36
@@ -288,6 +317,9 @@ def test_blocks_over_remaining_weights_or_per_parameter(block_size: int | None, 
     session.after_step()
 
     grads = spy.calls[0]["grads"]
+    assert len(spy.calls) == 1 and spy.calls[0]["streamed"] == (fisher != "woodbury" and block_size == 7)
+    if spy.calls[0]["streamed"]:
+        assert spy.calls[0]["sizes"] == [8, 2]  # chunks of max(MIN_CHUNK_ROWS, B // 2) rows
     assert grads.shape == (m, d) and all(torch.equal(spy.calls[0]["select"][n], masks[n]) for n in NAMES)
     if block_size is None:
         spans = [(0, sizes[0]), (sizes[0], d)]

@@ -26,6 +26,7 @@ def test_preflight_counts_the_ranks_on_one_host():
     preflight("x", 4 * gib, budget=10 * gib, world_size=4, local_ranks=1)  # 4 * 1.25 = 5 GiB
     with pytest.raises(PreflightError, match=r"2 ranks on this host"):
         preflight("x", 4 * gib, budget=10 * gib, world_size=2, local_ranks=2)  # 2 * 4 * 1.5 = 12 GiB
+    preflight("x", 4 * gib, budget=10 * gib, world_size=2, local_ranks=2, gathered=False)  # 8 GiB
 
 
 class Counting(Dataset):
@@ -95,3 +96,39 @@ def test_each_rank_loads_only_its_rows_and_the_rows_are_unchanged(monkeypatch, m
         assert data.loaded == [i for b in batches[first : first + count] for i in b]  # its rows, once
         parts += gathered
     assert torch.equal(torch.cat(parts), expected)  # row for row the rows of one process, as before
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, None])
+def test_chunks_are_the_rows_of_sample_in_order(chunk_rows):
+    model = torch.nn.Linear(4, 3)
+    data = Counting(20)
+    sampler = GradientSampler(model, data, seed=SEED)
+    rows = sampler.sample(["weight", "bias"], 7, batch_size=8, key=11)
+    chunks = list(sampler.chunks(["weight", "bias"], 7, batch_size=8, key=11, chunk_rows=chunk_rows))
+    step = chunk_rows or 7
+    assert [len(c) for c in chunks] == [min(step, 7 - s) for s in range(0, 7, step)]
+    assert torch.equal(torch.cat(chunks), rows)
+    assert model.weight.grad is None and model.training  # restored after the iteration
+    with pytest.raises(ValueError, match="chunk_rows"):
+        sampler.chunks(["weight"], 7, batch_size=8, chunk_rows=0)
+
+
+@pytest.mark.parametrize(("m", "world"), [(7, 3), (2, 4)])
+def test_chunks_yield_only_the_ranks_own_rows_without_a_gather(monkeypatch, m, world):
+    model = torch.nn.Linear(4, 3)
+    data = Counting(20)
+    expected = _old_rows(model, data, m, batch_size=8, key=11)
+    parts = []
+    for rank in range(world):
+        with monkeypatch.context() as patch:
+            gathered = _as_rank(patch, world, rank)
+            own = list(
+                GradientSampler(model, data, seed=SEED).chunks(
+                    ["weight"], m, batch_size=8, key=11, chunk_rows=2
+                )
+            )
+            assert gathered == []  # no all-gather of rows
+        _, count = shard(m, world, rank)
+        assert sum(len(c) for c in own) == count
+        parts += own
+    assert torch.equal(torch.cat(parts), expected)
