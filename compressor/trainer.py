@@ -457,7 +457,9 @@ def _preflight(recipe: Recipe, session: Session) -> None:
         preflight(
             f"modifiers[{index}] ({modifier.type}) over {count:,} weights",
             modifier.gradient_bytes(count),
-            suggestion="lower num_grads, use block_size, or select fewer parameters",
+            suggestion="lower num_grads, use block_size (below num_grads: the streamed Fisher), or "
+            "select fewer parameters",
+            gathered=getattr(modifier, "gathers_rows", lambda: True)(),  # streamed: all-reduced sums
         )
 
 
