@@ -76,5 +76,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["saliency"].shape == (100_000,) and bool(namespace["saliency"].isfinite().all())
     assert namespace["step"].shape == (100_000,)
+    assert namespace["streamed"].num_grads == 1024 and bool(namespace["z"].isfinite().all())
     assert (tmp_path / "opt.pt").exists()
     assert abs(namespace["session"].masks.global_sparsity() - 0.8) < 1e-3  # the user-loop example pruned
