@@ -260,6 +260,8 @@ class FisherInverse:
                 for (page,) in groups(seg, pass_cols):
                     p = self._load(s, page)
                     y = p @ page_of_rows(xs, seg, page).mT
+                    if self._scales[s] is not None:  # row i of P is stored / scale_i
+                        y.mul_(self._scale_page(s, page))
                     out[:, page.columns(seg)] = y.permute(2, 0, 1).flatten(1)
                 continue
             # Compiled kernel (kernels.py) where it applies; False: the PyTorch path below.
@@ -276,6 +278,8 @@ class FisherInverse:
                     w = ws[k] if ws else self._load(s, page)
                     term = w @ page_of_rows(xs, seg, page).mT  # (blocks, m, k): W x
                     coef = term if coef is None else coef.add_(term)
+                if self._scales[s] is not None:  # W = diag(s) W_stored: W^T W x = W_s^T (s^2 (W_s x))
+                    coef.mul_(self._scale_page(s, group[0]).square())
                 for k, page in enumerate(group):
                     w = ws[k] if ws else self._load(s, page)
                     xp = page_of_rows(xs, seg, page).mT
@@ -285,12 +289,13 @@ class FisherInverse:
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
     def _load(self, s: int, page: Page) -> torch.Tensor:
-        """A page of segment s's stored factor on the compute device, in the arithmetic dtype."""
-        stored = page_of_factor(self._factors[s], page).to(self.device)
-        scales = self._scales[s]
-        if scales is None:
-            return stored
-        return stored.to(self.dtype).mul_(scales[page.b0 : page.b1].to(self.device))
+        """A page of segment s's stored factor on the compute device, in the arithmetic dtype, its
+        rows not yet multiplied by their scales (``_scale_page``)."""
+        return page_of_factor(self._factors[s], page).to(device=self.device, dtype=self.dtype)
+
+    def _scale_page(self, s: int, page: Page) -> torch.Tensor:
+        """The row scales (blocks, rows, 1) of a page of segment s, on the compute device."""
+        return self._scales[s][page.b0 : page.b1].to(self.device)
 
     def diag(self) -> torch.Tensor:
         """diag(F^-1), shape (d,), in the arithmetic dtype ``dtype``, on the storage device."""
