@@ -132,6 +132,7 @@ def static_table(d: int, ms: list[int], blocks: list[int | None], reps: int, see
                     base = dict(build=build, mul=mul, y=y, diag=diag, masks=masks, nbytes=fi.nbytes)
                     absolute = [f"{fi.nbytes / 2**20:.0f} MiB", f"{build:.2f} s", f"{mul * 1e3:.0f} ms"]
                     rows.append([str(m), str(block), name, "-", "-", "-", "-", "-", *absolute])
+                    print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)  # progress
                     continue
                 rows.append(
                     [
@@ -148,6 +149,7 @@ def static_table(d: int, ms: list[int], blocks: list[int | None], reps: int, see
                         f"{mul / base['mul']:.2f}",
                     ]
                 )
+                print("| " + " | ".join(rows[-1]) + " |", file=sys.stderr, flush=True)  # progress
                 del fi
     os.environ["COMPRESSOR_KERNELS"] = saved_mode
     return rows
