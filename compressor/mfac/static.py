@@ -151,6 +151,8 @@ class FisherInverse:
         scales = None
         if self._reduced:
             scales = torch.empty(seg.blocks, m, 1, dtype=self.dtype, device=self.storage)
+            if self._fused_pages(grads, seg, factor, scales):
+                return factor, scales
         work: torch.Tensor | None = None  # one page of W on the compute device, reused
         for group in groups(seg, self._page_cols):
             pages = [self._rows(grads, seg, p) for p in group] if len(group) == 1 else None
@@ -188,6 +190,24 @@ class FisherInverse:
                 colsum = _column_sum_of_squares(w)
                 self._diag[page.columns(seg)] = ((1.0 - colsum) / self.damp).flatten().to(self._diag)
         return factor, scales
+
+    def _fused_pages(
+        self, grads: torch.Tensor, seg: Segment, factor: torch.Tensor, scales: torch.Tensor
+    ) -> bool:
+        """Reduced storage: W of each page of whole blocks from the compiled kernel, rounded page by
+        page (one page of float32 at a time); False (nothing kept) where the kernel does not apply."""
+        if not (self.storage == self.device == grads.device) or seg.size > self._page_cols:
+            return False
+        for (page,) in groups(seg, self._page_cols):
+            cols = page.columns(seg)
+            g = grads[:, cols].to(self.dtype).contiguous()
+            w = kernels.factor_blocks(g, 0, page.b1 - page.b0, seg.size, self.damp, self._diag[cols])
+            if w is None:
+                return False
+            q, row_scale = _checks.quantize_rows(w, self.storage_dtype)
+            page_of_factor(factor, page).copy_(q)
+            scales[page.b0 : page.b1] = row_scale
+        return True
 
     def _direct_segment(self, grads: torch.Tensor, seg: Segment) -> tuple[torch.Tensor, torch.Tensor | None]:
         """P = damp * F_b^-1 (blocks, size, size) for blocks narrower than m (and its row scales when
