@@ -292,6 +292,12 @@ class FisherInverse:
             ):
                 continue
             for group in groups(seg, self._pass_cols):
+                if self._reduced and len(group) == 1 and self.storage == self.device:
+                    # the compiled kernel on one upcast page of whole blocks, where it applies
+                    page = group[0]
+                    w = self._load(s, page).mul_(self._scale_page(s, page))
+                    if kernels.blocked_mul(w, xs, out, page.columns(seg).start, self.num_grads):
+                        continue
                 ws = [self._load(s, p) for p in group] if len(group) == 1 else None
                 coef = None
                 for k, page in enumerate(group):
