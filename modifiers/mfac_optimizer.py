@@ -18,20 +18,31 @@ rank keeps m x kept/P values; see compressor/mfac/sharded.py). It applies only w
 torch.distributed is initialized with a world size > 1; elsewhere the window is whole, so the same
 recipe runs on one process. Sharded, the optimizer's ``state_dict`` is a collective: every rank must
 build the checkpoint (rank 0 writes it); the state loads at any world size.
+
+``storage_dtype: bfloat16`` (or ``float16``) keeps the window in half precision: half the memory
+of the window, the products accumulated in the parameters' dtype (see ``compressor.mfac.MFAC``).
+bfloat16 is the safer choice (float32's exponent range); float16 is stored with a power-of-two
+scale per gradient so that it neither overflows nor underflows, and keeps 3 more mantissa bits.
+Not with ``shard: true`` yet. Measured cost: bench/results/half_precision.md.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 import torch.distributed as dist
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from compressor.mfac import MFAC
 from compressor.modifier import Modifier
 
 if TYPE_CHECKING:
     from compressor.session import Session
+
+
+#: ``storage_dtype`` values and their torch dtypes (null: the parameters' dtype).
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _distributed() -> bool:
@@ -42,7 +53,8 @@ def _distributed() -> bool:
 class MFACOptimizer(Modifier):
     """Swap in the M-FAC optimizer over [start, end); masked coordinates stay out of its window.
 
-    Memory: ``num_grads`` x (kept weights) values of the parameters' dtype, plus three
+    Memory: ``num_grads`` x (kept weights) values of ``storage_dtype`` (null: the parameters' dtype;
+    bfloat16 or float16 halve it, plus ``num_grads`` scales), plus three
     ``num_grads`` x ``num_grads`` float64 matrices. Its whole state (window, momentum, mask
     fingerprint) is in ``state_dict``, so a resumed run continues exactly; the optimizer is
     re-created and the state applied in ``initialize`` (the model, masks included, must be
@@ -64,6 +76,10 @@ class MFACOptimizer(Modifier):
     shard: bool = Field(
         False, strict=True, description="shard the window over torch.distributed ranks (world size > 1 only)"
     )
+    storage_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="dtype of the stored window: bfloat16/float16 halve its memory; null: the parameters'",
+    )
 
     _names: list[str] = PrivateAttr(default_factory=list)
     _optimizer: MFAC | None = PrivateAttr(default=None)
@@ -77,14 +93,21 @@ class MFACOptimizer(Modifier):
             raise ValueError("num_grads must be an integer >= 1, got a boolean")
         return value
 
+    @model_validator(mode="after")
+    def _half_not_sharded(self) -> MFACOptimizer:
+        if self.shard and self.storage_dtype in ("bfloat16", "float16"):
+            raise ValueError("storage_dtype bfloat16/float16 is not supported with shard: true yet")
+        return self
+
     def parameter_patterns(self) -> list[str]:
         return list(self.params or [])
 
     def gradient_bytes(self, num_params: int) -> int:
-        """The window: num_grads float32 gradients of the selected (at most all) weights; sharded over
-        P ranks, this rank's num_grads x ceil(num_params / P)."""
+        """The window: num_grads gradients (float32, or ``storage_dtype``) of the selected (at most all)
+        weights; sharded over P ranks, this rank's num_grads x ceil(num_params / P)."""
         ranks = dist.get_world_size() if self.shard and _distributed() else 1
-        return 4 * self.num_grads * -(-num_params // ranks)
+        size = 4 if self.storage_dtype is None else STORAGE_DTYPES[self.storage_dtype].itemsize
+        return size * self.num_grads * -(-num_params // ranks)
 
     @property
     def optimizer(self) -> MFAC | None:
@@ -137,6 +160,7 @@ class MFACOptimizer(Modifier):
                 masks=masks,
                 count_scaling=self.count_scaling,
                 shard=self.shard and _distributed(),
+                storage_dtype=None if self.storage_dtype is None else STORAGE_DTYPES[self.storage_dtype],
             )
             session.swap_optimizer(self._optimizer)
         if self._pending is not None:

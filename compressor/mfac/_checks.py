@@ -8,6 +8,15 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+#: Storage-only dtypes: gradients, factors and windows may be kept in them; arithmetic upcasts.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+STORAGE_DTYPES = (*FLOAT_DTYPES, *HALF_DTYPES)
+_NAMES = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
 
 
 def check_damp(damp: float) -> float:
@@ -27,14 +36,16 @@ def check_positive_int(value: int, name: str) -> int:
     return int(value)
 
 
-def check_grads(grads: torch.Tensor) -> None:
-    """``grads`` must be an (m, d) float32/float64 tensor with m >= 1 and d >= 1."""
+def check_grads(grads: torch.Tensor, *, allow_half: bool = False) -> None:
+    """``grads`` must be an (m, d) float32/float64 tensor (or bfloat16/float16 with ``allow_half``)
+    with m >= 1 and d >= 1."""
     if not isinstance(grads, torch.Tensor):
         raise ValueError(f"grads must be a torch.Tensor of shape (m, d), got {type(grads).__name__}")
     if grads.dim() != 2:
         raise ValueError(f"grads must have shape (m, d), got shape {tuple(grads.shape)}")
-    if grads.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"grads must be float32 or float64, got {grads.dtype}")
+    allowed = STORAGE_DTYPES if allow_half else FLOAT_DTYPES
+    if grads.dtype not in allowed:
+        raise ValueError(f"grads must be {' or '.join(_NAMES[t] for t in allowed)}, got {grads.dtype}")
     if grads.is_sparse or grads.layout != torch.strided:
         raise ValueError("grads must be a dense (strided) tensor")
     m, d = grads.shape
@@ -61,3 +72,57 @@ def nonfinite_rows(finite: torch.Tensor) -> list[int]:
     G G^T) NaN or Inf, so the m diagonal entries find every bad row without a pass over G.
     """
     return (~finite).nonzero().flatten().tolist()
+
+
+def check_storage_dtype(storage_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype values are stored in: ``storage_dtype``, or ``compute_dtype`` when None.
+
+    It must be float64, float32, bfloat16 or float16 and no wider than ``compute_dtype`` (the
+    float32/float64 dtype all arithmetic is done in): storage never adds precision.
+    """
+    if storage_dtype is None:
+        return compute_dtype
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(
+            "storage_dtype must be None, torch.float32, torch.float64, torch.bfloat16 or torch.float16, "
+            f"got {storage_dtype!r}"
+        )
+    if torch.finfo(storage_dtype).bits > torch.finfo(compute_dtype).bits:
+        raise ValueError(
+            f"storage_dtype {_NAMES[storage_dtype]} is wider than the {_NAMES[compute_dtype]} arithmetic; "
+            f"use {_NAMES[compute_dtype]} or a narrower dtype"
+        )
+    return storage_dtype
+
+
+def is_reduced(storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """Whether values are stored narrower than they are computed (the rounded, row-scaled form)."""
+    return storage_dtype != compute_dtype
+
+
+#: Power-of-two row scaling puts each stored row's largest magnitude in [2^e, 2^(e+1)): e = 14 for
+#: float16 (largest finite 65504 < 2^16, smallest normal 2^-14: 28 binades of full precision below
+#: the row maximum instead of float16's fixed window at 6e-5..6.5e4, where gradients of 1e-5 would
+#: be subnormal); 0 for the others, whose exponent range is float32's or wider.
+_SCALE_EXPONENT = {torch.float16: 14}
+
+
+def row_scales(amax: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
+    """Powers of two s with amax / s in [2^e, 2^(e+1)) (e: ``_SCALE_EXPONENT``), amax >= 0 a bound on
+    the magnitudes of each row; rows with amax = 0 get s = 2^-(e+1). Same shape and dtype as amax."""
+    _, exponent = torch.frexp(amax)  # amax in [2^(exponent-1), 2^exponent); 0 -> exponent 0
+    target = _SCALE_EXPONENT.get(storage_dtype, 0)
+    return torch.ldexp(torch.ones_like(amax), exponent - 1 - target)
+
+
+def quantize_rows(
+    x: torch.Tensor, storage_dtype: torch.dtype, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s) with x ~= q * s: q = x / s rounded to ``storage_dtype``, s (..., r, 1) a power of two per
+    row of x (..., r, c), in x's dtype, from the rows' largest magnitudes (or the bound ``amax``,
+    (..., r, 1)). The scaling is exact; the only error is q's rounding (relative <= 2^-9 for
+    bfloat16, 2^-12 for float16 down to 2^-14 times the row's bound, subnormal below)."""
+    if amax is None:
+        amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = row_scales(amax.to(x.dtype), storage_dtype)
+    return (x / scale).to(storage_dtype), scale

@@ -53,6 +53,12 @@ class MFAC(torch.optim.Optimizer):
             kept coordinates: memory and time linear in the density (paper, sparse fine-tuning).
             Masked coordinates get no update (left bit for bit as they are). Parameters without a
             mask are dense. With ``shard=True`` the masks must match on every rank.
+        storage_dtype: the dtype the window is kept in; None: the parameters' dtype. torch.bfloat16
+            or torch.float16 halve the window's memory (the largest part of M-FAC's): each gradient
+            is rounded (with a power-of-two scale per slot, so float16 cannot overflow or underflow)
+            as it enters the window, and the products upcast it a page at a time and accumulate in
+            the parameters' dtype, G G^T in float64 (see ``SlidingFisherInverse``). Not yet with
+            ``shard=True`` (ValueError).
 
     A parameter whose ``.grad`` is None contributes a zero gradient (plus weight decay); a step
     where no parameter has a gradient does nothing. Memory: the window, m x d values (sharded over P
@@ -90,6 +96,7 @@ class MFAC(torch.optim.Optimizer):
         count_scaling: bool = False,
         shard: bool = False,
         process_group: Group = None,
+        storage_dtype: torch.dtype | None = None,
     ) -> None:
         _check_hyper(lr=lr, weight_decay=weight_decay, momentum=momentum)
         self._building = True
@@ -98,7 +105,9 @@ class MFAC(torch.optim.Optimizer):
         self.num_grads = _checks.check_positive_int(num_grads, "num_grads")
         self.damp = _checks.check_damp(damp)
         check_shard(shard, process_group)
-        self._window_options = dict(shard=shard, process_group=process_group, count_scaling=count_scaling)
+        self._window_options = dict(
+            shard=shard, process_group=process_group, count_scaling=count_scaling, storage_dtype=storage_dtype
+        )
         flat = self._params()
         kinds = {(p.dtype, p.device) for p in flat}
         if len(kinds) != 1:
@@ -107,6 +116,11 @@ class MFAC(torch.optim.Optimizer):
         self._dtype, self._device = kinds.pop()
         if self._dtype not in _checks.FLOAT_DTYPES:
             raise ValueError(f"MFAC supports float32 and float64 parameters, got {self._dtype}")
+        _checks.check_storage_dtype(storage_dtype, self._dtype)
+        if shard and _checks.is_reduced(_checks.check_storage_dtype(storage_dtype, self._dtype), self._dtype):
+            raise ValueError(
+                f"storage_dtype {storage_dtype} is not supported with shard=True yet; use one or the other"
+            )
         self._masked = masks is not None
         by_id = {id(p): m for p, m in (masks or {}).items()}
         self._masks: list[torch.Tensor | None] = [by_id.pop(id(p), None) for p in flat]

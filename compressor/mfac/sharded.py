@@ -64,8 +64,14 @@ class ShardedSlidingFisherInverse(SlidingFisherInverse):
         process_group: Group = None,
         *,
         count_scaling: bool = False,
+        storage_dtype: torch.dtype | None = None,
     ) -> None:
         dim = _checks.check_positive_int(dim, "dim")
+        if dtype in _checks.FLOAT_DTYPES and _checks.check_storage_dtype(storage_dtype, dtype) != dtype:
+            raise ValueError(
+                f"storage_dtype {storage_dtype} (narrower than {dtype}) is not supported with shard=True "
+                "yet; shard the window in full precision, or use storage_dtype on a single process"
+            )
         # The base checks the settings and builds the m x m state; its window is the slice set below
         # (built for d = 1 here, so that no full (m, d) window is ever allocated).
         super().__init__(1, num_grads, damp, device, dtype, count_scaling=count_scaling)
@@ -209,14 +215,14 @@ def sliding_window(
     shard: bool = False,
     process_group: Group = None,
     count_scaling: bool = False,
+    storage_dtype: torch.dtype | None = None,
 ) -> SlidingFisherInverse:
     """A ``SlidingFisherInverse`` (d, m), or its sharded form when ``shard`` is True."""
     check_shard(shard, process_group)
+    options = dict(count_scaling=count_scaling, storage_dtype=storage_dtype)
     if not shard:
-        return SlidingFisherInverse(dim, num_grads, damp, device, dtype, count_scaling=count_scaling)
-    return ShardedSlidingFisherInverse(
-        dim, num_grads, damp, device, dtype, process_group, count_scaling=count_scaling
-    )
+        return SlidingFisherInverse(dim, num_grads, damp, device, dtype, **options)
+    return ShardedSlidingFisherInverse(dim, num_grads, damp, device, dtype, process_group, **options)
 
 
 def check_shard(shard: bool, process_group: Group = None) -> None:
