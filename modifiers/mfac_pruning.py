@@ -111,6 +111,13 @@ class MFACPruning(PruningModifier):
         "values whatever m, needs block_size); auto: streamed when block_size < m, else woodbury",
     )
 
+    storage_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Woodbury path: the dtype the factor W is stored in (null: the gradients', "
+        "float32); bfloat16/float16 halve it, saliencies and masks unchanged (the diagonal is "
+        "computed before rounding), updates move by ~3e-4 (bench/results/half_precision.md)",
+    )
+
     _warned_damp: bool = PrivateAttr(default=False)
 
     @model_validator(mode="before")
@@ -173,7 +180,8 @@ class MFACPruning(PruningModifier):
     def gradient_bytes(self, num_params: int) -> int:
         """Bytes of the Fisher of the largest sub-step, as the path it takes needs them.
 
-        Woodbury: the float32 gradient buffer (m x d) plus the factor W of FisherInverse (as large).
+        Woodbury: the float32 gradient buffer (m x d) plus the factor W of FisherInverse (as large,
+        or half with a half ``storage_dtype``).
         Streamed: the float64 block sums (about d * B) plus one float32 chunk of rows.
         """
         counts = self.num_grads.values() if isinstance(self.num_grads, dict) else [self.num_grads]
@@ -185,9 +193,14 @@ class MFACPruning(PruningModifier):
         counts = self.num_grads.values() if isinstance(self.num_grads, dict) else [self.num_grads]
         return not all(self.streamed(m) for m in counts)
 
+    def _storage_dtype(self) -> torch.dtype | None:
+        """The torch dtype of ``storage_dtype`` (None: the gradients')."""
+        return None if self.storage_dtype is None else getattr(torch, self.storage_dtype)
+
     def _fisher_bytes(self, num_grads: int, num_params: int) -> int:
         if not self.streamed(num_grads) or self.block_size is None:
-            return 2 * 4 * num_grads * num_params
+            stored = 4 if self.storage_dtype is None else getattr(torch, self.storage_dtype).itemsize
+            return (4 + stored) * num_grads * num_params  # float32 rows + the factor
         sums = BlockFisherInverse.bytes_needed(num_params, self.block_size) if num_params else 0
         return sums + 4 * self.chunk_rows(num_grads) * num_params
 
@@ -282,7 +295,9 @@ class MFACPruning(PruningModifier):
             grads = session.sampler.sample(
                 names, m, self.grad_batch_size, key=key, select=current, device=where
             )
-            fisher = _Fisher.woodbury(grads, sizes, self.damping(grads), self.block_size, device)
+            fisher = _Fisher.woodbury(
+                grads, sizes, self.damping(grads), self.block_size, device, self._storage_dtype()
+            )
             del grads
         # Per parameter: the coordinate of each flattened weight in its Fisher part (-1: pruned).
         coords = []
@@ -342,18 +357,27 @@ class _Fisher:
 
     @classmethod
     def woodbury(
-        cls, grads: torch.Tensor, sizes: list[int], damp: float, block_size: int | None, device: torch.device
+        cls,
+        grads: torch.Tensor,
+        sizes: list[int],
+        damp: float,
+        block_size: int | None,
+        device: torch.device,
+        storage_dtype: torch.dtype | None = None,
     ) -> _Fisher:
-        """FisherInverse over the (m, d) rows: blocked, or one full block per parameter (None)."""
+        """FisherInverse over the (m, d) rows: blocked, or one full block per parameter (None);
+        its factor stored in ``storage_dtype`` (None: the rows' dtype)."""
         starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
         if block_size is None:
             fis = [
-                FisherInverse(grads[:, a:b], damp, None, device=device) if b > a else None
+                FisherInverse(grads[:, a:b], damp, None, device=device, storage_dtype=storage_dtype)
+                if b > a
+                else None
                 for a, b in pairwise(starts)
             ]
             parts = [_Part(fi, 0, _diag(fi, device)) for fi in fis]
             return cls(fis, list(pairwise(starts)), parts)
-        fi = FisherInverse(grads, damp, block_size, device=device)
+        fi = FisherInverse(grads, damp, block_size, device=device, storage_dtype=storage_dtype)
         return cls.blocked(fi, sizes, device)
 
     @classmethod

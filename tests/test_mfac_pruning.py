@@ -529,3 +529,30 @@ def test_session_without_data_is_an_error(gen: torch.Generator) -> None:
     session = Session([modifier], net, torch.optim.SGD(net.parameters(), lr=0.0), steps_per_epoch=1)
     with pytest.raises(ValueError, match="data"):
         session.initialize()
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_half_storage_of_the_woodbury_factor_keeps_the_masks(gen: torch.Generator, storage: str) -> None:
+    """Half storage rounds W after diag(F^-1) is taken (masks exactly float32's); the OBS update of
+    the kept weights moves by about the half format's unit roundoff; the preflight counts half a
+    factor."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    results = []
+    for dtype in (None, storage):
+        local = torch.Generator().manual_seed(seed)
+        settings = dict(params=["0.weight", "2.weight"], start=0, end=0, final_sparsity=0.5)
+        modifier = MFACPruning(
+            **settings, num_grads=16, grad_batch_size=8, block_size=None, storage_dtype=dtype
+        )
+        session = _session(local, modifier)
+        session.before_step()
+        results.append({n: p.detach().clone() for n, p in session.model.named_parameters()})
+    assert any(not torch.equal(results[0][n], results[1][n]) for n in results[0])  # W was rounded
+    unit = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[storage]
+    for name, full in results[0].items():
+        assert torch.equal(full == 0, results[1][name] == 0), name
+        scale = float(full.abs().max())
+        assert float((results[1][name] - full).abs().max()) <= 16 * unit * scale, name
+    plain = MFACPruning(params=["x"], final_sparsity=0.5, num_grads=64, block_size=None)
+    half = MFACPruning(params=["x"], final_sparsity=0.5, num_grads=64, block_size=None, storage_dtype=storage)
+    assert (plain.gradient_bytes(1000), half.gradient_bytes(1000)) == (8 * 64 * 1000, 6 * 64 * 1000)
