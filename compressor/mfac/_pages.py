@@ -9,6 +9,7 @@ streamed to an accelerator when the gradients live elsewhere.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -75,3 +76,16 @@ def page_of_rows(t: torch.Tensor, seg: Segment, page: Page) -> torch.Tensor:
 def page_of_factor(w: torch.Tensor, page: Page) -> torch.Tensor:
     """View of the page in a segment's stored factor ``w`` (blocks, m, size)."""
     return w[page.b0 : page.b1, :, page.c0 : page.c1]
+
+
+def locate(segs: list[Segment], dim: int, index: int, name: str) -> tuple[tuple[int, int], int]:
+    """((segment, block), column within the block) of the flattened coordinate ``index`` of
+    ``segs`` (over ``dim`` coordinates); ValueError naming ``name`` when it is not an int in [0, dim)."""
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < dim:
+        raise ValueError(f"{name} must be an int in [0, {dim}), got {index!r}")
+    index = int(index)
+    for s, seg in enumerate(segs):
+        if index < seg.start + seg.blocks * seg.size:
+            b, c = divmod(index - seg.start, seg.size)
+            return (s, b), c
+    raise AssertionError("unreachable: segments cover [0, d)")

@@ -14,12 +14,11 @@ same direct B x B form per block when B < m, but needs all m rows at once).
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from . import _checks
-from ._pages import Segment, segments
+from ._pages import Segment, locate, segments
 
 #: Bytes of float64 temporaries per page of blocks (the converted rows in ``add``, the Cholesky
 #: factor and inverse when factoring): keeps them in cache and bounds the memory beyond d * B.
@@ -283,14 +282,7 @@ class BlockFisherInverse:
 
     def _locate(self, index: int, name: str) -> tuple[tuple[int, int], int]:
         """(segment, block) and column within the block of a flattened coordinate."""
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < self.dim:
-            raise ValueError(f"{name} must be an int in [0, {self.dim}), got {index!r}")
-        index = int(index)
-        for s, seg in enumerate(self._segments):
-            if index < seg.start + seg.blocks * seg.size:
-                b, c = divmod(index - seg.start, seg.size)
-                return (s, b), c
-        raise AssertionError("unreachable: segments cover [0, d)")
+        return locate(self._segments, self.dim, index, name)
 
     # ------------------------------------------------------------------ checks and sizes
 

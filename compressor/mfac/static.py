@@ -18,12 +18,10 @@ with v_i = F_{i-1}^-1 g_i and q_i = m + g_i . v_i, but W comes from matrix-matri
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import _checks, kernels
-from ._pages import Page, Segment, groups, page_of_factor, page_of_rows, segments
+from ._pages import Page, Segment, groups, locate, page_of_factor, page_of_rows, segments
 
 #: Default page size for work on the device that holds the factor: keeps temporaries in cache.
 LOCAL_PAGE_BYTES = 8 << 20
@@ -405,14 +403,7 @@ class FisherInverse:
 
     def _locate(self, index: int, name: str) -> tuple[tuple[int, int], int]:
         """(segment, block) and column within the block of a flattened coordinate."""
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < self.dim:
-            raise ValueError(f"{name} must be an int in [0, {self.dim}), got {index!r}")
-        index = int(index)
-        for s, seg in enumerate(self._segments):
-            if index < seg.start + seg.blocks * seg.size:
-                b, c = divmod(index - seg.start, seg.size)
-                return (s, b), c
-        raise AssertionError("unreachable: segments cover [0, d)")
+        return locate(self._segments, self.dim, index, name)
 
     def __repr__(self) -> str:
         return (
