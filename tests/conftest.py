@@ -43,6 +43,18 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
 
 
+def entry_pairs(d: int, gen: torch.Generator) -> list[list[int]]:
+    """(i, j) coordinates to probe ``entry`` at: 8 random pairs, the first and last diagonal entries,
+    and two neighbours across the start and the end."""
+    return [
+        *torch.randint(0, d, (8, 2), generator=gen).tolist(),
+        [0, 0],
+        [d - 1, d - 1],
+        [0, 1],
+        [d - 2, d - 1],
+    ]
+
+
 def probe_vectors(grads: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Rows: a random vector, a vector in the span of the gradients, the newest gradient. float64 (3, d)."""
     g = grads.to(torch.float64)

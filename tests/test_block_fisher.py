@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EPS32, dense_fisher, probe_vectors, realistic_grads, rel_err
+from conftest import EPS32, dense_fisher, entry_pairs, probe_vectors, realistic_grads, rel_err
 
 from compressor.mfac import BlockFisherInverse, FisherInverse
 from compressor.mfac.obs import mean_fisher_diagonal
@@ -88,13 +88,7 @@ def _check_all(grads, damp, block_size, dtype, gen, accumulate=F64, sizes=(1, 0,
     assert diag.shape == (d,) and diag.dtype == dtype
     assert (diag.to(F64) - finv.diagonal()).abs().max().item() <= diag_atol
     assert (diag.to(F64) - static.diag().to(F64)).abs().max().item() <= diag_atol + static_atol
-    pairs = [
-        *torch.randint(0, d, (8, 2), generator=gen).tolist(),
-        [0, 0],
-        [d - 1, d - 1],
-        [0, 1],
-        [d - 2, d - 1],
-    ]
+    pairs = entry_pairs(d, gen)
     for i, j in pairs:
         assert abs(fi.entry(i, j) - finv[i, j].item()) <= diag_atol, (i, j)
         assert abs(fi.entry(i, j) - static.entry(i, j)) <= diag_atol + static_atol, (i, j)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EPS32, condition, dense_fisher, probe_vectors, realistic_grads, rel_err
+from conftest import EPS32, condition, dense_fisher, entry_pairs, probe_vectors, realistic_grads, rel_err
 from pydantic import ValidationError
 from torch import nn
 
@@ -88,13 +88,7 @@ def _check_static(grads, damp, block_size, storage, gen, oracle_grads=None, page
     assert diag.dtype == torch.float32
     assert (diag.to(F64) - finv.diagonal()).abs().max().item() <= diag_atol
     entry_atol = (2 * u + u * u + 2 * EPS32) / damp
-    pairs = [
-        *torch.randint(0, d, (8, 2), generator=gen).tolist(),
-        [0, 0],
-        [d - 1, d - 1],
-        [0, 1],
-        [d - 2, d - 1],
-    ]
+    pairs = entry_pairs(d, gen)
     for i, j in pairs:
         atol = diag_atol if i == j else entry_atol
         assert abs(fi.entry(i, j) - finv[i, j].item()) <= atol, (i, j)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import paper_recursions as pr
 import pytest
 import torch
-from conftest import EPS32, condition, dense_fisher, probe_vectors, realistic_grads, rel_err
+from conftest import EPS32, condition, dense_fisher, entry_pairs, probe_vectors, realistic_grads, rel_err
 
 from compressor.mfac import FisherInverse
 
@@ -46,13 +46,7 @@ def _check_all(grads: torch.Tensor, damp: float, block_size: int | None, dtype: 
     assert diag.shape == (grads.shape[1],) and diag.dtype == dtype
     assert (diag.to(F64) - finv.diagonal()).abs().max().item() <= diag_atol
     d = grads.shape[1]
-    pairs = [
-        *torch.randint(0, d, (8, 2), generator=gen).tolist(),
-        [0, 0],
-        [d - 1, d - 1],
-        [0, 1],
-        [d - 2, d - 1],
-    ]
+    pairs = entry_pairs(d, gen)
     for i, j in pairs:
         assert abs(fi.entry(i, j) - finv[i, j].item()) <= diag_atol, (i, j)
 
