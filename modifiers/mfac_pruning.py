@@ -270,15 +270,19 @@ class MFACPruning(PruningModifier):
     # ------------------------------------------------------------------ one sub-step
 
     @torch.no_grad()
-    def _substep(self, session: Session, names: list[str], sparsity: float, key: int) -> None:
-        params = [session.params[n] for n in names]
-        device = params[0].device
-        current = {n: session.masks.mask(n).to(device=device, dtype=torch.bool) for n in names}
-        alive = [current[n].reshape(-1) for n in names]
-        sizes = [int(a.sum()) for a in alive]
-        if sum(sizes) == 0:
-            return
-        m = self.grads_at(sparsity)
+    def build_fisher(
+        self,
+        session: Session,
+        names: list[str],
+        current: dict[str, torch.Tensor],
+        sizes: list[int],
+        m: int,
+        key: int,
+    ) -> _Fisher:
+        """F^-1 over the remaining weights (``current`` masks, ``sizes`` kept per parameter) from
+        ``m`` gradients sampled at the current weights with the sampler's stream ``key``: the
+        streamed block form or the Woodbury form (``streamed``)."""
+        device = session.params[names[0]].device
         where = self.grads_device or device
         if self.streamed(m):
             fi = BlockFisherInverse(sum(sizes), self.block_size, dtype=torch.float64, device=where)
@@ -290,15 +294,21 @@ class MFACPruning(PruningModifier):
             if distributed.world_size() > 1:
                 fi.all_reduce()  # d * B sums instead of the m * d rows
             fi.damp = self.damping_for(fi.mean_fisher_diagonal())
-            fisher = _Fisher.streamed(fi, sizes, device)
-        else:
-            grads = session.sampler.sample(
-                names, m, self.grad_batch_size, key=key, select=current, device=where
-            )
-            fisher = _Fisher.woodbury(
-                grads, sizes, self.damping(grads), self.block_size, device, self._storage_dtype()
-            )
-            del grads
+            return _Fisher.streamed(fi, sizes, device)
+        grads = session.sampler.sample(names, m, self.grad_batch_size, key=key, select=current, device=where)
+        damp = self.damping(grads)
+        return _Fisher.woodbury(grads, sizes, damp, self.block_size, device, self._storage_dtype())
+
+    @torch.no_grad()
+    def _substep(self, session: Session, names: list[str], sparsity: float, key: int) -> None:
+        params = [session.params[n] for n in names]
+        device = params[0].device
+        current = {n: session.masks.mask(n).to(device=device, dtype=torch.bool) for n in names}
+        alive = [current[n].reshape(-1) for n in names]
+        sizes = [int(a.sum()) for a in alive]
+        if sum(sizes) == 0:
+            return
+        fisher = self.build_fisher(session, names, current, sizes, self.grads_at(sparsity), key)
         # Per parameter: the coordinate of each flattened weight in its Fisher part (-1: pruned).
         coords = []
         for a, size in zip(alive, sizes, strict=True):

@@ -1,0 +1,125 @@
+"""bench/quality_minilm.py: the shared dense Fisher gives the rows of separate runs, and the report's
+paired claims are computed right (a tiny BERT sentence encoder stands in for MiniLM)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import quality_minilm as qm  # noqa: E402  (bench/ is scripts, not a package)
+from hf_tiny import sentence_encoder_dir  # noqa: E402
+
+from compressor.data import CodePairs  # noqa: E402
+from modifiers.mfac_pruning import MFACPruning  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    train = CodePairs("train")
+    texts = [train[i][k] for i in range(300) for k in ("query", "document")]
+    directory = sentence_encoder_dir(tmp_path_factory.mktemp("enc") / "tiny", texts)
+    return qm.Job(f"hf:{directory}", max_length=32)
+
+
+def _plain(sparsity: float, structure, m: int, block: int, substeps: int) -> MFACPruning:
+    """The same settings as ``qm.mfac`` in the library's own modifier (no sharing)."""
+    return MFACPruning(
+        type="MFACPruning",
+        params=qm.PRUNED,
+        start=0,
+        end=0,
+        final_sparsity=sparsity,
+        structure=structure,
+        num_grads=m,
+        grad_batch_size=qm.GRAD_BATCH,
+        block_size=block,
+        num_recomputations=substeps,
+    )
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = MFACPruning.build_fisher
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MFACPruning, "build_fisher", counted)
+    return calls
+
+
+@pytest.mark.parametrize("block", [8, 64])  # B < m: streamed; B >= m: Woodbury
+def test_rows_sharing_the_dense_fisher_equal_separate_runs(job, monkeypatch, block):
+    calls = _counting(monkeypatch)
+    qm._SHARED.clear()
+    rows = [(0.5, "unstructured", 1), (0.5, {"n": 2, "m": 4}, 1), (0.7, "unstructured", 3)]
+    shared, separate = [], []
+    for sparsity, spec, substeps in rows:
+        label = f"M-FAC 16x{block} R{substeps}"
+        shared.append(job.one_shot(qm.method(label, sparsity, spec), seed=4)[0])
+    # one build at the dense weights for all three rows, and the 2 later sub-steps of the last row
+    assert len(calls) == 1 + 2
+    calls.clear()
+    for sparsity, spec, substeps in rows:
+        separate.append(job.one_shot(_plain(sparsity, spec, 16, block, substeps), seed=4)[0])
+    assert len(calls) == 1 + 1 + 3
+    for a, b in zip(shared, separate, strict=True):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert torch.equal(x, y), name
+    # another seed draws other gradients: a new Fisher and other weights
+    other = job.one_shot(qm.method(f"M-FAC 16x{block} R1", 0.5, "unstructured"), seed=5)[0]
+    assert len(calls) == 5 + 1
+    moved = [not torch.equal(x, y) for x, y in zip(other.parameters(), shared[0].parameters(), strict=True)]
+    assert any(moved)
+    assert qm.pruned_fraction(shared[0]) == pytest.approx(0.5, abs=1e-3)
+    assert qm.pruned_fraction(shared[2]) == pytest.approx(0.7, abs=1e-3)
+
+
+def test_part_g_saves_every_row_and_resumes(job, tmp_path, monkeypatch):
+    monkeypatch.setattr(qm, "STRUCTURES", {"50%": (0.5, "unstructured"), "2:4": (0.5, {"n": 2, "m": 4})})
+    monkeypatch.setattr(
+        qm, "G_PLAN", [("magnitude global", ["50%", "2:4"], [0]), ("M-FAC 16x8 R1", ["50%"], [0, 1])]
+    )
+    path = tmp_path / "g.json"
+    raw = qm.part_g(job, path)
+    assert set(raw["rows"]) == {"magnitude global | 50%", "magnitude global | 2:4", "M-FAC 16x8 R1 | 50%"}
+    assert set(raw["rows"]["M-FAC 16x8 R1 | 50%"]) == {"0", "1"}
+    assert qm.load(path) == raw
+    for metric in (*qm.METRICS, "sparsity"):
+        assert 0.0 <= raw["rows"]["magnitude global | 50%"]["0"][metric] <= 1.0 + 1e-6
+    assert raw["dense"]["mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    calls = _counting(monkeypatch)
+    again = qm.part_g(job, path)  # nothing left to run
+    assert calls == [] and again == raw
+
+
+def _m(recall: float) -> dict[str, float]:
+    return {"recall@1": recall, "mrr@10": recall, "mean_cosine": 0.9, "prune_s": 1.0}
+
+
+def test_report_pairs_by_seed_and_checks_two_standard_deviations():
+    rows = {
+        "magnitude global | 50%": {"0": _m(0.40)},
+        "M-FAC 64x128 R1 | 50%": {"0": _m(0.50), "1": _m(0.52), "2": _m(0.54)},  # +0.12 ± 0.02
+        "M-FAC 64x128 R8 | 50%": {"0": _m(0.51), "1": _m(0.50), "2": _m(0.56)},  # vs R1: +0.01 ± 0.03
+        "magnitude global | 70%": {"0": _m(0.20)},
+        "M-FAC 64x128 R1 | 70%": {"0": _m(0.20), "1": _m(0.30)},
+    }
+    assert qm.paired(rows, "M-FAC 64x128 R1 | 50%", "magnitude global | 50%", "recall@1") == pytest.approx(
+        [0.10, 0.12, 0.14]
+    )
+    assert qm.claim([0.10, 0.12, 0.14]) == "+0.1200 ± 0.0200 (yes)"
+    assert qm.claim([0.01, -0.02, 0.04]).endswith("(no)")
+    text = "\n".join(qm.g_tables({"dense": {"recall@1": 0.55, "mrr@10": 0.66}, "rows": rows}))
+    line = next(x for x in text.splitlines() if x.startswith("| M-FAC 64x128 R1 |") and "(yes)" in x)
+    assert "+0.1200 ± 0.0200 (yes)" in line and "+0.0500 ± 0.0707 (no)" in line
+    assert "0.5200 ± 0.0200" in text  # the recall@1 table's mean ± std over seeds
