@@ -10,12 +10,17 @@ g) one-shot, no fine-tuning: unstructured 30/50/60/70%, 2:4, and 1 x 4 blocks at
    (global and per layer) against M-FAC OBS (``MFACPruning``, relative damp 0.3, gradients of 16
    pairs) at (m, B) = (64, 128) and (1024, 32), with 1 and 8 sub-steps (0 and 7 recomputations).
    M-FAC rows over seeds (gradient sampling), magnitude is seed-free; paired differences by seed.
+h) gradual to 80% with fine-tuning: recipes/minilm_mfac_gradual.yaml against
+   recipes/minilm_magnitude_gradual.yaml (the same schedule and training: 30% at step 0, cubic to
+   80% at epoch 2, a third epoch of recovery) and recipes/minilm_dense_finetune.yaml (the dense
+   model fine-tuned for as long), each run to the end by ``compressor.trainer.run`` per seed.
 
 Every M-FAC row of one seed starts from the same dense weights, so its first sub-step's gradients
 and Fisher are the same for every structure: ``SharedFisherMFAC`` builds that Fisher once per
 (seed, m, B) and hands it to each row (the results are those of separate runs; tests check it).
 
     python bench/quality_minilm.py --parts g                    # about 2 h on 2 cores
+    python bench/quality_minilm.py --parts h --seeds 0          # about 45 min per seed
     python bench/quality_minilm.py --parts g --only "M-FAC 64x128 R1"
     python bench/quality_minilm.py --report                     # rebuild the report from the JSON
 
@@ -44,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 from compressor.session import Session  # noqa: E402
 from compressor.task import build_task  # noqa: E402
-from compressor.trainer import evaluate  # noqa: E402
+from compressor.trainer import evaluate, run  # noqa: E402
 from compressor.zoo import build_model, load_data  # noqa: E402
 from modifiers.magnitude import MagnitudePruning  # noqa: E402
 from modifiers.mfac_pruning import MFACPruning  # noqa: E402
@@ -215,6 +220,74 @@ def fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+# ---------------------------------------------------------------- part h
+
+#: row label -> recipe (recipes/<name>.yaml); the pruned twins share their schedule and training.
+H_RECIPES: dict[str, str] = {
+    "M-FAC 64x128": "minilm_mfac_gradual",
+    "magnitude global": "minilm_magnitude_gradual",
+    "dense, same steps": "minilm_dense_finetune",
+}
+
+
+def part_h(path: Path, runs: Path, seeds: list[int], only: str | None = None) -> dict[str, Any]:
+    """Run each recipe of H_RECIPES per seed (seed by seed) unless ``path`` has it; the run folders
+    (checkpoints, metrics.csv) go under ``runs``."""
+    raw = load(path)
+    rows = raw.setdefault("rows", {})
+    for seed in seeds:
+        for label, name in H_RECIPES.items():
+            if (only is not None and label != only) or str(seed) in rows.get(label, {}):
+                continue
+            summary = run(
+                ROOT / "recipes" / f"{name}.yaml",
+                runs / f"{name}-seed{seed}",
+                overrides={"seed": str(seed)},
+                progress=False,
+            )
+            metrics = {k: float(v) for k, v in summary["eval"].items()}
+            metrics["sparsity"] = float(summary["sparsity"]["global"]) if summary.get("sparsity") else 0.0
+            metrics["wall_time_s"] = float(summary["wall_time_s"])
+            rows.setdefault(label, {})[str(seed)] = metrics
+            raw["dense"] = {k: float(v) for k, v in summary.get("dense_eval", {}).items()}
+            save(path, raw)
+            print(f"{label} seed {seed}: " + fmt(metrics), flush=True)
+    return raw
+
+
+def h_tables(raw: dict[str, Any]) -> list[str]:
+    rows = raw.get("rows", {})
+    dense = raw.get("dense", {})
+    seeds = sorted({s for r in rows.values() for s in r})
+    out = [
+        "## h) Gradual to 80% with fine-tuning (3 epochs of 140 steps; 30% at step 0, cubic to 80% at "
+        "epoch 2)",
+        "",
+        f"Seeds {', '.join(seeds)}. The shipped dense model before any fine-tuning: recall@1 "
+        f"{dense.get('recall@1', math.nan):.4f}, MRR@10 {dense.get('mrr@10', math.nan):.4f}.",
+        "",
+        "| recipe | sparsity | " + " | ".join(METRICS) + " | wall time (s) |",
+        "|---" * (len(METRICS) + 3) + "|",
+    ]
+    for label, name in H_RECIPES.items():
+        got = list(rows.get(label, {}).values())
+        if not got:
+            continue
+        cells = [mean_std([m[k] for m in got]) for k in (*METRICS, "wall_time_s")]
+        sparsity = f"{statistics.mean(m['sparsity'] for m in got):.3f}"
+        out.append(f"| {label} (`recipes/{name}.yaml`) | {sparsity} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Paired by seed, M-FAC minus magnitude: "
+        + ", ".join(
+            f"{metric} {claim(paired(rows, 'M-FAC 64x128', 'magnitude global', metric))}"
+            for metric in METRICS
+        ),
+        "",
+    ]
+    return out
+
+
 # ---------------------------------------------------------------- bookkeeping and report
 
 
@@ -329,6 +402,9 @@ def write_report(results: Path = RESULTS) -> str:
     lines = ["# Quality on a real transformer: MiniLM code search (`python bench/quality_minilm.py`)", ""]
     if g:
         lines += g_tables(g)
+    h = load(results / "quality_minilm_h.json")
+    if h:
+        lines += h_tables(h)
     text = "\n".join(lines)
     (results / "quality_minilm.md").write_text(text)
     return text
@@ -338,17 +414,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--parts", default="g", help="parts to run (g)")
+    parser.add_argument("--parts", default="g", help="parts to run (g, h)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="part h")
+    parser.add_argument("--runs", type=Path, default=Path("/tmp/quality_minilm"), help="part h's run folders")
     parser.add_argument("--only", help="run only the rows of this method label")
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not args.report:
-        job = Job(args.model)
-        if "g" in args.parts:
-            part_g(job, args.results / "quality_minilm_g.json", args.only)
+    if not args.report and "g" in args.parts:
+        part_g(Job(args.model), args.results / "quality_minilm_g.json", args.only)
+    if not args.report and "h" in args.parts:
+        part_h(args.results / "quality_minilm_h.json", args.runs, args.seeds, args.only)
     print(write_report(args.results))
 
 

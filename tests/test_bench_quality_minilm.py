@@ -123,3 +123,37 @@ def test_report_pairs_by_seed_and_checks_two_standard_deviations():
     line = next(x for x in text.splitlines() if x.startswith("| M-FAC 64x128 R1 |") and "(yes)" in x)
     assert "+0.1200 ± 0.0200 (yes)" in line and "+0.0500 ± 0.0707 (no)" in line
     assert "0.5200 ± 0.0200" in text  # the recall@1 table's mean ± std over seeds
+
+
+def test_part_h_runs_each_recipe_per_seed_once_and_tabulates(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(recipe, output, *, overrides, progress):
+        seen.append((Path(recipe).name, overrides["seed"]))
+        recall = {"minilm_mfac_gradual.yaml": 0.5, "minilm_magnitude_gradual.yaml": 0.4}.get(
+            Path(recipe).name, 0.6
+        )
+        recall += 0.01 * int(overrides["seed"])
+        return {
+            "eval": {"loss": 1.0, "recall@1": recall, "mrr@10": recall + 0.1, "mean_cosine": 0.8},
+            "dense_eval": {"recall@1": 0.56, "mrr@10": 0.66},
+            "sparsity": {"global": 0.8} if "gradual" in Path(recipe).name else {},
+            "wall_time_s": 100.0,
+        }
+
+    monkeypatch.setattr(qm, "run", fake_run)
+    path = tmp_path / "h.json"
+    raw = qm.part_h(path, tmp_path / "runs", [0, 1])
+    assert seen[:3] == [
+        ("minilm_mfac_gradual.yaml", "0"),
+        ("minilm_magnitude_gradual.yaml", "0"),
+        ("minilm_dense_finetune.yaml", "0"),
+    ]
+    assert len(seen) == 6 and qm.load(path) == raw
+    assert qm.part_h(path, tmp_path / "runs", [0, 1]) == raw and len(seen) == 6  # resumed: nothing rerun
+    for name in qm.H_RECIPES.values():
+        assert (ROOT / "recipes" / f"{name}.yaml").is_file()
+    text = "\n".join(qm.h_tables(raw))
+    assert "| M-FAC 64x128 (`recipes/minilm_mfac_gradual.yaml`) | 0.800 | 0.5050 ± 0.0071 |" in text
+    assert "| dense, same steps (`recipes/minilm_dense_finetune.yaml`) | 0.000 | 0.6050 ± 0.0071 |" in text
+    assert "recall@1 +0.1000 ± 0.0000 (yes)" in text
