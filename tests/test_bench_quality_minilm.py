@@ -3,6 +3,7 @@ paired claims are computed right (a tiny BERT sentence encoder stands in for Min
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -157,3 +158,35 @@ def test_part_h_runs_each_recipe_per_seed_once_and_tabulates(tmp_path, monkeypat
     assert "| M-FAC 64x128 (`recipes/minilm_mfac_gradual.yaml`) | 0.800 | 0.5050 ± 0.0071 |" in text
     assert "| dense, same steps (`recipes/minilm_dense_finetune.yaml`) | 0.000 | 0.6050 ± 0.0071 |" in text
     assert "recall@1 +0.1000 ± 0.0000 (yes)" in text
+
+
+def test_validation_split_is_disjoint_seeded_and_a_tenth():
+    train, val = qm.validation_split(4462)
+    assert len(val) == 446 and len(train) == 4016
+    assert not set(train) & set(val) and set(train) | set(val) == set(range(4462))
+    assert qm.validation_split(4462) == (train, val)
+    assert qm.validation_split(4462, seed=1)[1] != val
+
+
+def test_part_j_fine_tunes_each_setting_once_and_chooses_on_validation(job, tmp_path, monkeypatch):
+    monkeypatch.setattr(qm, "J_WINDOW", 4)
+    monkeypatch.setattr(qm, "J_GRID", {"AdamW": [{"lr": 1e-3}], "M-FAC m=4": [{"lr": 1e-3, "damp": 1e-4}]})
+    path = tmp_path / "j.json"
+    raw = qm.part_j(job, path)
+    assert set(raw["rows"]) == {"AdamW | lr 0.001", "M-FAC m=4 | lr 0.001, damp 0.0001"}
+    for row in raw["rows"].values():
+        assert row["steps"] == 4016 // qm.J_BATCH
+        assert math.isfinite(row["train_loss"]) and row["step_s"] > 0
+        assert 0.0 <= row["val_mrr@10"] <= 1.0 and 0.0 <= row["test_recall@1"] <= 1.0
+        assert row["test_mean_cosine"] < 1.0 - 1e-4  # the weights moved away from the dense model's
+    assert qm.part_j(job, path) == raw  # nothing rerun
+
+
+def test_the_choice_is_by_validation_and_never_a_diverged_run():
+    rows = {
+        "AdamW | lr 1e-05": {"val_mrr@10": 0.5, "train_loss": 1.0},
+        "AdamW | lr 2e-05": {"val_mrr@10": 0.6, "train_loss": 1.0},
+        "AdamW | lr 5e-05": {"val_mrr@10": 0.9, "train_loss": math.nan},
+    }
+    assert qm.chosen(rows, "AdamW") == "AdamW | lr 2e-05"
+    assert qm.chosen(rows, "M-FAC m=64") is None
