@@ -190,3 +190,12 @@ def test_the_choice_is_by_validation_and_never_a_diverged_run():
     }
     assert qm.chosen(rows, "AdamW") == "AdamW | lr 2e-05"
     assert qm.chosen(rows, "M-FAC m=64") is None
+
+
+def test_write_report_has_every_part_present_and_the_plot(tmp_path):
+    rows = {"magnitude global | 50%": {"0": _m(0.40)}, "M-FAC 64x128 R1 | 50%": {"0": _m(0.5), "1": _m(0.52)}}
+    qm.save(tmp_path / "quality_minilm_g.json", {"dense": {"recall@1": 0.55, "mrr@10": 0.66}, "rows": rows})
+    text = qm.write_report(tmp_path)
+    assert (tmp_path / "quality_minilm.md").read_text() == text
+    assert (tmp_path / "quality_minilm_oneshot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## g)" in text and "## h)" not in text and "## j)" not in text
