@@ -4,8 +4,11 @@
 // Block b holds the gradient slice G_b (m x S). With K_b = m*damp*I + G_b G_b^T = L L^T and
 // W_b = L^-1 G_b:  F_b^-1 x = (x - W_b^T (W_b x)) / damp  and  diag(F_b^-1) = (1 - colsum(W_b^2)) / damp.
 //
-// The inner loops use GCC/Clang vector extensions (64-byte vectors: 16 floats or 8 doubles), so the
-// same source vectorises for AVX-512, AVX2 or NEON; register tiles are RT rows by up to 4 vectors.
+// The inner loops use GCC/Clang vector extensions as wide as the target's registers (64 bytes with
+// AVX-512, 32 with AVX/AVX2, 16 otherwise: SSE, NEON), so the same source vectorises for each; the
+// register tiles are sized from the target's number of vector registers (32 with AVX-512 and on
+// AArch64, else 16) so that the accumulators never spill. compressor/mfac/kernels.py picks the
+// target (COMPRESSOR_KERNELS_ISA) and compiles one build per target.
 #pragma once
 
 #include <algorithm>
@@ -15,8 +18,21 @@
 
 namespace mfac_cpu {
 
-typedef float vf __attribute__((vector_size(64)));
-typedef double vd __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+#elif defined(__AVX__)
+constexpr int VBYTES = 32;
+#else
+constexpr int VBYTES = 16;
+#endif
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int NREG = 32;
+#else
+constexpr int NREG = 16;
+#endif
+
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef double vd __attribute__((vector_size(VBYTES)));
 
 template <typename T>
 struct Vec;
@@ -43,58 +59,48 @@ inline void storeu(T* p, const V& v) {
 
 inline float hsum(const vf& v) {
   float s = 0.0f;
-  for (int l = 0; l < 16; ++l) s += v[l];
+  for (int l = 0; l < VBYTES / 4; ++l) s += v[l];
   return s;
 }
 
 inline double hsum(const vd& v) {
   double s = 0.0;
-  for (int l = 0; l < 8; ++l) s += v[l];
+  for (int l = 0; l < VBYTES / 8; ++l) s += v[l];
   return s;
 }
 
-constexpr int DL = 8;  // doubles per vector
-constexpr int RT = 4;  // rows per register tile
+constexpr int DL = VBYTES / 8;  // doubles per vector
+constexpr int RT = 4;           // rows per register tile (and the padding of m)
+// Gram tiles: RT rows against GC rows (RT*GC accumulators + RT + GC operands in registers).
+constexpr int GC = NREG >= 32 ? 4 : 2;
+// Forward-substitution tiles: RT rows by up to TV vectors (RT*TV accumulators + RT multipliers + 1).
+constexpr int TV = NREG >= 32 ? 4 : 2;
 
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // ------------------------------------------------------------------------------------ factor_block
 
-// Upper triangle of K = A A^T (K[j][i] for j <= i) for A (mp x sp) row-major, mp % RT == 0,
-// sp % DL == 0. RT x RT register tiles, dot products along the columns.
-inline void gram_upper(const double* A, int64_t mp, int64_t sp, double* K) {
-  for (int64_t i0 = 0; i0 < mp; i0 += RT) {
-    const double* a0 = A + (i0 + 0) * sp;
-    const double* a1 = A + (i0 + 1) * sp;
-    const double* a2 = A + (i0 + 2) * sp;
-    const double* a3 = A + (i0 + 3) * sp;
-    for (int64_t j0 = 0; j0 <= i0; j0 += RT) {
-      const double* b0 = A + (j0 + 0) * sp;
-      const double* b1 = A + (j0 + 1) * sp;
-      const double* b2 = A + (j0 + 2) * sp;
-      const double* b3 = A + (j0 + 3) * sp;
-      vd c00 = {}, c01 = {}, c02 = {}, c03 = {}, c10 = {}, c11 = {}, c12 = {}, c13 = {};
-      vd c20 = {}, c21 = {}, c22 = {}, c23 = {}, c30 = {}, c31 = {}, c32 = {}, c33 = {};
-      for (int64_t c = 0; c < sp; c += DL) {
-        const vd x0 = loadu<vd>(a0 + c), x1 = loadu<vd>(a1 + c), x2 = loadu<vd>(a2 + c),
-                 x3 = loadu<vd>(a3 + c);
-        const vd y0 = loadu<vd>(b0 + c), y1 = loadu<vd>(b1 + c), y2 = loadu<vd>(b2 + c),
-                 y3 = loadu<vd>(b3 + c);
-        c00 += x0 * y0; c01 += x0 * y1; c02 += x0 * y2; c03 += x0 * y3;
-        c10 += x1 * y0; c11 += x1 * y1; c12 += x1 * y2; c13 += x1 * y3;
-        c20 += x2 * y0; c21 += x2 * y1; c22 += x2 * y2; c23 += x2 * y3;
-        c30 += x3 * y0; c31 += x3 * y1; c32 += x3 * y2; c33 += x3 * y3;
-      }
-      double* k0 = K + (j0 + 0) * mp + i0;  // K[j0 + s][i0 + r] = row i0 + r . row j0 + s
-      double* k1 = K + (j0 + 1) * mp + i0;
-      double* k2 = K + (j0 + 2) * mp + i0;
-      double* k3 = K + (j0 + 3) * mp + i0;
-      k0[0] = hsum(c00); k1[0] = hsum(c01); k2[0] = hsum(c02); k3[0] = hsum(c03);
-      k0[1] = hsum(c10); k1[1] = hsum(c11); k2[1] = hsum(c12); k3[1] = hsum(c13);
-      k0[2] = hsum(c20); k1[2] = hsum(c21); k2[2] = hsum(c22); k3[2] = hsum(c23);
-      k0[3] = hsum(c30); k1[3] = hsum(c31); k2[3] = hsum(c32); k3[3] = hsum(c33);
-    }
+// K[j][i] += row i . row j of A for rows i0..i0+RT and j0..j0+GC (A row-major, sp % DL == 0).
+inline void gram_tile(const double* A, int64_t mp, int64_t sp, int64_t i0, int64_t j0, double* K) {
+  vd acc[RT][GC];
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < GC; ++q) acc[r][q] = vd{};
+  for (int64_t c = 0; c < sp; c += DL) {
+    vd x[RT], y[GC];
+    for (int r = 0; r < RT; ++r) x[r] = loadu<vd>(A + (i0 + r) * sp + c);
+    for (int q = 0; q < GC; ++q) y[q] = loadu<vd>(A + (j0 + q) * sp + c);
+    for (int r = 0; r < RT; ++r)
+      for (int q = 0; q < GC; ++q) acc[r][q] += x[r] * y[q];
   }
+  for (int q = 0; q < GC; ++q)
+    for (int r = 0; r < RT; ++r) K[(j0 + q) * mp + i0 + r] = hsum(acc[r][q]);
+}
+
+// Upper triangle of K = A A^T (K[j][i] for j <= i) for A (mp x sp) row-major, mp % RT == 0,
+// sp % DL == 0: RT x GC register tiles, dot products along the columns.
+inline void gram_upper(const double* A, int64_t mp, int64_t sp, double* K) {
+  for (int64_t i0 = 0; i0 < mp; i0 += RT)
+    for (int64_t j0 = 0; j0 < i0 + RT; j0 += GC) gram_tile(A, mp, sp, i0, j0, K);
 }
 
 // In-place Cholesky of the upper triangle of K (mp x mp, row-major, mp % RT == 0): K = U^T U, with
@@ -197,7 +203,7 @@ template <typename T>
 inline void trsm_lower(const double* U, int64_t mp, double* A, int64_t sp, const FactorOut<T>& out) {
   for (int64_t i0 = 0; i0 < mp; i0 += RT) {
     int64_t c0 = 0;
-    for (; c0 + 4 * DL <= sp; c0 += 4 * DL) trsm_tile<4>(U, mp, A, sp, i0, c0, out);
+    for (; c0 + TV * DL <= sp; c0 += TV * DL) trsm_tile<TV>(U, mp, A, sp, i0, c0, out);
     for (; c0 < sp; c0 += DL) trsm_tile<1>(U, mp, A, sp, i0, c0, out);
   }
 }

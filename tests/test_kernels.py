@@ -381,6 +381,28 @@ def test_bad_mode_and_sources(monkeypatch):
     assert not kernels.CUDA_IN_AUTO or HAS_CUDA  # auto never builds CUDA code that was not measured
 
 
+def test_the_target_isa_comes_from_the_cpu_or_the_environment_and_names_the_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    names = {}
+    for flags, expected in (
+        ("flags : fpu avx2 fma avx512f avx512bw avx512dq avx512vl", "avx512"),
+        ("flags : fpu avx2 fma", "avx2"),
+        ("flags : fpu sse2", "native"),
+    ):
+        monkeypatch.setattr(kernels, "_host_tag", lambda flags=flags: "x86_64" + flags)
+        monkeypatch.delenv("COMPRESSOR_KERNELS_ISA", raising=False)
+        assert kernels.isa() == expected
+        names[expected] = kernels.build_dir("cpu").name
+        assert f"_{expected}_" in names[expected]
+    assert len(set(names.values())) == 3  # one build per target
+    monkeypatch.setenv("COMPRESSOR_KERNELS_ISA", "AVX2")
+    assert kernels.isa() == "avx2"
+    monkeypatch.setenv("COMPRESSOR_KERNELS_ISA", "sse9")
+    with pytest.raises(ValueError, match="COMPRESSOR_KERNELS_ISA"):
+        kernels.isa()
+
+
 def test_import_needs_torch_alone():
     code = "import sys, compressor.mfac; assert 'torch.utils.cpp_extension' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=CSRC.parent)

@@ -22,8 +22,13 @@ Environment:
   ``on`` raises if the build fails, and also enables the CUDA kernels (GPU-unverified, so
   ``auto`` does not use them).
   ``off`` never builds and always uses PyTorch.
+* ``COMPRESSOR_KERNELS_ISA``: the target of the CPU build, ``auto`` (default: ``avx512`` where the
+  CPU has AVX-512 F/BW/DQ/VL, else ``avx2`` where it has AVX2 and FMA, else ``native``), ``avx512``
+  (``-march=x86-64-v4``), ``avx2`` (``-march=x86-64-v3``, e.g. to time an AVX2 machine's build on an
+  AVX-512 one) or ``native`` (``-march=native``: NEON on ARM). The kernels take their vector width
+  and register tiles from it; each target is its own build in the cache.
 * ``COMPRESSOR_KERNELS_DIR``: the build cache (default ``$XDG_CACHE_HOME/compressor/kernels``,
-  i.e. ``~/.cache/compressor/kernels``). One sub-directory per source/flags/torch/CPU version.
+  i.e. ``~/.cache/compressor/kernels``). One sub-directory per source/flags/ISA/torch/CPU version.
 * ``COMPRESSOR_CSRC``: the directory holding the sources. Default: the ``csrc/`` of the source
   tree this package was imported from (a checkout or an editable install), else
   ``<prefix>/share/compressor/csrc`` where a wheel installs them (see ``sources_dir``).
@@ -63,7 +68,15 @@ CUDA_IN_AUTO = False
 _MODES = ("auto", "on", "off")
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (serial without it); the
 # extension then uses the libgomp torch has already loaded, so torch.set_num_threads applies.
-_CPU_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_CPU_FLAGS = ["-O3", "-fopenmp"]
+#: Target instruction sets of the CPU build (COMPRESSOR_KERNELS_ISA) and their compiler flags. The
+#: kernels take their vector width and register tiles from the target (csrc/mfac_cpu_kernels.h).
+ISA_FLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mtune=native"],  # AVX-512 F/BW/DQ/VL: 64-byte vectors, 32 registers
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],  # AVX2 + FMA: 32-byte vectors, 16 registers
+    "native": ["-march=native"],  # whatever the compiler finds (NEON on ARM, ...)
+}
+_ISAS = ("auto", *ISA_FLAGS)
 _CUDA_FLAGS = ["-O3"]
 _CPU_SOURCES = ["mfac_cpu.cpp", "mfac_cpu_kernels.h"]
 _CUDA_SOURCES = ["mfac_cuda.cpp", "mfac_cuda_kernels.cu", "mfac_cuda_kernels.h"]
@@ -80,6 +93,23 @@ def mode() -> str:
     if value not in _MODES:
         raise ValueError(f"COMPRESSOR_KERNELS must be one of {', '.join(_MODES)}, got {value!r}")
     return value
+
+
+def isa() -> str:
+    """The target of the CPU build: ``COMPRESSOR_KERNELS_ISA`` (avx512, avx2, native), else (auto,
+    the default) the widest of avx512 and avx2 this CPU has, else native."""
+    value = os.environ.get("COMPRESSOR_KERNELS_ISA", "auto").strip().lower() or "auto"
+    if value not in _ISAS:
+        raise ValueError(f"COMPRESSOR_KERNELS_ISA must be one of {', '.join(_ISAS)}, got {value!r}")
+    if value != "auto":
+        return value
+    flags = set(_host_tag().split())
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            return "avx512"
+        if {"avx2", "fma"} <= flags:
+            return "avx2"
+    return "native"
 
 
 def sources_dir() -> Path | None:
@@ -118,12 +148,23 @@ def _host_tag() -> str:
     return tag
 
 
-def _build_name(kind: str, src: Path, files: list[str], flags: list[str]) -> str:
+def _build_name(kind: str, src: Path, files: list[str], flags: list[str], target: str = "") -> str:
     h = hashlib.sha256()
     for name in files:
         h.update(name.encode() + b"\0" + (src / name).read_bytes())
     h.update(repr((flags, torch.__version__, sys.version_info[:2], _host_tag())).encode())
-    return f"compressor_mfac_{kind}_{h.hexdigest()[:12]}"
+    return f"compressor_mfac_{kind}{'_' + target if target else ''}_{h.hexdigest()[:12]}"
+
+
+def build_dir(kind: str = "cpu") -> Path:
+    """The cache sub-directory of the ``kind`` build for this machine, sources, flags and ISA."""
+    src = sources_dir()
+    if src is None:
+        raise FileNotFoundError("the csrc/ sources were not found (set COMPRESSOR_CSRC)")
+    if kind == "cpu":
+        target = isa()
+        return cache_dir() / _build_name(kind, src, _CPU_SOURCES, _CPU_FLAGS + ISA_FLAGS[target], target)
+    return cache_dir() / _build_name(kind, src, _CUDA_SOURCES, _CPU_FLAGS[:1] + _CUDA_FLAGS)
 
 
 def _build(kind: str) -> ModuleType:
@@ -133,19 +174,21 @@ def _build(kind: str) -> ModuleType:
         raise FileNotFoundError("the csrc/ sources were not found (set COMPRESSOR_CSRC)")
     if kind == "cuda" and not (torch.version.cuda and torch.cuda.is_available()):
         raise RuntimeError("this torch has no CUDA device")
-    files, flags = (_CPU_SOURCES, _CPU_FLAGS) if kind == "cpu" else (_CUDA_SOURCES, _CPU_FLAGS[:1])
-    cuda_flags = _CUDA_FLAGS if kind == "cuda" else None
-    name = _build_name(kind, src, files, flags + (cuda_flags or []))
-    build_dir = cache_dir() / name
-    failed_marker = build_dir / "build-failed.txt"
+    if kind == "cpu":
+        files, flags, cuda_flags = _CPU_SOURCES, _CPU_FLAGS + ISA_FLAGS[isa()], None
+    else:
+        files, flags, cuda_flags = _CUDA_SOURCES, _CPU_FLAGS[:1], _CUDA_FLAGS
+    where = build_dir(kind)
+    name = where.name
+    failed_marker = where / "build-failed.txt"
     if failed_marker.exists() and mode() == "auto":
         raise RuntimeError(f"an earlier build failed, see {failed_marker}")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    fresh = not any(build_dir.glob(f"{name}*.so")) and not any(build_dir.glob(f"{name}*.pyd"))
+    where.mkdir(parents=True, exist_ok=True)
+    fresh = not any(where.glob(f"{name}*.so")) and not any(where.glob(f"{name}*.pyd"))
     if fresh:
         _say(
             f"building the M-FAC {kind} kernels for this machine with the C++ compiler (first run only: "
-            f"later runs load them from {build_dir}); COMPRESSOR_KERNELS=off skips them"
+            f"later runs load them from {where}); COMPRESSOR_KERNELS=off skips them"
         )
     began = time.perf_counter()
     from torch.utils.cpp_extension import load  # imports setuptools: only when building
@@ -158,7 +201,7 @@ def _build(kind: str) -> ModuleType:
             extra_cuda_cflags=cuda_flags,
             extra_ldflags=["-fopenmp"] if kind == "cpu" else None,
             extra_include_paths=[str(src)],
-            build_directory=str(build_dir),
+            build_directory=str(where),
             verbose=False,
         )
     except Exception as exc:
