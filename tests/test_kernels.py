@@ -16,6 +16,7 @@ the build.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -401,6 +402,133 @@ def test_the_target_isa_comes_from_the_cpu_or_the_environment_and_names_the_buil
     monkeypatch.setenv("COMPRESSOR_KERNELS_ISA", "sse9")
     with pytest.raises(ValueError, match="COMPRESSOR_KERNELS_ISA"):
         kernels.isa()
+
+
+# ---------------------------------------------------------------------------------- measured dispatch
+
+
+def _table(faster: dict[str, bool]) -> dict:
+    """A dispatch table in which each kernel measured faster (True) or slower on every case."""
+    cases = {
+        name: [
+            {"m": m, "B": b, "kernel_s": 1.0, "torch_s": 2.0 if faster[name] else 0.5}
+            for m, b in kernels.DISPATCH_CASES
+        ]
+        for name in kernels.KERNEL_NAMES
+    }
+    return {"version": kernels.DISPATCH_VERSION, "isa": "test", "threads": 1, "dim": 1, "cases": cases}
+
+
+@pytest.fixture
+def dispatch(ext, monkeypatch, tmp_path):
+    """auto mode, a private dispatch cache (the build itself stays where the ext fixture put it), and
+    a fake measurement that counts its calls; ``dispatch.result`` is what it returns."""
+
+    class Fake:
+        calls = 0
+        result = _table({"factor_blocks": True, "blocked_mul": True})
+
+        def __call__(self):
+            self.calls += 1
+            return self.result
+
+    fake = Fake()
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_dispatch", {})
+    monkeypatch.setattr(kernels, "measure", fake)
+    monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
+    return fake
+
+
+def _uses(grads, block) -> dict[str, int]:
+    """How often each kernel ran (the extension itself was called) in FisherInverse + mul."""
+    used = {"factor_blocks": 0, "blocked_mul": 0}
+    ext = kernels._modules["cpu"]
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*a):
+                used[name] += 1
+                return getattr(ext, name)(*a)
+
+            return call
+
+    saved = kernels._modules["cpu"]
+    kernels._modules["cpu"] = Spy()
+    try:
+        FisherInverse(grads, 1e-5, block).mul(grads[0])
+    finally:
+        kernels._modules["cpu"] = saved
+    return used
+
+
+def test_the_measurement_is_cached_beside_the_build_and_reused(dispatch, gen, tmp_path, capsys):
+    grads = realistic_grads(20, 300, gen).to(F32)
+    assert _uses(grads, 100) == {"factor_blocks": 1, "blocked_mul": 1}
+    assert dispatch.calls == 1
+    assert "timing the M-FAC cpu kernels" in capsys.readouterr().err
+    assert json.loads((tmp_path / "dispatch-1t.json").read_text()) == dispatch.result
+    _uses(grads, 100)
+    kernels._dispatch.clear()  # a new process: reads the file, does not measure again
+    _uses(grads, 100)
+    assert dispatch.calls == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_a_kernel_measured_slower_is_not_used_and_the_environment_overrides(dispatch, gen, monkeypatch):
+    dispatch.result = _table({"factor_blocks": False, "blocked_mul": True})
+    grads = realistic_grads(20, 300, gen).to(F32)
+    assert _uses(grads, 100) == {"factor_blocks": 0, "blocked_mul": 1}
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+    assert _uses(grads, 100) == {"factor_blocks": 1, "blocked_mul": 1}
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
+    monkeypatch.setattr(kernels, "_modules", {})
+    assert kernels.factor_blocks(grads, 0, 3, 100, 1e-5, torch.empty(300)) is None
+    assert dispatch.calls == 1
+
+
+def test_the_nearest_measured_case_decides(dispatch):
+    table = _table({"factor_blocks": True, "blocked_mul": True})
+    for row in table["cases"]["factor_blocks"]:  # slower on the small case only
+        row["torch_s"] = 0.5 if (row["m"], row["B"]) == (32, 32) else 2.0
+    dispatch.result = table
+    assert not kernels.measured_faster("factor_blocks", 32, 40)
+    assert not kernels.measured_faster("factor_blocks", 20, 24)
+    assert kernels.measured_faster("factor_blocks", 64, 100)
+    assert kernels.measured_faster("factor_blocks", 128, 128)
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"version": 1}', json.dumps({"version": 1, "cases": 3}), ""]
+)
+def test_a_corrupt_cache_file_is_measured_again(dispatch, tmp_path, content):
+    (tmp_path / "dispatch-1t.json").write_text(content)
+    assert kernels.measured_faster("blocked_mul", 64, 128)
+    assert dispatch.calls == 1
+    assert json.loads((tmp_path / "dispatch-1t.json").read_text()) == dispatch.result
+
+
+def test_the_real_measurement_times_both_paths_and_a_slower_kernel_loses(ext, monkeypatch, tmp_path):
+    """measure() on a tiny case, its timer faked so that the kernel is the slower: the table is
+    valid, and auto then runs the PyTorch path for factor_blocks only."""
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_dispatch", {})
+    monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
+    monkeypatch.setattr(kernels, "DISPATCH_CASES", ((8, 16),))
+    monkeypatch.setattr(kernels, "DISPATCH_DIM", 64)
+    ran = []
+    real = kernels._interleaved
+
+    def fake_timer(fns, reps):
+        t = real(fns, reps)  # runs both paths for real
+        ran.append(sorted(fns))
+        return {"kernel": 2.0, "torch": 1.0} if not ran[1:] else t
+
+    monkeypatch.setattr(kernels, "_interleaved", fake_timer)
+    table = kernels.dispatch_table()
+    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 2
+    assert table["cases"]["factor_blocks"] == [{"m": 8, "B": 16, "kernel_s": 2.0, "torch_s": 1.0}]
+    assert not kernels.measured_faster("factor_blocks", 64, 128)
 
 
 def test_import_needs_torch_alone():

@@ -3,24 +3,32 @@
 The C++ (CPU) and CUDA sources live in ``csrc/`` and are compiled on first use with
 ``torch.utils.cpp_extension.load`` into a cache directory; later processes load the cached build.
 A first build says so on stderr (and again when it is done); ``build_in_background`` starts it in
-a thread so that it overlaps with other work (``compressor run`` does this at set-up). Only the
-kernels that ``bench/kernels.py`` measured at least 1.5x faster than the PyTorch path are here
-(figures: ``bench/results/kernels.md``):
+a thread so that it overlaps with other work (``compressor run`` does this at set-up). The kernels:
 
 * ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
   diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
 * ``blocked_mul``: x_b - W_b^T (W_b x_b) per block in one pass over W (static.py's ``mul``).
+
+Dispatch by measurement: whether a kernel beats the PyTorch path depends on the CPU (vector width,
+cache sizes, the BLAS torch ships) and on the thread count. So on first use on a machine, right
+after the build, ``dispatch_table`` times each kernel against the PyTorch path on a few small
+float32 cases (``DISPATCH_CASES``: m x B = 32 x 32, 64 x 128, 128 x 128 at d ~ 131k, medians of
+interleaved repetitions; a few seconds, announced on stderr) and caches the result beside the
+build, as ``dispatch-<threads>t.json`` in its cache directory. ``auto`` then uses a kernel for a
+shape only where it measured faster on the nearest case (``measured_faster``); later processes read
+the file (an unreadable or corrupt one is measured again). Delete the file to measure again.
 
 Each function returns None / False when the kernel does not apply (shape, device, dtype, layout,
 mode, or a failed build); the caller then runs its PyTorch path, which is always correct.
 
 Environment:
 
-* ``COMPRESSOR_KERNELS``: ``auto`` (default) builds on first use; a failed build prints one
-  warning and the PyTorch path is used (a compile error is remembered in the cache, in
-  ``build-failed.txt``, so later processes do not retry; delete it or use ``on`` to retry).
-  ``on`` raises if the build fails, and also enables the CUDA kernels (GPU-unverified, so
-  ``auto`` does not use them).
+* ``COMPRESSOR_KERNELS``: ``auto`` (default) builds on first use and uses each CPU kernel where
+  it measured faster (above); a failed build prints one warning and the PyTorch path is used (a
+  compile error is remembered in the cache, in ``build-failed.txt``, so later processes do not
+  retry; delete it or use ``on`` to retry).
+  ``on`` forces every kernel wherever its shape applies (no measurement), raises if the build
+  fails, and also enables the CUDA kernels (GPU-unverified, so ``auto`` does not use them).
   ``off`` never builds and always uses PyTorch.
 * ``COMPRESSOR_KERNELS_ISA``: the target of the CPU build, ``auto`` (default: ``avx512`` where the
   CPU has AVX-512 F/BW/DQ/VL, else ``avx2`` where it has AVX2 and FMA, else ``native``), ``avx512``
@@ -41,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import platform
 import site
@@ -48,6 +58,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -64,6 +75,15 @@ MUL_MAX_BLOCK_BYTES = 1 << 20
 #: The CUDA kernels compile and are tested by csrc/gpu_check.sh but have not been measured yet:
 #: ``auto`` leaves them off until a GPU run shows the 1.5x gain; ``on`` enables them.
 CUDA_IN_AUTO = False
+
+#: The measured dispatch (``auto``): the (m, B) cases each kernel is timed on against the PyTorch
+#: path, at about DISPATCH_DIM coordinates of float32, DISPATCH_REPS interleaved repetitions (medians).
+#: A shape uses the decision of the nearest case (in log m + log B).
+DISPATCH_CASES = ((32, 32), (64, 128), (128, 128))
+DISPATCH_DIM = 131_072
+DISPATCH_REPS = 3
+DISPATCH_VERSION = 1
+KERNEL_NAMES = ("factor_blocks", "blocked_mul")
 
 _MODES = ("auto", "on", "off")
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (serial without it); the
@@ -285,6 +305,162 @@ def module(kind: str = "cpu", *, _from_background: bool = False) -> ModuleType |
         return _modules[kind]
 
 
+# ------------------------------------------------------------------------------- measured dispatch
+
+_dispatch_lock = threading.RLock()
+_dispatch: dict[tuple[str, ...], dict] = {}  # see _dispatch_key -> the measured table
+_forced = threading.local()  # .value: True/False while the measurement runs one path
+
+
+@contextlib.contextmanager
+def _forcing(use: bool) -> Iterator[None]:
+    """Within this thread, every kernel that applies is used (True) or not (False): for timing."""
+    saved = getattr(_forced, "value", None)
+    _forced.value = use
+    try:
+        yield
+    finally:
+        _forced.value = saved
+
+
+def dispatch_file() -> Path:
+    """The cached measurement for this build and thread count (beside the build, in its cache dir)."""
+    return build_dir("cpu") / f"dispatch-{torch.get_num_threads()}t.json"
+
+
+def _valid(table: object) -> bool:
+    if not isinstance(table, dict) or table.get("version") != DISPATCH_VERSION:
+        return False
+    cases = table.get("cases")
+    if not isinstance(cases, dict) or set(cases) != set(KERNEL_NAMES):
+        return False
+    for rows in cases.values():
+        if not isinstance(rows, list) or not rows:
+            return False
+        for row in rows:
+            if not isinstance(row, dict):
+                return False
+            values = [row.get(k) for k in ("m", "B", "kernel_s", "torch_s")]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+                return False
+    return True
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, alternating them within every repetition."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            began = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - began)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def measure() -> dict:
+    """Time each kernel against the PyTorch path on DISPATCH_CASES (float32, CPU); a few seconds.
+
+    ``FisherInverse(G, 1e-5, B)`` with and without ``factor_blocks``, and ``mul`` of one vector with
+    and without ``blocked_mul``, at this process's thread count. Returns the table that
+    ``dispatch_file`` caches.
+    """
+    from .static import FisherInverse  # late: static.py imports this module
+
+    gen = torch.Generator().manual_seed(0)
+    cases: dict[str, list[dict]] = {k: [] for k in KERNEL_NAMES}
+    for m, size in DISPATCH_CASES:
+        d = max(1, DISPATCH_DIM // size) * size
+        grads = torch.randn(m, d, generator=gen).mul_(1e-3)
+        x = torch.randn(d, generator=gen)
+
+        def build(use: bool, grads=grads, size=size) -> FisherInverse:
+            with _forcing(use):
+                return FisherInverse(grads, 1e-5, size)
+
+        inv = build(True)  # also the warm-up of both paths
+        build(False)
+
+        def mul(use: bool, inv=inv, x=x) -> torch.Tensor:
+            with _forcing(use):
+                return inv.mul(x)
+
+        t = _interleaved({"kernel": lambda: build(True), "torch": lambda: build(False)}, DISPATCH_REPS)
+        cases["factor_blocks"].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
+        mul(True), mul(False)
+        t = _interleaved({"kernel": lambda: mul(True), "torch": lambda: mul(False)}, 3 * DISPATCH_REPS)
+        cases["blocked_mul"].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
+    return {
+        "version": DISPATCH_VERSION,
+        "isa": isa(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dim": DISPATCH_DIM,
+        "cases": cases,
+    }
+
+
+def dispatch_table() -> dict:
+    """The measured table for this build and thread count: from this process's memory, else from
+    ``dispatch_file`` (when it is valid), else measured now and cached there."""
+    key = _dispatch_key()
+    table = _dispatch.get(key)
+    if table is not None:
+        return table
+    with _dispatch_lock:
+        table = _dispatch.get(key)
+        if table is not None:
+            return table
+        path = dispatch_file()
+        with contextlib.suppress(OSError, ValueError):
+            table = json.loads(path.read_text())
+        if not _valid(table):
+            _say(
+                "timing the M-FAC cpu kernels against the PyTorch path on this machine (first run only, "
+                f"a few seconds; cached in {path})"
+            )
+            with _forcing(False):  # nothing inside may ask for the table being measured
+                table = measure()
+            used = [
+                f"{name} {'kernel' if r['torch_s'] > r['kernel_s'] else 'PyTorch'} at m={r['m']}, B={r['B']} "
+                f"({r['torch_s'] / r['kernel_s']:.2f}x)"
+                for name, rows in table["cases"].items()
+                for r in rows
+            ]
+            _say("measured: " + "; ".join(used))
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, indent=1))
+                os.replace(tmp, path)
+        _dispatch[key] = table
+        return table
+
+
+def _dispatch_key() -> tuple[str, ...]:
+    """What selects the table without hashing the sources on every call (they do not change while a
+    process runs): the cache, the ISA and sources settings, the thread count."""
+    env = (os.environ.get(k, "") for k in ("COMPRESSOR_KERNELS_ISA", "COMPRESSOR_CSRC"))
+    return (str(cache_dir()), *env, str(torch.get_num_threads()))
+
+
+def measured_faster(kernel: str, m: int, size: int) -> bool:
+    """Whether ``kernel`` measured faster than the PyTorch path on the case nearest to (m, size)."""
+    rows = dispatch_table()["cases"][kernel]
+    near = min(rows, key=lambda r: abs(math.log(m / r["m"])) + abs(math.log(size / r["B"])))
+    return near["torch_s"] > near["kernel_s"]
+
+
+def _chosen(kernel: str, t: torch.Tensor, m: int, size: int) -> bool:
+    """Whether to run ``kernel`` on a shape it applies to: forced (``on``, or the measurement), else
+    (``auto``, CPU) as measured. ``off`` and unbuilt kernels are handled by ``_module_for``."""
+    forced = getattr(_forced, "value", None)
+    if forced is not None:
+        return forced
+    if mode() == "on" or t.device.type != "cpu":
+        return True
+    return measured_faster(kernel, m, size)
+
+
 def _module_for(t: torch.Tensor) -> ModuleType | None:
     if t.device.type == "cpu":
         return module("cpu")
@@ -317,7 +493,7 @@ def factor_blocks(
     ):
         return None
     ext = _module_for(grads)
-    if ext is None:
+    if ext is None or not _chosen("factor_blocks", grads, m, size):
         return None
     end = start + blocks * size
     factor = torch.empty(blocks, m, size, dtype=grads.dtype, device=grads.device)
@@ -350,7 +526,7 @@ def blocked_mul(
     ):
         return False
     ext = _module_for(factor)
-    if ext is None:
+    if ext is None or not _chosen("blocked_mul", factor, m, size):
         return False
     end = start + blocks * size
     ext.blocked_mul(factor, xs[:, start:end], out[:, start:end])
