@@ -256,6 +256,80 @@ inline bool factor_block(const T* G, int64_t ldg, double damp, const Scratch& s,
   return true;
 }
 
+// ----------------------------------------------------------------------------------- direct_block
+
+// A block narrower than m (S < m) in its direct form: P = damp * F_b^-1 = m*damp * K^-1 for the S x S
+// matrix K = m*damp*I + G_b^T G_b (= m F_b). With K = U^T U (Cholesky) and V = U^-T (lower):
+// K^-1 = V^T V. Scratch, all float64: A = G_b^T (Sp x mq, zero padding), K / then P (Sp x Sp), V.
+struct DirectScratch {
+  int64_t m, S, Sp, mq;
+  double *A, *K, *V;
+};
+
+inline int64_t direct_scratch_doubles(int64_t m, int64_t S) {
+  const int64_t Sp = round_up(S, RT), mq = round_up(m, DL);
+  return Sp * mq + 2 * Sp * Sp;
+}
+
+inline DirectScratch make_direct_scratch(int64_t m, int64_t S, double* buf) {
+  DirectScratch s{m, S, round_up(S, RT), round_up(m, DL), nullptr, nullptr, nullptr};
+  s.A = buf;
+  s.K = s.A + s.Sp * s.mq;
+  s.V = s.K + s.Sp * s.Sp;
+  std::fill(buf, buf + direct_scratch_doubles(m, S), 0.0);  // A's padding stays zero
+  return s;
+}
+
+// One block: G (m x S, row stride ldg) -> P (S x S, contiguous) and diag(F_b^-1) (S). False when K
+// is not positive definite in float64 or G holds NaN/Inf (P and diag are then unspecified).
+template <typename T>
+inline bool direct_block(const T* G, int64_t ldg, double damp, const DirectScratch& s, T* P, T* diag) {
+  const int64_t m = s.m, S = s.S, Sp = s.Sp, mq = s.mq;
+  double* A = s.A;
+  double* K = s.K;
+  double* V = s.V;
+  for (int64_t r = 0; r < m; ++r) {  // A = G^T in float64
+    const T* g = G + r * ldg;
+    for (int64_t c = 0; c < S; ++c) A[c * mq + r] = static_cast<double>(g[c]);
+  }
+  gram_upper(A, Sp, mq, K);  // upper triangle of G^T G
+  const double shift = static_cast<double>(m) * damp;
+  for (int64_t i = 0; i < Sp; ++i) K[i * Sp + i] += (i < S) ? shift : 1.0;  // padding: identity
+  if (!cholesky_upper(K, Sp)) return false;
+  for (int64_t i = 0; i < S; ++i) {  // V = L^-1 with L = U^T (L[i][j] = U[j][i]), row by row
+    double* vi = V + i * Sp;
+    std::fill(vi, vi + Sp, 0.0);
+    vi[i] = 1.0;
+    for (int64_t j = 0; j < i; ++j) {
+      const double l = K[j * Sp + i];
+      const double* vj = V + j * Sp;
+#pragma omp simd
+      for (int64_t k = 0; k <= j; ++k) vi[k] -= l * vj[k];
+    }
+    const double inv = 1.0 / K[i * Sp + i];
+#pragma omp simd
+    for (int64_t k = 0; k <= i; ++k) vi[k] *= inv;
+  }
+  std::fill(K, K + Sp * Sp, 0.0);  // K := V^T V = K^-1 (both triangles), rank-1 updates by rows of V
+  for (int64_t k = 0; k < S; ++k) {
+    const double* vk = V + k * Sp;
+    for (int64_t a = 0; a <= k; ++a) {
+      const double va = vk[a];
+      double* ka = K + a * Sp;
+#pragma omp simd
+      for (int64_t b = 0; b <= k; ++b) ka[b] += va * vk[b];
+    }
+  }
+  for (int64_t a = 0; a < S; ++a) {
+    const double* ka = K + a * Sp;
+    T* pa = P + a * S;
+#pragma omp simd
+    for (int64_t b = 0; b < S; ++b) pa[b] = static_cast<T>(shift * ka[b]);
+    diag[a] = static_cast<T>(static_cast<double>(m) * ka[a]);
+  }
+  return true;
+}
+
 // -------------------------------------------------------------------------------------- block_mul
 
 // t = W x for W (m x S) row-major, x (S): RT rows at a time, vectors along the columns.

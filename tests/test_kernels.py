@@ -136,7 +136,22 @@ def _relmax(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # (m, columns before the segment, blocks, block size, columns after): m not a multiple of 32;
 # one block per thread task and many; a size not a multiple of the vector width; size == m.
-CASES = [(37, 5, 9, 128, 3), (7, 0, 40, 33, 11), (64, 17, 3, 100, 0), (45, 0, 1, 45, 2), (130, 3, 2, 257, 1)]
+CASES = [
+    (37, 5, 9, 128, 3),
+    (7, 0, 40, 33, 11),
+    (64, 17, 3, 100, 0),
+    (45, 0, 1, 45, 2),
+    (130, 3, 2, 257, 1),
+    (1, 2, 6, 50, 7),
+]
+# The direct form's blocks are narrower than m: B = 50 and 32, a size not a multiple of the tile, B = 1.
+DIRECT_CASES = [
+    (64, 5, 7, 50, 3),
+    (37, 0, 9, 32, 11),
+    (130, 3, 4, 33, 1),
+    (9, 0, 3, 1, 0),
+    (300, 1, 2, 128, 5),
+]
 
 
 # ----------------------------------------------------------------------------------- factor_blocks
@@ -194,6 +209,59 @@ def test_factor_blocks_reports_a_nan_block_and_the_pytorch_path_raises(ext, gen,
     monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
     with pytest.raises(ValueError, match="NaN or Inf"):  # the PyTorch path's error
         FisherInverse(grads, 1e-5, 100)
+
+
+# ----------------------------------------------------------------------------------- direct_blocks
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "m{}-nb{}-S{}".format(*c[:1], *c[2:4]))
+def test_direct_blocks_match_the_pytorch_path(ext, gen, monkeypatch, dtype, case):
+    m, before, nb, size, after = case
+    damp = 1e-5
+    grads = realistic_grads(m, before + nb * size + after, gen).to(dtype)
+    seg = grads[:, before : before + nb * size]
+    P = torch.full((nb, size, size), float("nan"), dtype=dtype)
+    diag = torch.full((before + nb * size + after,), float("nan"), dtype=dtype)
+    assert ext.direct_blocks(grads[:, before:], nb, size, damp, P, diag[before : before + nb * size]) == -1
+    assert diag[:before].isnan().all() and diag[before + nb * size :].isnan().all()  # no stray writes
+    diag = diag[before : before + nb * size]
+    assert P.isfinite().all() and diag.isfinite().all()
+    exact = _pytorch_path(seg.to(F64).contiguous(), damp, size, monkeypatch)  # same inputs, float64
+    assert exact._direct == [True]
+    tol = 1e-10 if dtype == F64 else 2 * EPS[F32]  # float64 throughout; rounded once to float32
+    assert _relmax(P, exact._factors[0]) <= tol
+    assert _relmax(diag, exact.diag()) <= tol
+    assert torch.allclose(P, P.mT, rtol=0, atol=tol * P.abs().max().item())  # symmetric
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["woodbury", "direct"])
+def test_zero_and_duplicate_rows(ext, gen, monkeypatch, direct):
+    """Zero rows and repeated rows (a rank-deficient G G^T or G^T G): m*damp*I keeps K definite."""
+    m, size, nb = 24, (16 if direct else 40), 5
+    grads = realistic_grads(m, nb * size, gen)
+    grads[3] = 0.0
+    grads[7] = grads[8] = grads[9]
+    grads[:, size : 2 * size] = 0.0  # a block of zero columns
+    W = torch.full((nb, m if not direct else size, size), float("nan"), dtype=F64)
+    diag = torch.full((nb * size,), float("nan"), dtype=F64)
+    run = ext.direct_blocks if direct else ext.factor_blocks
+    assert run(grads, nb, size, 1e-5, W, diag) == -1
+    ref = _pytorch_path(grads, 1e-5, size, monkeypatch)
+    assert ref._direct == [direct]
+    assert _relmax(W, ref._factors[0]) <= 1e-10
+    assert _relmax(diag, ref.diag()) <= 1e-10
+    assert _relmax(diag[size : 2 * size], torch.full((size,), 1e5, dtype=F64)) <= 1e-12  # 1 / damp
+
+
+def test_direct_blocks_report_a_nan_block_and_the_pytorch_path_raises(ext, gen, monkeypatch):
+    grads = realistic_grads(40, 96, gen).to(F32)
+    grads[3, 50] = float("inf")
+    P, diag = torch.empty(3, 32, 32), torch.empty(96)
+    assert ext.direct_blocks(grads, 3, 32, 1e-5, P, diag) == 1
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        FisherInverse(grads, 1e-5, 32)
 
 
 # ------------------------------------------------------------------------------------- blocked_mul
@@ -411,8 +479,8 @@ def _table(faster: dict[str, bool]) -> dict:
     """A dispatch table in which each kernel measured faster (True) or slower on every case."""
     cases = {
         name: [
-            {"m": m, "B": b, "kernel_s": 1.0, "torch_s": 2.0 if faster[name] else 0.5}
-            for m, b in kernels.DISPATCH_CASES
+            {"m": m, "B": b, "kernel_s": 1.0, "torch_s": 2.0 if faster.get(name, True) else 0.5}
+            for m, b in kernels.DISPATCH_CASES[name]
         ]
         for name in kernels.KERNEL_NAMES
     }
@@ -509,26 +577,29 @@ def test_a_corrupt_cache_file_is_measured_again(dispatch, tmp_path, content):
 
 
 def test_the_real_measurement_times_both_paths_and_a_slower_kernel_loses(ext, monkeypatch, tmp_path):
-    """measure() on a tiny case, its timer faked so that the kernel is the slower: the table is
-    valid, and auto then runs the PyTorch path for factor_blocks only."""
+    """measure() on tiny cases, its timer faked so that the kernel is the slower on the Woodbury
+    set-up: the table is valid, and auto then runs the PyTorch path there, the kernels elsewhere."""
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
     monkeypatch.setattr(kernels, "_dispatch", {})
     monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
-    monkeypatch.setattr(kernels, "DISPATCH_CASES", ((8, 16),))
+    cases = {"factor_blocks": ((8, 16),), "blocked_mul": ((8, 16),), "direct_blocks": ((8, 4),)}
+    monkeypatch.setattr(kernels, "DISPATCH_CASES", cases)
     monkeypatch.setattr(kernels, "DISPATCH_DIM", 64)
     ran = []
     real = kernels._interleaved
 
     def fake_timer(fns, reps):
-        t = real(fns, reps)  # runs both paths for real
+        real(fns, reps)  # runs both paths for real
         ran.append(sorted(fns))
-        return {"kernel": 2.0, "torch": 1.0} if not ran[1:] else t
+        return {"kernel": 2.0, "torch": 1.0} if len(ran) == 2 else {"kernel": 1.0, "torch": 3.0}
 
     monkeypatch.setattr(kernels, "_interleaved", fake_timer)
-    table = kernels.dispatch_table()
-    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 2
+    table = kernels.dispatch_table()  # (8, 4): direct_blocks; (8, 16): factor_blocks, blocked_mul
+    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 3
     assert table["cases"]["factor_blocks"] == [{"m": 8, "B": 16, "kernel_s": 2.0, "torch_s": 1.0}]
     assert not kernels.measured_faster("factor_blocks", 64, 128)
+    assert kernels.measured_faster("blocked_mul", 64, 128)
+    assert kernels.measured_faster("direct_blocks", 64, 32)
 
 
 def test_import_needs_torch_alone():

@@ -7,13 +7,16 @@ a thread so that it overlaps with other work (``compressor run`` does this at se
 
 * ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
   diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
+* ``direct_blocks``: for blocks narrower than m, P_b = damp * F_b^-1 from G_b^T G_b, its Cholesky
+  factor and inverse in one fused float64 pass per block (static.py's direct form, B <= 256).
 * ``blocked_mul``: x_b - W_b^T (W_b x_b) per block in one pass over W (static.py's ``mul``).
 
 Dispatch by measurement: whether a kernel beats the PyTorch path depends on the CPU (vector width,
 cache sizes, the BLAS torch ships) and on the thread count. So on first use on a machine, right
 after the build, ``dispatch_table`` times each kernel against the PyTorch path on a few small
-float32 cases (``DISPATCH_CASES``: m x B = 32 x 32, 64 x 128, 128 x 128 at d ~ 131k, medians of
-interleaved repetitions; a few seconds, announced on stderr) and caches the result beside the
+float32 cases (``DISPATCH_CASES``: m x B = 32 x 32, 64 x 128, 128 x 128 for the Woodbury form, 64 x 32,
+128 x 50, 1024 x 32 for the direct form, at d ~ 131k (less for m > 64), medians of interleaved
+repetitions; a few seconds, announced on stderr) and caches the result beside the
 build, as ``dispatch-<threads>t.json`` in its cache directory. ``auto`` then uses a kernel for a
 shape only where it measured faster on the nearest case (``measured_faster``); later processes read
 the file (an unreadable or corrupt one is measured again). Delete the file to measure again.
@@ -77,13 +80,19 @@ MUL_MAX_BLOCK_BYTES = 1 << 20
 CUDA_IN_AUTO = False
 
 #: The measured dispatch (``auto``): the (m, B) cases each kernel is timed on against the PyTorch
-#: path, at about DISPATCH_DIM coordinates of float32, DISPATCH_REPS interleaved repetitions (medians).
-#: A shape uses the decision of the nearest case (in log m + log B).
-DISPATCH_CASES = ((32, 32), (64, 128), (128, 128))
+#: path, float32, DISPATCH_DIM * 64 / max(m, 64) coordinates (whole blocks), DISPATCH_REPS
+#: interleaved repetitions (medians). A shape uses the decision of the nearest case (log m + log B).
+DISPATCH_CASES = {
+    "factor_blocks": ((32, 32), (64, 128), (128, 128)),
+    "blocked_mul": ((32, 32), (64, 128), (128, 128)),
+    "direct_blocks": ((64, 32), (128, 50), (1024, 32)),
+}
 DISPATCH_DIM = 131_072
 DISPATCH_REPS = 3
-DISPATCH_VERSION = 1
-KERNEL_NAMES = ("factor_blocks", "blocked_mul")
+DISPATCH_VERSION = 2
+KERNEL_NAMES = tuple(DISPATCH_CASES)
+#: The direct form's kernel (blocks narrower than m) holds G_b^T and three S x S float64 matrices.
+DIRECT_MAX_BLOCK = 256
 
 _MODES = ("auto", "on", "off")
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (serial without it); the
@@ -368,8 +377,9 @@ def measure() -> dict:
 
     gen = torch.Generator().manual_seed(0)
     cases: dict[str, list[dict]] = {k: [] for k in KERNEL_NAMES}
-    for m, size in DISPATCH_CASES:
-        d = max(1, DISPATCH_DIM // size) * size
+    shapes = sorted({shape for rows in DISPATCH_CASES.values() for shape in rows})
+    for m, size in shapes:
+        d = max(1, DISPATCH_DIM * 64 // max(m, 64) // size) * size
         grads = torch.randn(m, d, generator=gen).mul_(1e-3)
         x = torch.randn(d, generator=gen)
 
@@ -384,11 +394,16 @@ def measure() -> dict:
             with _forcing(use):
                 return inv.mul(x)
 
-        t = _interleaved({"kernel": lambda: build(True), "torch": lambda: build(False)}, DISPATCH_REPS)
-        cases["factor_blocks"].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
-        mul(True), mul(False)
-        t = _interleaved({"kernel": lambda: mul(True), "torch": lambda: mul(False)}, 3 * DISPATCH_REPS)
-        cases["blocked_mul"].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
+        for name in ("factor_blocks", "direct_blocks"):  # the set-up: one of them, by the shape
+            if (m, size) in DISPATCH_CASES[name]:
+                t = _interleaved(
+                    {"kernel": lambda: build(True), "torch": lambda: build(False)}, DISPATCH_REPS
+                )
+                cases[name].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
+        if (m, size) in DISPATCH_CASES["blocked_mul"]:
+            mul(True), mul(False)
+            t = _interleaved({"kernel": lambda: mul(True), "torch": lambda: mul(False)}, 3 * DISPATCH_REPS)
+            cases["blocked_mul"].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
     return {
         "version": DISPATCH_VERSION,
         "isa": isa(),
@@ -498,6 +513,35 @@ def factor_blocks(
     end = start + blocks * size
     factor = torch.empty(blocks, m, size, dtype=grads.dtype, device=grads.device)
     failed = ext.factor_blocks(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
+    return factor if failed < 0 else None
+
+
+def direct_blocks(
+    grads: torch.Tensor, start: int, blocks: int, size: int, damp: float, diag: torch.Tensor
+) -> torch.Tensor | None:
+    """P = damp * F_b^-1 (blocks, size, size) for blocks narrower than m, or None (not run).
+
+    The direct form of static.py for the blocks of ``grads[:, start:start + blocks*size]``; writes
+    their ``diag``. None as for ``factor_blocks`` (the PyTorch path then runs and raises its errors).
+    """
+    m = grads.shape[0]
+    if (
+        size >= m
+        or size > DIRECT_MAX_BLOCK
+        or grads.dtype not in (torch.float32, torch.float64)
+        or grads.dim() != 2
+        or grads.stride(1) != 1
+        or diag.dtype != grads.dtype
+        or diag.device != grads.device
+        or not diag.is_contiguous()
+    ):
+        return None
+    ext = _module_for(grads)
+    if ext is None or not hasattr(ext, "direct_blocks") or not _chosen("direct_blocks", grads, m, size):
+        return None
+    end = start + blocks * size
+    factor = torch.empty(blocks, size, size, dtype=grads.dtype, device=grads.device)
+    failed = ext.direct_blocks(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
     return factor if failed < 0 else None
 
 
