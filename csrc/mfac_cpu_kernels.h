@@ -330,6 +330,61 @@ inline bool direct_block(const T* G, int64_t ldg, double damp, const DirectScrat
   return true;
 }
 
+// ------------------------------------------------------------------------------ accumulate_block
+
+// DL values of row g from column c as a float64 vector (float32 converted exactly).
+inline vd load_wide(const double* g) { return loadu<vd>(g); }
+inline vd load_wide(const float* g) {
+  typedef float vh __attribute__((vector_size(VBYTES / 2)));
+  return __builtin_convertvector(loadu<vh>(g), vd);
+}
+
+// Rows i0..i0+RT, NV vectors of columns from c0 of S += G^T G: RT x NV accumulators over the k rows.
+template <int NV, typename T>
+inline void syrk_tile(const T* G, int64_t ldg, int64_t k, int64_t S, int64_t i0, int64_t c0, double* Sum) {
+  vd acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) acc[r][q] = loadu<vd>(Sum + (i0 + r) * S + c0 + q * DL);
+  for (int64_t t = 0; t < k; ++t) {
+    const T* g = G + t * ldg;
+    vd y[NV];
+    for (int q = 0; q < NV; ++q) y[q] = load_wide(g + c0 + q * DL);
+    for (int r = 0; r < RT; ++r) {
+      const double a = static_cast<double>(g[i0 + r]);
+      for (int q = 0; q < NV; ++q) acc[r][q] += a * y[q];
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) storeu(Sum + (i0 + r) * S + c0 + q * DL, acc[r][q]);
+}
+
+// The upper triangle (and a few entries below it, near the diagonal) of Sum (S x S, row-major,
+// float64) += G^T G for G (k x S, row stride ldg): every product exact (float32 inputs), summed in
+// float64, as a float64 GEMM of the converted rows would, without converting them first.
+template <typename T>
+inline void accumulate_block(const T* G, int64_t ldg, int64_t k, int64_t S, double* Sum) {
+  int64_t i0 = 0;
+  for (; i0 + RT <= S; i0 += RT) {
+    int64_t c = i0 / DL * DL;
+    for (; c + TV * DL <= S; c += TV * DL) syrk_tile<TV>(G, ldg, k, S, i0, c, Sum);
+    for (; c + DL <= S; c += DL) syrk_tile<1>(G, ldg, k, S, i0, c, Sum);
+    for (int64_t i = i0; i < i0 + RT; ++i)  // the columns past the last whole vector
+      for (int64_t j = std::max(c, i); j < S; ++j) {
+        double a = Sum[i * S + j];
+        for (int64_t t = 0; t < k; ++t)
+          a += static_cast<double>(G[t * ldg + i]) * static_cast<double>(G[t * ldg + j]);
+        Sum[i * S + j] = a;
+      }
+  }
+  for (int64_t i = i0; i < S; ++i)  // the rows past the last whole tile
+    for (int64_t j = i; j < S; ++j) {
+      double a = Sum[i * S + j];
+      for (int64_t t = 0; t < k; ++t)
+        a += static_cast<double>(G[t * ldg + i]) * static_cast<double>(G[t * ldg + j]);
+      Sum[i * S + j] = a;
+    }
+}
+
 // -------------------------------------------------------------------------------------- block_mul
 
 // t = W x for W (m x S) row-major, x (S): RT rows at a time, vectors along the columns.

@@ -264,6 +264,52 @@ def test_direct_blocks_report_a_nan_block_and_the_pytorch_path_raises(ext, gen, 
         FisherInverse(grads, 1e-5, 32)
 
 
+# ------------------------------------------------------------------------------- accumulate_blocks
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "case", [(32, 3, 9, 32, 5), (1, 0, 4, 50, 0), (17, 2, 3, 7, 1), (5, 0, 2, 3, 2), (64, 1, 2, 130, 0)]
+)
+def test_accumulate_blocks_adds_the_exact_products_to_the_upper_triangles(ext, gen, dtype, case):
+    """(k rows, columns before, blocks, B, columns after): the float32 rows' products are exact in
+    float64, so the sums match a float64 G^T G of the same rows to float64 rounding."""
+    k, before, nb, size, after = case
+    rows = realistic_grads(k, before + nb * size + after, gen).to(dtype)
+    rows[0] = 0.0  # a zero row
+    start = torch.randn(nb, size, size, generator=gen, dtype=F64)
+    sums = start.clone()
+    ext.accumulate_blocks(rows[:, before:], nb, size, sums)
+    g = rows[:, before : before + nb * size].to(F64).unflatten(1, (nb, size)).transpose(0, 1)
+    expected = start + g.mT @ g
+    upper = torch.ones(size, size, dtype=torch.bool).triu()
+    assert _relmax(sums[:, upper], expected[:, upper]) <= 1e-14
+    assert sums.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_block_fisher_with_and_without_the_kernel(kernels_on, gen, monkeypatch, dtype):
+    """BlockFisherInverse over d = 1000, B = 96 (a tail of 40), chunks of 1, 0, 17 and the rest:
+    the kernel (upper triangles) and the PyTorch path (whole products) give the same F^-1."""
+    from compressor.mfac import BlockFisherInverse
+
+    grads = realistic_grads(45, 1000, gen).to(dtype)
+    used = []
+    real = kernels.accumulate_blocks
+    monkeypatch.setattr(kernels, "accumulate_blocks", lambda *a: used.append(real(*a)) or used[-1])
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("COMPRESSOR_KERNELS", mode)
+        fi = BlockFisherInverse(1000, 96, 1e-5)
+        for chunk in (grads[:1], grads[1:1], grads[1:18], grads[18:]):
+            fi.add(chunk)
+        results[mode] = (fi.mul(grads[:3].to(F64)), fi.diag(), fi.entry(5, 7))
+    assert used.count(True) == 6 and not any(used[6:])  # 3 non-empty chunks x 2 segments, then off
+    (y_on, d_on, e_on), (y_off, d_off, e_off) = results["on"], results["off"]
+    assert _relmax(y_on, y_off) <= 1e-9 and _relmax(d_on, d_off) <= 1e-9
+    assert abs(e_on - e_off) <= 1e-9 * abs(d_off[5].item())
+
+
 # ------------------------------------------------------------------------------------- blocked_mul
 
 

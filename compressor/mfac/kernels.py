@@ -10,13 +10,16 @@ a thread so that it overlaps with other work (``compressor run`` does this at se
 * ``direct_blocks``: for blocks narrower than m, P_b = damp * F_b^-1 from G_b^T G_b, its Cholesky
   factor and inverse in one fused float64 pass per block (static.py's direct form, B <= 256).
 * ``blocked_mul``: x_b - W_b^T (W_b x_b) per block in one pass over W (static.py's ``mul``).
+* ``accumulate_blocks``: the streamed block Fisher's sums S_b += G_b^T G_b (upper triangle) in
+  float64 straight from float32 rows, without converting them first (block_fisher.py's ``add``).
 
 Dispatch by measurement: whether a kernel beats the PyTorch path depends on the CPU (vector width,
 cache sizes, the BLAS torch ships) and on the thread count. So on first use on a machine, right
 after the build, ``dispatch_table`` times each kernel against the PyTorch path on a few small
-float32 cases (``DISPATCH_CASES``: m x B = 32 x 32, 64 x 128, 128 x 128 for the Woodbury form, 64 x 32,
-128 x 50, 1024 x 32 for the direct form, at d ~ 131k (less for m > 64), medians of interleaved
-repetitions; a few seconds, announced on stderr) and caches the result beside the
+float32 cases (``DISPATCH_CASES``: m x B = 32 x 32, 64 x 128, 128 x 128 for the Woodbury form,
+64 x 32, 128 x 50, 1024 x 32 for the direct form, chunks of 32 rows at B = 32 and 128 for the streamed
+sums, at d ~ 131k (less for m > 64), medians of interleaved repetitions; a few seconds, announced on
+stderr) and caches the result beside the
 build, as ``dispatch-<threads>t.json`` in its cache directory. ``auto`` then uses a kernel for a
 shape only where it measured faster on the nearest case (``measured_faster``); later processes read
 the file (an unreadable or corrupt one is measured again). Delete the file to measure again.
@@ -86,10 +89,11 @@ DISPATCH_CASES = {
     "factor_blocks": ((32, 32), (64, 128), (128, 128)),
     "blocked_mul": ((32, 32), (64, 128), (128, 128)),
     "direct_blocks": ((64, 32), (128, 50), (1024, 32)),
+    "accumulate_blocks": ((32, 32), (32, 128)),  # (rows per chunk, B)
 }
 DISPATCH_DIM = 131_072
 DISPATCH_REPS = 3
-DISPATCH_VERSION = 2
+DISPATCH_VERSION = 3
 KERNEL_NAMES = tuple(DISPATCH_CASES)
 #: The direct form's kernel (blocks narrower than m) holds G_b^T and three S x S float64 matrices.
 DIRECT_MAX_BLOCK = 256
@@ -404,6 +408,21 @@ def measure() -> dict:
             mul(True), mul(False)
             t = _interleaved({"kernel": lambda: mul(True), "torch": lambda: mul(False)}, 3 * DISPATCH_REPS)
             cases["blocked_mul"].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
+    from .block_fisher import BlockFisherInverse
+
+    for k, size in DISPATCH_CASES["accumulate_blocks"]:
+        d = max(1, DISPATCH_DIM // size) * size
+        chunk = torch.randn(k, d, generator=gen).mul_(1e-3)
+
+        def add(use: bool, chunk=chunk, size=size, d=d) -> BlockFisherInverse:
+            fisher = BlockFisherInverse(d, size)
+            with _forcing(use):
+                fisher.add(chunk)
+            return fisher
+
+        add(True), add(False)
+        t = _interleaved({"kernel": lambda: add(True), "torch": lambda: add(False)}, DISPATCH_REPS)
+        cases["accumulate_blocks"].append({"m": k, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
     return {
         "version": DISPATCH_VERSION,
         "isa": isa(),
@@ -543,6 +562,36 @@ def direct_blocks(
     factor = torch.empty(blocks, size, size, dtype=grads.dtype, device=grads.device)
     failed = ext.direct_blocks(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
     return factor if failed < 0 else None
+
+
+def accumulate_blocks(chunk: torch.Tensor, start: int, sums: torch.Tensor) -> bool:
+    """Upper triangle of ``sums[b] += G_b^T G_b`` for the blocks of ``chunk[:, start:]``; False: not run.
+
+    ``sums`` (blocks, size, size) float64, contiguous; ``chunk`` (k, >= start + blocks*size) float32 or
+    float64 rows with unit column stride (block_fisher.py's ``add``). Only the upper triangle of the
+    sums is kept (the entries below it are unspecified): the caller factors with ``upper=True``.
+    """
+    if sums.dim() != 3:
+        return False
+    blocks, size, _ = sums.shape
+    k = chunk.shape[0]
+    if (
+        sums.dtype != torch.float64
+        or not sums.is_contiguous()
+        or chunk.dim() != 2
+        or chunk.dtype not in (torch.float32, torch.float64)
+        or chunk.stride(1) != 1
+        or chunk.device != sums.device
+        or k == 0
+    ):
+        return False
+    ext = _module_for(sums)
+    if ext is None or not hasattr(ext, "accumulate_blocks"):
+        return False
+    if not _chosen("accumulate_blocks", sums, k, size):
+        return False
+    ext.accumulate_blocks(chunk[:, start : start + blocks * size], blocks, size, sums)
+    return True
 
 
 def blocked_mul(
