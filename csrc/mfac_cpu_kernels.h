@@ -310,21 +310,22 @@ inline bool direct_block(const T* G, int64_t ldg, double damp, const DirectScrat
 #pragma omp simd
     for (int64_t k = 0; k <= i; ++k) vi[k] *= inv;
   }
-  std::fill(K, K + Sp * Sp, 0.0);  // K := V^T V = K^-1 (both triangles), rank-1 updates by rows of V
+  std::fill(K, K + Sp * Sp, 0.0);  // upper triangle of K := V^T V = K^-1, rank-1 updates by rows of V
   for (int64_t k = 0; k < S; ++k) {
     const double* vk = V + k * Sp;
     for (int64_t a = 0; a <= k; ++a) {
       const double va = vk[a];
       double* ka = K + a * Sp;
 #pragma omp simd
-      for (int64_t b = 0; b <= k; ++b) ka[b] += va * vk[b];
+      for (int64_t b = a; b <= k; ++b) ka[b] += va * vk[b];
     }
   }
-  for (int64_t a = 0; a < S; ++a) {
+  for (int64_t a = 0; a < S; ++a) {  // P, both triangles
     const double* ka = K + a * Sp;
     T* pa = P + a * S;
+    for (int64_t b = 0; b < a; ++b) pa[b] = static_cast<T>(shift * K[b * Sp + a]);
 #pragma omp simd
-    for (int64_t b = 0; b < S; ++b) pa[b] = static_cast<T>(shift * ka[b]);
+    for (int64_t b = a; b < S; ++b) pa[b] = static_cast<T>(shift * ka[b]);
     diag[a] = static_cast<T>(static_cast<double>(m) * ka[a]);
   }
   return true;

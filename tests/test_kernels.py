@@ -629,6 +629,7 @@ def test_the_real_measurement_times_both_paths_and_a_slower_kernel_loses(ext, mo
     monkeypatch.setattr(kernels, "_dispatch", {})
     monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
     cases = {"factor_blocks": ((8, 16),), "blocked_mul": ((8, 16),), "direct_blocks": ((8, 4),)}
+    cases["accumulate_blocks"] = ((3, 16),)
     monkeypatch.setattr(kernels, "DISPATCH_CASES", cases)
     monkeypatch.setattr(kernels, "DISPATCH_DIM", 64)
     ran = []
@@ -640,12 +641,13 @@ def test_the_real_measurement_times_both_paths_and_a_slower_kernel_loses(ext, mo
         return {"kernel": 2.0, "torch": 1.0} if len(ran) == 2 else {"kernel": 1.0, "torch": 3.0}
 
     monkeypatch.setattr(kernels, "_interleaved", fake_timer)
-    table = kernels.dispatch_table()  # (8, 4): direct_blocks; (8, 16): factor_blocks, blocked_mul
-    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 3
+    table = kernels.dispatch_table()  # (8, 4): direct; (8, 16): factor, mul; then accumulate
+    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 4
     assert table["cases"]["factor_blocks"] == [{"m": 8, "B": 16, "kernel_s": 2.0, "torch_s": 1.0}]
     assert not kernels.measured_faster("factor_blocks", 64, 128)
     assert kernels.measured_faster("blocked_mul", 64, 128)
     assert kernels.measured_faster("direct_blocks", 64, 32)
+    assert kernels.measured_faster("accumulate_blocks", 32, 32)
 
 
 def test_import_needs_torch_alone():
