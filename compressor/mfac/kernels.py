@@ -411,7 +411,7 @@ def measure() -> dict:
     from .block_fisher import BlockFisherInverse
 
     for k, size in DISPATCH_CASES["accumulate_blocks"]:
-        d = max(1, DISPATCH_DIM // size) * size
+        d = max(1, DISPATCH_DIM * 32 // size // size) * size  # sums of DISPATCH_DIM * 32 doubles
         chunk = torch.randn(k, d, generator=gen).mul_(1e-3)
 
         def add(use: bool, chunk=chunk, size=size, d=d) -> BlockFisherInverse:
