@@ -266,13 +266,20 @@ struct DirectScratch {
   double *A, *K, *V;
 };
 
+// The row stride of A = G^T: an odd number of vectors, so that the S rows written column by column
+// while converting G do not all fall into one L1 set (a power-of-two stride, m = 1024, thrashed it).
+inline int64_t direct_stride(int64_t m) {
+  const int64_t mq = round_up(m, DL);
+  return (mq / DL) % 2 == 0 ? mq + DL : mq;
+}
+
 inline int64_t direct_scratch_doubles(int64_t m, int64_t S) {
-  const int64_t Sp = round_up(S, RT), mq = round_up(m, DL);
+  const int64_t Sp = round_up(S, RT), mq = direct_stride(m);
   return Sp * mq + 2 * Sp * Sp;
 }
 
 inline DirectScratch make_direct_scratch(int64_t m, int64_t S, double* buf) {
-  DirectScratch s{m, S, round_up(S, RT), round_up(m, DL), nullptr, nullptr, nullptr};
+  DirectScratch s{m, S, round_up(S, RT), direct_stride(m), nullptr, nullptr, nullptr};
   s.A = buf;
   s.K = s.A + s.Sp * s.mq;
   s.V = s.K + s.Sp * s.Sp;
