@@ -12,10 +12,17 @@ One row per kernel and configuration (m gradients, Fisher blocks of B), all time
 * factor_blocks: ``FisherInverse(G, damp, B)`` with the kernel (COMPRESSOR_KERNELS=on) vs the
   PyTorch path (=off). Floor: one GEMM ``G @ G.T``, the same ~2 m^2 d flops (the kernel does
   half a Gram and a triangular solve, both m^2 d, in float64).
+* direct_blocks (rows with B < m): ``FisherInverse(G, damp, B)`` in its direct form, likewise.
 * blocked_mul: ``inv.mul(x)`` with the kernel vs the PyTorch path. Floor: one GEMV ``G @ x``, i.e.
   the bytes of W (m d values) at the bandwidth a GEMV reaches on this machine.
+* accumulate_blocks (``--accumulate k x B``): ``BlockFisherInverse(d, B).add(chunk)`` of k float32
+  rows with the kernel vs the PyTorch path. Floor: the float64 batched products it must do,
+  ``sums.baddbmm_(rows^T, rows)`` on rows already converted to float64 (bench/scale.py's floor).
 
-speed-up = PyTorch / kernel (a kernel is kept where it is >= 1.5x); vs floor = kernel / floor;
+auto uses: what ``COMPRESSOR_KERNELS=auto`` runs for this shape on this machine (the measured
+dispatch of kernels.py, cached beside the build; its own small cases, not this row's timing).
+
+speed-up = PyTorch / kernel; kernel / floor and PyTorch / floor: each against the floor;
 diff = largest |kernel - PyTorch| relative to the largest |PyTorch| (mul outputs, or the diagonal).
 """
 
@@ -36,10 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from compressor.mfac import FisherInverse, kernels  # noqa: E402
+from compressor.mfac import BlockFisherInverse, FisherInverse, kernels  # noqa: E402
 
 GRAD_SCALE = 1e-3
-KEEP = 1.5
 
 
 @contextlib.contextmanager
@@ -95,8 +101,10 @@ def bench_config(m: int, block: int, args: argparse.Namespace, device: torch.dev
             return FisherInverse(grads, damp, block)
 
     fast, slow = build("on"), build("off")  # warm-up; and the objects for mul
+    name = "direct_blocks" if block < m else "factor_blocks"
     with kernel_mode("on"):  # does the dispatch take the kernel for this shape?
-        used = kernels.factor_blocks(grads, 0, 1, block, damp, torch.empty(block, device=device)) is not None
+        one = torch.empty(block, device=device)
+        used = getattr(kernels, name)(grads, 0, 1, block, damp, one) is not None
         w, xs = torch.zeros(1, m, block, device=device), torch.zeros(1, block, device=device)
         mul_used = kernels.blocked_mul(w, xs, torch.empty_like(xs), 0, m)
     label = f"m={m}, B={block}"
@@ -105,7 +113,9 @@ def bench_config(m: int, block: int, args: argparse.Namespace, device: torch.dev
         args.reps,
         device,
     )
-    rows = [row("factor_blocks", label, t, "GEMM G Gᵀ", rel_diff(fast.diag(), slow.diag()), used)]
+    rows = [row(name, label, t, "GEMM G Gᵀ", rel_diff(fast.diag(), slow.diag()), used, auto(name, m, block))]
+    if block < m:  # the direct form's mul is one batched product, no kernel
+        return rows
 
     def mul(inv: FisherInverse, mode: str) -> torch.Tensor:
         with kernel_mode(mode):
@@ -117,13 +127,54 @@ def bench_config(m: int, block: int, args: argparse.Namespace, device: torch.dev
         args.reps * 3,
         device,
     )
-    rows.append(row("blocked_mul", label, t, "GEMV G x", rel_diff(y_fast, y_slow), mul_used))
+    mul_auto = auto("blocked_mul", m, block)
+    rows.append(row("blocked_mul", label, t, "GEMV G x", rel_diff(y_fast, y_slow), mul_used, mul_auto))
     return rows
 
 
-def row(kernel: str, label: str, t: dict[str, float], floor: str, diff: float, used: bool) -> list[str]:
+def auto(kernel: str, m: int, block: int) -> str:
+    """What the measured dispatch picks for this shape (it measures on first use, once per machine)."""
+    if kernels.module("cpu") is None:
+        return "PyTorch"
+    return "kernel" if kernels.measured_faster(kernel, m, block) else "PyTorch"
+
+
+def bench_accumulate(k: int, block: int, args: argparse.Namespace) -> list[str]:
+    """BlockFisherInverse.add of k float32 rows, kernel vs PyTorch path vs the float64 bmm floor."""
+    gen = torch.Generator().manual_seed(args.seed)
+    d = args.dim
+    chunk = torch.randn(k, d, generator=gen) * GRAD_SCALE
+    full, tail = divmod(d, block)
+    rows64 = chunk[:, : full * block].double().unflatten(1, (full, block)).transpose(0, 1).contiguous()
+    floor_sums = torch.zeros(full, block, block, dtype=torch.float64)
+    tail64 = chunk[:, full * block :].double()
+
+    def floor() -> None:
+        floor_sums.baddbmm_(rows64.mT, rows64)
+        if tail:
+            tail64.T @ tail64
+
+    fishers = {mode: BlockFisherInverse(d, block) for mode in ("on", "off")}
+
+    def add(mode: str) -> None:
+        with kernel_mode(mode):
+            fishers[mode].add(chunk)
+
+    add("on"), add("off"), floor()  # warm-up
+    fns = {"floor": floor, "torch": lambda: add("off"), "kernel": lambda: add("on")}
+    t = interleaved(fns, args.reps * 3, torch.device("cpu"))
+    diff = rel_diff(fishers["on"].diag(), fishers["off"].diag())
+    with kernel_mode("on"):
+        used = kernels.accumulate_blocks(chunk, 0, torch.zeros(1, block, block, dtype=torch.float64))
+    label = f"k={k} rows, B={block}"
+    return row("accumulate_blocks", label, t, "float64 bmm", diff, used, auto("accumulate_blocks", k, block))
+
+
+def row(
+    kernel: str, label: str, t: dict[str, float], floor: str, diff: float, used: bool, auto_uses: str
+) -> list[str]:
     speedup = t["torch"] / t["kernel"]
-    verdict = ("keep" if speedup >= KEEP else "below 1.5x") if used else "not dispatched"
+    verdict = ("faster" if speedup > 1.0 else "slower") if used else "not dispatched"
     return [
         kernel,
         label,
@@ -132,29 +183,50 @@ def row(kernel: str, label: str, t: dict[str, float], floor: str, diff: float, u
         f"**{speedup:.2f}x**",
         f"{fmt_s(t['floor'])} ({floor})",
         f"{t['kernel'] / t['floor']:.2f}x",
+        f"{t['torch'] / t['floor']:.2f}x",
         f"{diff:.1e}",
         verdict,
+        auto_uses,
     ]
 
 
-HEADER = ["kernel", "config", "kernel", "PyTorch path", "speed-up", "floor", "vs floor", "diff", "verdict"]
+HEADER = [
+    "kernel",
+    "config",
+    "kernel",
+    "PyTorch path",
+    "speed-up",
+    "floor",
+    "kernel / floor",
+    "PyTorch / floor",
+    "diff",
+    "verdict",
+    "auto uses",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=1_000_000)
     p.add_argument(
-        "--configs", default="64x128,32x128,128x128,256x128,64x1024", help="m x B, comma-separated"
+        "--configs",
+        default="64x128,32x128,128x128,256x128,64x1024,64x32,128x50",
+        help="m x B, comma-separated",
+    )
+    p.add_argument(
+        "--accumulate",
+        default="32x32,32x128",
+        help="k x B of the streamed sums' rows (CPU only; '' for none)",
     )
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--damp", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--quick", action="store_true", help="d = 200,000 and 64x128, 32x128 only")
+    p.add_argument("--quick", action="store_true", help="d = 200,000 and 64x128, 32x128, 64x32 only")
     args = p.parse_args(argv)
     if args.quick:
-        args.dim, args.configs = 200_000, "64x128,32x128"
+        args.dim, args.configs = 200_000, "64x128,32x128,64x32"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -175,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     for m, block in configs:
         for cells in bench_config(m, block, args, device):
             print("| " + " | ".join(cells) + " |", flush=True)
+    if device.type == "cpu" and args.accumulate:
+        for k, block in (tuple(int(v) for v in c.lower().split("x")) for c in args.accumulate.split(",")):
+            print("| " + " | ".join(bench_accumulate(k, block, args)) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@ Run from the repository root (no install needed)::
 
     python bench/mfac.py            # d = 1,000,000, m in {64, 256, 512} plus "m=64, B=128"
     python bench/mfac.py --quick    # d = 200,000, m in {32, 128} plus "m=32, B=128" (README demo)
+    python bench/mfac.py --grads 64 --block-grads 32 64 128 --block-size 32 50 128 1024
+                                    # blocked rows: every m of --block-grads with every B
 
 G is an (m, d) float32 matrix of N(0, 1) * 1e-3 entries (a realistic gradient scale). Every figure is a
 ratio to a baseline timed in the same run, with baseline and op repetitions interleaved, medians of both:
 
 * precompute / GEMM       -- ``FisherInverse(G, damp, block_size)`` vs one ``G @ G.T``.
+* blocked / unblocked     -- blocked rows only: ``FisherInverse(G, damp, B)`` vs ``FisherInverse(G, damp)``
+  on the same G, the GEMM, the unblocked and the blocked precompute interleaved in every repetition.
 * diag / GEMV             -- ``inv.diag()`` vs one pass ``G @ x``.
 * mul / 2 GEMV            -- ``inv.mul(x)`` vs ``t = G @ x`` then ``G.T @ t`` (timed together).
 * update_mul / 2 GEMV     -- ``SlidingFisherInverse.update_mul(g)`` on a full window of m gradients vs the
@@ -102,6 +106,9 @@ class Row:
     checks: dict[str, float] = field(default_factory=dict)
 
     def ratio(self, key: str) -> float | None:
+        if key == "blocked":  # the blocked precompute over the unblocked one (blocked rows only)
+            t = self.timings.get("blocked")
+            return t.ratio if t else None
         if key == "peak":
             return self.peak_bytes / self.g_bytes
         return self.timings[key].ratio if key in self.timings else None
@@ -154,6 +161,23 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def interleaved3(
+    op: Callable[[], Any], base: Callable[[], Any], ref: Callable[[], Any], reps: int
+) -> tuple[Timing, Timing, Any]:
+    """Alternate baseline, reference and op ``reps`` times: (op vs base, op vs ref, last op result)."""
+    vs_base, vs_ref, last = Timing([], []), Timing([], []), None
+    for _ in range(reps):
+        seconds, _ = timed(base)
+        vs_base.base.append(seconds)
+        seconds, _ = timed(ref)
+        vs_ref.base.append(seconds)
+        last = None
+        seconds, last = timed(op)
+        vs_base.op.append(seconds)
+        vs_ref.op.append(seconds)
+    return vs_base, vs_ref, last
+
+
 def interleaved(op: Callable[[], Any], base: Callable[[], Any], reps: int) -> tuple[Timing, Any]:
     """Alternate baseline and op ``reps`` times; return the timings and the last op result."""
     timing, last = Timing([], []), None
@@ -202,18 +226,21 @@ def clear_refs_works() -> bool:
         return False
 
 
-def warm_up(block_size: int | None) -> None:
+def warm_up(block_sizes: list[int] | int | None) -> None:
     """Run every op once on a tiny problem so that loading libraries and thread pools is not measured."""
     fisher_inverse, sliding_inverse = load_mfac()
     grads = make_grads(4, 4096, 0)
     x = grads[0].clone()
-    for block in {None, block_size}:
+    if not isinstance(block_sizes, list):
+        block_sizes = [block_sizes] if block_sizes else []
+    for block in {None, *block_sizes}:
         inv = fisher_inverse(grads, damp=1e-2, block_size=block)
         inv.mul(x), inv.diag(), inv.entry(0, 1)
     sliding = sliding_inverse(4096, 4, damp=1e-2)
     sliding.reset(grads)
     sliding.update_mul(x), sliding.mul(x)
-    Woodbury(grads, 1e-2, block_size).correction(x)
+    for block in {None, *block_sizes}:
+        Woodbury(grads, 1e-2, block).correction(x)
     two_gemv(grads, x), grads @ grads.T
 
 
@@ -342,9 +369,18 @@ def bench_static(row: Row, grads: torch.Tensor, x: torch.Tensor, args: argparse.
     fisher_inverse, _ = load_mfac()
     block = row.config.block_size
     grads @ grads.T  # warm the GEMM (the first precompute already warmed the op)
-    row.timings["precompute"], inv = interleaved(
-        lambda: fisher_inverse(grads, damp=row.damp, block_size=block), lambda: grads @ grads.T, args.reps
-    )
+    if block is None:
+        row.timings["precompute"], inv = interleaved(
+            lambda: fisher_inverse(grads, damp=row.damp, block_size=block), lambda: grads @ grads.T, args.reps
+        )
+    else:  # the blocked precompute against the GEMM and the unblocked precompute, all interleaved
+        fisher_inverse(grads, damp=row.damp)  # warm-up
+        row.timings["precompute"], row.timings["blocked"], inv = interleaved3(
+            lambda: fisher_inverse(grads, damp=row.damp, block_size=block),
+            lambda: grads @ grads.T,
+            lambda: fisher_inverse(grads, damp=row.damp),
+            args.reps,
+        )
     if args.check:
         row.checks.update(check_static(inv, Woodbury(grads, row.damp, block), x, args.seed))
     inv.diag(), inv.mul(x), grads @ x  # warm-up
@@ -396,6 +432,8 @@ COLUMNS = (
     "precompute",
     "GEMM",
     "ratio",
+    "unblocked",
+    "blocked / unblocked",
     "diag",
     "GEMV",
     "ratio",
@@ -416,6 +454,9 @@ def row_cells(row: Row) -> list[str]:
     for key in ("precompute", "diag", "mul", "update_mul"):
         t = row.timings.get(key)
         cells += [fmt_s(t.op_s), fmt_s(t.base_s), fmt_ratio(t.ratio)] if t else ["—", "—", "—"]
+        if key == "precompute":
+            b = row.timings.get("blocked")
+            cells += [fmt_s(b.base_s), fmt_ratio(b.ratio)] if b else ["—", "—"]
     cells += [fmt_bytes(row.peak_bytes), fmt_bytes(row.g_bytes), fmt_ratio(row.peak_bytes / row.g_bytes)]
     return cells
 
@@ -461,6 +502,16 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
     for t in target_results(rows):
         figure = "—" if t["ratio"] is None else f"{t['ratio']:.3g}x"
         parts.append(f"- {t['label']}: {figure} → {t['verdict']}")
+    blocked = [r for r in rows if r.config.block_size]
+    if blocked:
+        parts += ["", "Blocked rows (precompute <= 1.5x unblocked at the same m; mul <= 1.3x two GEMVs):"]
+        for r in blocked:
+            vs_un, mul = r.ratio("blocked"), r.ratio("mul")
+            verdicts = ("PASS" if vs_un <= 1.5 else "FAIL", "PASS" if mul <= 1.3 else "FAIL")
+            parts.append(
+                f"- {r.config.label}: {vs_un:.2f}x unblocked ({verdicts[0]}), "
+                f"{r.ratio('precompute'):.2f}x GEMM; mul {mul:.2f}x two GEMVs ({verdicts[1]})"
+            )
     if args.check:
         parts += ["", "Accuracy vs float64 Woodbury (F = damp I + GᵀG/m), error relative to the correction:"]
         for r in rows:
@@ -495,8 +546,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=1_000_000, help="d, the number of parameters")
     p.add_argument("--grads", type=int, nargs="+", default=[64, 256, 512], help="values of m")
-    p.add_argument("--block-size", type=int, default=128, help="B of the blocked row (0: no blocked row)")
-    p.add_argument("--block-grads", type=int, default=64, help="m of the blocked row")
+    p.add_argument(
+        "--block-size", type=int, nargs="+", default=[128], help="B of the blocked rows (0: no blocked row)"
+    )
+    p.add_argument("--block-grads", type=int, nargs="+", default=[64], help="m of the blocked rows")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median is reported)")
     p.add_argument("--damp", type=float, default=1e-5, help=f"damping (falls back to {FALLBACK_DAMP:g})")
     p.add_argument("--seed", type=int, default=0)
@@ -516,7 +569,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also save the raw numbers here")
     args = p.parse_args(argv)
     if args.quick:
-        args.dim, args.grads, args.block_grads, args.reps = 200_000, [32, 128], 32, 2
+        args.dim, args.grads, args.block_grads, args.reps = 200_000, [32, 128], [32], 2
     return args
 
 
@@ -533,16 +586,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     args.mem_method = resolve_mem_method(args.mem_method)
     configs = [Config(m) for m in args.grads]
-    if args.block_size:
-        configs.append(Config(args.block_grads, args.block_size))
+    blocks = [b for b in args.block_size if b]
+    configs += [Config(m, b) for m in args.block_grads for b in blocks]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={args.dim:,}, "
-        f"m={args.grads}, blocked row m={args.block_grads} B={args.block_size or 'off'}, "
+        f"m={args.grads}, blocked rows m={args.block_grads} B={blocks or 'off'}, "
         f"reps={args.reps}, damp={args.damp:g}, G ~ N(0,1)*{GRAD_SCALE:g} float32, seed={args.seed}, "
         f"peak RSS via {args.mem_method}",
         flush=True,
     )
-    warm_up(args.block_size or None)
+    warm_up(blocks)
     rows = []
     for config in configs:
         log(f"{config.label} ...")

@@ -4,8 +4,11 @@
 // Block b holds the gradient slice G_b (m x S). With K_b = m*damp*I + G_b G_b^T = L L^T and
 // W_b = L^-1 G_b:  F_b^-1 x = (x - W_b^T (W_b x)) / damp  and  diag(F_b^-1) = (1 - colsum(W_b^2)) / damp.
 //
-// The inner loops use GCC/Clang vector extensions (64-byte vectors: 16 floats or 8 doubles), so the
-// same source vectorises for AVX-512, AVX2 or NEON; register tiles are RT rows by up to 4 vectors.
+// The inner loops use GCC/Clang vector extensions as wide as the target's registers (64 bytes with
+// AVX-512, 32 with AVX/AVX2, 16 otherwise: SSE, NEON), so the same source vectorises for each; the
+// register tiles are sized from the target's number of vector registers (32 with AVX-512 and on
+// AArch64, else 16) so that the accumulators never spill. compressor/mfac/kernels.py picks the
+// target (COMPRESSOR_KERNELS_ISA) and compiles one build per target.
 #pragma once
 
 #include <algorithm>
@@ -15,8 +18,21 @@
 
 namespace mfac_cpu {
 
-typedef float vf __attribute__((vector_size(64)));
-typedef double vd __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+#elif defined(__AVX__)
+constexpr int VBYTES = 32;
+#else
+constexpr int VBYTES = 16;
+#endif
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int NREG = 32;
+#else
+constexpr int NREG = 16;
+#endif
+
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef double vd __attribute__((vector_size(VBYTES)));
 
 template <typename T>
 struct Vec;
@@ -43,58 +59,48 @@ inline void storeu(T* p, const V& v) {
 
 inline float hsum(const vf& v) {
   float s = 0.0f;
-  for (int l = 0; l < 16; ++l) s += v[l];
+  for (int l = 0; l < VBYTES / 4; ++l) s += v[l];
   return s;
 }
 
 inline double hsum(const vd& v) {
   double s = 0.0;
-  for (int l = 0; l < 8; ++l) s += v[l];
+  for (int l = 0; l < VBYTES / 8; ++l) s += v[l];
   return s;
 }
 
-constexpr int DL = 8;  // doubles per vector
-constexpr int RT = 4;  // rows per register tile
+constexpr int DL = VBYTES / 8;  // doubles per vector
+constexpr int RT = 4;           // rows per register tile (and the padding of m)
+// Gram tiles: RT rows against GC rows (RT*GC accumulators + RT + GC operands in registers).
+constexpr int GC = NREG >= 32 ? 4 : 2;
+// Forward-substitution tiles: RT rows by up to TV vectors (RT*TV accumulators + RT multipliers + 1).
+constexpr int TV = NREG >= 32 ? 4 : 2;
 
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // ------------------------------------------------------------------------------------ factor_block
 
-// Upper triangle of K = A A^T (K[j][i] for j <= i) for A (mp x sp) row-major, mp % RT == 0,
-// sp % DL == 0. RT x RT register tiles, dot products along the columns.
-inline void gram_upper(const double* A, int64_t mp, int64_t sp, double* K) {
-  for (int64_t i0 = 0; i0 < mp; i0 += RT) {
-    const double* a0 = A + (i0 + 0) * sp;
-    const double* a1 = A + (i0 + 1) * sp;
-    const double* a2 = A + (i0 + 2) * sp;
-    const double* a3 = A + (i0 + 3) * sp;
-    for (int64_t j0 = 0; j0 <= i0; j0 += RT) {
-      const double* b0 = A + (j0 + 0) * sp;
-      const double* b1 = A + (j0 + 1) * sp;
-      const double* b2 = A + (j0 + 2) * sp;
-      const double* b3 = A + (j0 + 3) * sp;
-      vd c00 = {}, c01 = {}, c02 = {}, c03 = {}, c10 = {}, c11 = {}, c12 = {}, c13 = {};
-      vd c20 = {}, c21 = {}, c22 = {}, c23 = {}, c30 = {}, c31 = {}, c32 = {}, c33 = {};
-      for (int64_t c = 0; c < sp; c += DL) {
-        const vd x0 = loadu<vd>(a0 + c), x1 = loadu<vd>(a1 + c), x2 = loadu<vd>(a2 + c),
-                 x3 = loadu<vd>(a3 + c);
-        const vd y0 = loadu<vd>(b0 + c), y1 = loadu<vd>(b1 + c), y2 = loadu<vd>(b2 + c),
-                 y3 = loadu<vd>(b3 + c);
-        c00 += x0 * y0; c01 += x0 * y1; c02 += x0 * y2; c03 += x0 * y3;
-        c10 += x1 * y0; c11 += x1 * y1; c12 += x1 * y2; c13 += x1 * y3;
-        c20 += x2 * y0; c21 += x2 * y1; c22 += x2 * y2; c23 += x2 * y3;
-        c30 += x3 * y0; c31 += x3 * y1; c32 += x3 * y2; c33 += x3 * y3;
-      }
-      double* k0 = K + (j0 + 0) * mp + i0;  // K[j0 + s][i0 + r] = row i0 + r . row j0 + s
-      double* k1 = K + (j0 + 1) * mp + i0;
-      double* k2 = K + (j0 + 2) * mp + i0;
-      double* k3 = K + (j0 + 3) * mp + i0;
-      k0[0] = hsum(c00); k1[0] = hsum(c01); k2[0] = hsum(c02); k3[0] = hsum(c03);
-      k0[1] = hsum(c10); k1[1] = hsum(c11); k2[1] = hsum(c12); k3[1] = hsum(c13);
-      k0[2] = hsum(c20); k1[2] = hsum(c21); k2[2] = hsum(c22); k3[2] = hsum(c23);
-      k0[3] = hsum(c30); k1[3] = hsum(c31); k2[3] = hsum(c32); k3[3] = hsum(c33);
-    }
+// K[j][i] += row i . row j of A for rows i0..i0+RT and j0..j0+GC (A row-major, sp % DL == 0).
+inline void gram_tile(const double* A, int64_t mp, int64_t sp, int64_t i0, int64_t j0, double* K) {
+  vd acc[RT][GC];
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < GC; ++q) acc[r][q] = vd{};
+  for (int64_t c = 0; c < sp; c += DL) {
+    vd x[RT], y[GC];
+    for (int r = 0; r < RT; ++r) x[r] = loadu<vd>(A + (i0 + r) * sp + c);
+    for (int q = 0; q < GC; ++q) y[q] = loadu<vd>(A + (j0 + q) * sp + c);
+    for (int r = 0; r < RT; ++r)
+      for (int q = 0; q < GC; ++q) acc[r][q] += x[r] * y[q];
   }
+  for (int q = 0; q < GC; ++q)
+    for (int r = 0; r < RT; ++r) K[(j0 + q) * mp + i0 + r] = hsum(acc[r][q]);
+}
+
+// Upper triangle of K = A A^T (K[j][i] for j <= i) for A (mp x sp) row-major, mp % RT == 0,
+// sp % DL == 0: RT x GC register tiles, dot products along the columns.
+inline void gram_upper(const double* A, int64_t mp, int64_t sp, double* K) {
+  for (int64_t i0 = 0; i0 < mp; i0 += RT)
+    for (int64_t j0 = 0; j0 < i0 + RT; j0 += GC) gram_tile(A, mp, sp, i0, j0, K);
 }
 
 // In-place Cholesky of the upper triangle of K (mp x mp, row-major, mp % RT == 0): K = U^T U, with
@@ -197,7 +203,7 @@ template <typename T>
 inline void trsm_lower(const double* U, int64_t mp, double* A, int64_t sp, const FactorOut<T>& out) {
   for (int64_t i0 = 0; i0 < mp; i0 += RT) {
     int64_t c0 = 0;
-    for (; c0 + 4 * DL <= sp; c0 += 4 * DL) trsm_tile<4>(U, mp, A, sp, i0, c0, out);
+    for (; c0 + TV * DL <= sp; c0 += TV * DL) trsm_tile<TV>(U, mp, A, sp, i0, c0, out);
     for (; c0 < sp; c0 += DL) trsm_tile<1>(U, mp, A, sp, i0, c0, out);
   }
 }
@@ -248,6 +254,143 @@ inline bool factor_block(const T* G, int64_t ldg, double damp, const Scratch& s,
 #pragma omp simd
   for (int64_t c = 0; c < S; ++c) diag[c] = static_cast<T>((1.0 - colsum[c]) * inv);
   return true;
+}
+
+// ----------------------------------------------------------------------------------- direct_block
+
+// A block narrower than m (S < m) in its direct form: P = damp * F_b^-1 = m*damp * K^-1 for the S x S
+// matrix K = m*damp*I + G_b^T G_b (= m F_b). With K = U^T U (Cholesky) and V = U^-T (lower):
+// K^-1 = V^T V. Scratch, all float64: A = G_b^T (Sp x mq, zero padding), K / then P (Sp x Sp), V.
+struct DirectScratch {
+  int64_t m, S, Sp, mq;
+  double *A, *K, *V;
+};
+
+// The row stride of A = G^T: an odd number of vectors, so that the S rows written column by column
+// while converting G do not all fall into one L1 set (a power-of-two stride, m = 1024, thrashed it).
+inline int64_t direct_stride(int64_t m) {
+  const int64_t mq = round_up(m, DL);
+  return (mq / DL) % 2 == 0 ? mq + DL : mq;
+}
+
+inline int64_t direct_scratch_doubles(int64_t m, int64_t S) {
+  const int64_t Sp = round_up(S, RT), mq = direct_stride(m);
+  return Sp * mq + 2 * Sp * Sp;
+}
+
+inline DirectScratch make_direct_scratch(int64_t m, int64_t S, double* buf) {
+  DirectScratch s{m, S, round_up(S, RT), direct_stride(m), nullptr, nullptr, nullptr};
+  s.A = buf;
+  s.K = s.A + s.Sp * s.mq;
+  s.V = s.K + s.Sp * s.Sp;
+  std::fill(buf, buf + direct_scratch_doubles(m, S), 0.0);  // A's padding stays zero
+  return s;
+}
+
+// One block: G (m x S, row stride ldg) -> P (S x S, contiguous) and diag(F_b^-1) (S). False when K
+// is not positive definite in float64 or G holds NaN/Inf (P and diag are then unspecified).
+template <typename T>
+inline bool direct_block(const T* G, int64_t ldg, double damp, const DirectScratch& s, T* P, T* diag) {
+  const int64_t m = s.m, S = s.S, Sp = s.Sp, mq = s.mq;
+  double* A = s.A;
+  double* K = s.K;
+  double* V = s.V;
+  for (int64_t r = 0; r < m; ++r) {  // A = G^T in float64
+    const T* g = G + r * ldg;
+    for (int64_t c = 0; c < S; ++c) A[c * mq + r] = static_cast<double>(g[c]);
+  }
+  gram_upper(A, Sp, mq, K);  // upper triangle of G^T G
+  const double shift = static_cast<double>(m) * damp;
+  for (int64_t i = 0; i < Sp; ++i) K[i * Sp + i] += (i < S) ? shift : 1.0;  // padding: identity
+  if (!cholesky_upper(K, Sp)) return false;
+  for (int64_t i = 0; i < S; ++i) {  // V = L^-1 with L = U^T (L[i][j] = U[j][i]), row by row
+    double* vi = V + i * Sp;
+    std::fill(vi, vi + Sp, 0.0);
+    vi[i] = 1.0;
+    for (int64_t j = 0; j < i; ++j) {
+      const double l = K[j * Sp + i];
+      const double* vj = V + j * Sp;
+#pragma omp simd
+      for (int64_t k = 0; k <= j; ++k) vi[k] -= l * vj[k];
+    }
+    const double inv = 1.0 / K[i * Sp + i];
+#pragma omp simd
+    for (int64_t k = 0; k <= i; ++k) vi[k] *= inv;
+  }
+  std::fill(K, K + Sp * Sp, 0.0);  // upper triangle of K := V^T V = K^-1, rank-1 updates by rows of V
+  for (int64_t k = 0; k < S; ++k) {
+    const double* vk = V + k * Sp;
+    for (int64_t a = 0; a <= k; ++a) {
+      const double va = vk[a];
+      double* ka = K + a * Sp;
+#pragma omp simd
+      for (int64_t b = a; b <= k; ++b) ka[b] += va * vk[b];
+    }
+  }
+  for (int64_t a = 0; a < S; ++a) {  // P, both triangles
+    const double* ka = K + a * Sp;
+    T* pa = P + a * S;
+    for (int64_t b = 0; b < a; ++b) pa[b] = static_cast<T>(shift * K[b * Sp + a]);
+#pragma omp simd
+    for (int64_t b = a; b < S; ++b) pa[b] = static_cast<T>(shift * ka[b]);
+    diag[a] = static_cast<T>(static_cast<double>(m) * ka[a]);
+  }
+  return true;
+}
+
+// ------------------------------------------------------------------------------ accumulate_block
+
+// DL values of row g from column c as a float64 vector (float32 converted exactly).
+inline vd load_wide(const double* g) { return loadu<vd>(g); }
+inline vd load_wide(const float* g) {
+  typedef float vh __attribute__((vector_size(VBYTES / 2)));
+  return __builtin_convertvector(loadu<vh>(g), vd);
+}
+
+// Rows i0..i0+RT, NV vectors of columns from c0 of S += G^T G: RT x NV accumulators over the k rows.
+template <int NV, typename T>
+inline void syrk_tile(const T* G, int64_t ldg, int64_t k, int64_t S, int64_t i0, int64_t c0, double* Sum) {
+  vd acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) acc[r][q] = loadu<vd>(Sum + (i0 + r) * S + c0 + q * DL);
+  for (int64_t t = 0; t < k; ++t) {
+    const T* g = G + t * ldg;
+    vd y[NV];
+    for (int q = 0; q < NV; ++q) y[q] = load_wide(g + c0 + q * DL);
+    for (int r = 0; r < RT; ++r) {
+      const double a = static_cast<double>(g[i0 + r]);
+      for (int q = 0; q < NV; ++q) acc[r][q] += a * y[q];
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) storeu(Sum + (i0 + r) * S + c0 + q * DL, acc[r][q]);
+}
+
+// The upper triangle (and a few entries below it, near the diagonal) of Sum (S x S, row-major,
+// float64) += G^T G for G (k x S, row stride ldg): every product exact (float32 inputs), summed in
+// float64, as a float64 GEMM of the converted rows would, without converting them first.
+template <typename T>
+inline void accumulate_block(const T* G, int64_t ldg, int64_t k, int64_t S, double* Sum) {
+  int64_t i0 = 0;
+  for (; i0 + RT <= S; i0 += RT) {
+    int64_t c = i0 / DL * DL;
+    for (; c + TV * DL <= S; c += TV * DL) syrk_tile<TV>(G, ldg, k, S, i0, c, Sum);
+    for (; c + DL <= S; c += DL) syrk_tile<1>(G, ldg, k, S, i0, c, Sum);
+    for (int64_t i = i0; i < i0 + RT; ++i)  // the columns past the last whole vector
+      for (int64_t j = std::max(c, i); j < S; ++j) {
+        double a = Sum[i * S + j];
+        for (int64_t t = 0; t < k; ++t)
+          a += static_cast<double>(G[t * ldg + i]) * static_cast<double>(G[t * ldg + j]);
+        Sum[i * S + j] = a;
+      }
+  }
+  for (int64_t i = i0; i < S; ++i)  // the rows past the last whole tile
+    for (int64_t j = i; j < S; ++j) {
+      double a = Sum[i * S + j];
+      for (int64_t t = 0; t < k; ++t)
+        a += static_cast<double>(G[t * ldg + i]) * static_cast<double>(G[t * ldg + j]);
+      Sum[i * S + j] = a;
+    }
 }
 
 // -------------------------------------------------------------------------------------- block_mul

@@ -16,6 +16,7 @@ the build.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -135,7 +136,22 @@ def _relmax(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # (m, columns before the segment, blocks, block size, columns after): m not a multiple of 32;
 # one block per thread task and many; a size not a multiple of the vector width; size == m.
-CASES = [(37, 5, 9, 128, 3), (7, 0, 40, 33, 11), (64, 17, 3, 100, 0), (45, 0, 1, 45, 2), (130, 3, 2, 257, 1)]
+CASES = [
+    (37, 5, 9, 128, 3),
+    (7, 0, 40, 33, 11),
+    (64, 17, 3, 100, 0),
+    (45, 0, 1, 45, 2),
+    (130, 3, 2, 257, 1),
+    (1, 2, 6, 50, 7),
+]
+# The direct form's blocks are narrower than m: B = 50 and 32, a size not a multiple of the tile, B = 1.
+DIRECT_CASES = [
+    (64, 5, 7, 50, 3),
+    (37, 0, 9, 32, 11),
+    (130, 3, 4, 33, 1),
+    (9, 0, 3, 1, 0),
+    (300, 1, 2, 128, 5),
+]
 
 
 # ----------------------------------------------------------------------------------- factor_blocks
@@ -193,6 +209,105 @@ def test_factor_blocks_reports_a_nan_block_and_the_pytorch_path_raises(ext, gen,
     monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
     with pytest.raises(ValueError, match="NaN or Inf"):  # the PyTorch path's error
         FisherInverse(grads, 1e-5, 100)
+
+
+# ----------------------------------------------------------------------------------- direct_blocks
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "m{}-nb{}-S{}".format(*c[:1], *c[2:4]))
+def test_direct_blocks_match_the_pytorch_path(ext, gen, monkeypatch, dtype, case):
+    m, before, nb, size, after = case
+    damp = 1e-5
+    grads = realistic_grads(m, before + nb * size + after, gen).to(dtype)
+    seg = grads[:, before : before + nb * size]
+    P = torch.full((nb, size, size), float("nan"), dtype=dtype)
+    diag = torch.full((before + nb * size + after,), float("nan"), dtype=dtype)
+    assert ext.direct_blocks(grads[:, before:], nb, size, damp, P, diag[before : before + nb * size]) == -1
+    assert diag[:before].isnan().all() and diag[before + nb * size :].isnan().all()  # no stray writes
+    diag = diag[before : before + nb * size]
+    assert P.isfinite().all() and diag.isfinite().all()
+    exact = _pytorch_path(seg.to(F64).contiguous(), damp, size, monkeypatch)  # same inputs, float64
+    assert exact._direct == [True]
+    tol = 1e-10 if dtype == F64 else 2 * EPS[F32]  # float64 throughout; rounded once to float32
+    assert _relmax(P, exact._factors[0]) <= tol
+    assert _relmax(diag, exact.diag()) <= tol
+    assert torch.allclose(P, P.mT, rtol=0, atol=tol * P.abs().max().item())  # symmetric
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["woodbury", "direct"])
+def test_zero_and_duplicate_rows(ext, gen, monkeypatch, direct):
+    """Zero rows and repeated rows (a rank-deficient G G^T or G^T G): m*damp*I keeps K definite."""
+    m, size, nb = 24, (16 if direct else 40), 5
+    grads = realistic_grads(m, nb * size, gen)
+    grads[3] = 0.0
+    grads[7] = grads[8] = grads[9]
+    grads[:, size : 2 * size] = 0.0  # a block of zero columns
+    W = torch.full((nb, m if not direct else size, size), float("nan"), dtype=F64)
+    diag = torch.full((nb * size,), float("nan"), dtype=F64)
+    run = ext.direct_blocks if direct else ext.factor_blocks
+    assert run(grads, nb, size, 1e-5, W, diag) == -1
+    ref = _pytorch_path(grads, 1e-5, size, monkeypatch)
+    assert ref._direct == [direct]
+    assert _relmax(W, ref._factors[0]) <= 1e-10
+    assert _relmax(diag, ref.diag()) <= 1e-10
+    assert _relmax(diag[size : 2 * size], torch.full((size,), 1e5, dtype=F64)) <= 1e-12  # 1 / damp
+
+
+def test_direct_blocks_report_a_nan_block_and_the_pytorch_path_raises(ext, gen, monkeypatch):
+    grads = realistic_grads(40, 96, gen).to(F32)
+    grads[3, 50] = float("inf")
+    P, diag = torch.empty(3, 32, 32), torch.empty(96)
+    assert ext.direct_blocks(grads, 3, 32, 1e-5, P, diag) == 1
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        FisherInverse(grads, 1e-5, 32)
+
+
+# ------------------------------------------------------------------------------- accumulate_blocks
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "case", [(32, 3, 9, 32, 5), (1, 0, 4, 50, 0), (17, 2, 3, 7, 1), (5, 0, 2, 3, 2), (64, 1, 2, 130, 0)]
+)
+def test_accumulate_blocks_adds_the_exact_products_to_the_upper_triangles(ext, gen, dtype, case):
+    """(k rows, columns before, blocks, B, columns after): the float32 rows' products are exact in
+    float64, so the sums match a float64 G^T G of the same rows to float64 rounding."""
+    k, before, nb, size, after = case
+    rows = realistic_grads(k, before + nb * size + after, gen).to(dtype)
+    rows[0] = 0.0  # a zero row
+    start = torch.randn(nb, size, size, generator=gen, dtype=F64)
+    sums = start.clone()
+    ext.accumulate_blocks(rows[:, before:], nb, size, sums)
+    g = rows[:, before : before + nb * size].to(F64).unflatten(1, (nb, size)).transpose(0, 1)
+    expected = start + g.mT @ g
+    upper = torch.ones(size, size, dtype=torch.bool).triu()
+    assert _relmax(sums[:, upper], expected[:, upper]) <= 1e-14
+    assert sums.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_block_fisher_with_and_without_the_kernel(kernels_on, gen, monkeypatch, dtype):
+    """BlockFisherInverse over d = 1000, B = 96 (a tail of 40), chunks of 1, 0, 17 and the rest:
+    the kernel (upper triangles) and the PyTorch path (whole products) give the same F^-1."""
+    from compressor.mfac import BlockFisherInverse
+
+    grads = realistic_grads(45, 1000, gen).to(dtype)
+    used = []
+    real = kernels.accumulate_blocks
+    monkeypatch.setattr(kernels, "accumulate_blocks", lambda *a: used.append(real(*a)) or used[-1])
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("COMPRESSOR_KERNELS", mode)
+        fi = BlockFisherInverse(1000, 96, 1e-5)
+        for chunk in (grads[:1], grads[1:1], grads[1:18], grads[18:]):
+            fi.add(chunk)
+        results[mode] = (fi.mul(grads[:3].to(F64)), fi.diag(), fi.entry(5, 7))
+    assert used.count(True) == 6 and not any(used[6:])  # 3 non-empty chunks x 2 segments, then off
+    (y_on, d_on, e_on), (y_off, d_off, e_off) = results["on"], results["off"]
+    assert _relmax(y_on, y_off) <= 1e-9 and _relmax(d_on, d_off) <= 1e-9
+    assert abs(e_on - e_off) <= 1e-9 * abs(d_off[5].item())
 
 
 # ------------------------------------------------------------------------------------- blocked_mul
@@ -379,6 +494,160 @@ def test_bad_mode_and_sources(monkeypatch):
     assert kernels.sources_dir() == CSRC
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
     assert not kernels.CUDA_IN_AUTO or HAS_CUDA  # auto never builds CUDA code that was not measured
+
+
+def test_the_target_isa_comes_from_the_cpu_or_the_environment_and_names_the_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    names = {}
+    for flags, expected in (
+        ("flags : fpu avx2 fma avx512f avx512bw avx512dq avx512vl", "avx512"),
+        ("flags : fpu avx2 fma", "avx2"),
+        ("flags : fpu sse2", "native"),
+    ):
+        monkeypatch.setattr(kernels, "_host_tag", lambda flags=flags: "x86_64" + flags)
+        monkeypatch.delenv("COMPRESSOR_KERNELS_ISA", raising=False)
+        assert kernels.isa() == expected
+        names[expected] = kernels.build_dir("cpu").name
+        assert f"_{expected}_" in names[expected]
+    assert len(set(names.values())) == 3  # one build per target
+    monkeypatch.setenv("COMPRESSOR_KERNELS_ISA", "AVX2")
+    assert kernels.isa() == "avx2"
+    monkeypatch.setenv("COMPRESSOR_KERNELS_ISA", "sse9")
+    with pytest.raises(ValueError, match="COMPRESSOR_KERNELS_ISA"):
+        kernels.isa()
+
+
+# ---------------------------------------------------------------------------------- measured dispatch
+
+
+def _table(faster: dict[str, bool]) -> dict:
+    """A dispatch table in which each kernel measured faster (True) or slower on every case."""
+    cases = {
+        name: [
+            {"m": m, "B": b, "kernel_s": 1.0, "torch_s": 2.0 if faster.get(name, True) else 0.5}
+            for m, b in kernels.DISPATCH_CASES[name]
+        ]
+        for name in kernels.KERNEL_NAMES
+    }
+    return {"version": kernels.DISPATCH_VERSION, "isa": "test", "threads": 1, "dim": 1, "cases": cases}
+
+
+@pytest.fixture
+def dispatch(ext, monkeypatch, tmp_path):
+    """auto mode, a private dispatch cache (the build itself stays where the ext fixture put it), and
+    a fake measurement that counts its calls; ``dispatch.result`` is what it returns."""
+
+    class Fake:
+        calls = 0
+        result = _table({"factor_blocks": True, "blocked_mul": True})
+
+        def __call__(self):
+            self.calls += 1
+            return self.result
+
+    fake = Fake()
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_dispatch", {})
+    monkeypatch.setattr(kernels, "measure", fake)
+    monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
+    return fake
+
+
+def _uses(grads, block) -> dict[str, int]:
+    """How often each kernel ran (the extension itself was called) in FisherInverse + mul."""
+    used = {"factor_blocks": 0, "blocked_mul": 0}
+    ext = kernels._modules["cpu"]
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*a):
+                used[name] += 1
+                return getattr(ext, name)(*a)
+
+            return call
+
+    saved = kernels._modules["cpu"]
+    kernels._modules["cpu"] = Spy()
+    try:
+        FisherInverse(grads, 1e-5, block).mul(grads[0])
+    finally:
+        kernels._modules["cpu"] = saved
+    return used
+
+
+def test_the_measurement_is_cached_beside_the_build_and_reused(dispatch, gen, tmp_path, capsys):
+    grads = realistic_grads(20, 300, gen).to(F32)
+    assert _uses(grads, 100) == {"factor_blocks": 1, "blocked_mul": 1}
+    assert dispatch.calls == 1
+    assert "timing the M-FAC cpu kernels" in capsys.readouterr().err
+    assert json.loads((tmp_path / "dispatch-1t.json").read_text()) == dispatch.result
+    _uses(grads, 100)
+    kernels._dispatch.clear()  # a new process: reads the file, does not measure again
+    _uses(grads, 100)
+    assert dispatch.calls == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_a_kernel_measured_slower_is_not_used_and_the_environment_overrides(dispatch, gen, monkeypatch):
+    dispatch.result = _table({"factor_blocks": False, "blocked_mul": True})
+    grads = realistic_grads(20, 300, gen).to(F32)
+    assert _uses(grads, 100) == {"factor_blocks": 0, "blocked_mul": 1}
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
+    assert _uses(grads, 100) == {"factor_blocks": 1, "blocked_mul": 1}
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
+    monkeypatch.setattr(kernels, "_modules", {})
+    assert kernels.factor_blocks(grads, 0, 3, 100, 1e-5, torch.empty(300)) is None
+    assert dispatch.calls == 1
+
+
+def test_the_nearest_measured_case_decides(dispatch):
+    table = _table({"factor_blocks": True, "blocked_mul": True})
+    for row in table["cases"]["factor_blocks"]:  # slower on the small case only
+        row["torch_s"] = 0.5 if (row["m"], row["B"]) == (32, 32) else 2.0
+    dispatch.result = table
+    assert not kernels.measured_faster("factor_blocks", 32, 40)
+    assert not kernels.measured_faster("factor_blocks", 20, 24)
+    assert kernels.measured_faster("factor_blocks", 64, 100)
+    assert kernels.measured_faster("factor_blocks", 128, 128)
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"version": 1}', json.dumps({"version": 1, "cases": 3}), ""]
+)
+def test_a_corrupt_cache_file_is_measured_again(dispatch, tmp_path, content):
+    (tmp_path / "dispatch-1t.json").write_text(content)
+    assert kernels.measured_faster("blocked_mul", 64, 128)
+    assert dispatch.calls == 1
+    assert json.loads((tmp_path / "dispatch-1t.json").read_text()) == dispatch.result
+
+
+def test_the_real_measurement_times_both_paths_and_a_slower_kernel_loses(ext, monkeypatch, tmp_path):
+    """measure() on tiny cases, its timer faked so that the kernel is the slower on the Woodbury
+    set-up: the table is valid, and auto then runs the PyTorch path there, the kernels elsewhere."""
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_dispatch", {})
+    monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
+    cases = {"factor_blocks": ((8, 16),), "blocked_mul": ((8, 16),), "direct_blocks": ((8, 4),)}
+    cases["accumulate_blocks"] = ((3, 16),)
+    monkeypatch.setattr(kernels, "DISPATCH_CASES", cases)
+    monkeypatch.setattr(kernels, "DISPATCH_DIM", 64)
+    ran = []
+    real = kernels._interleaved
+
+    def fake_timer(fns, reps):
+        real(fns, reps)  # runs both paths for real
+        ran.append(sorted(fns))
+        return {"kernel": 2.0, "torch": 1.0} if len(ran) == 2 else {"kernel": 1.0, "torch": 3.0}
+
+    monkeypatch.setattr(kernels, "_interleaved", fake_timer)
+    table = kernels.dispatch_table()  # (8, 4): direct; (8, 16): factor, mul; then accumulate
+    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 4
+    assert table["cases"]["factor_blocks"] == [{"m": 8, "B": 16, "kernel_s": 2.0, "torch_s": 1.0}]
+    assert not kernels.measured_faster("factor_blocks", 64, 128)
+    assert kernels.measured_faster("blocked_mul", 64, 128)
+    assert kernels.measured_faster("direct_blocks", 64, 32)
+    assert kernels.measured_faster("accumulate_blocks", 32, 32)
 
 
 def test_import_needs_torch_alone():

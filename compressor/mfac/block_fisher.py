@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from . import _checks
+from . import _checks, kernels
 from ._pages import Segment, locate, segments
 
 #: Bytes of float64 temporaries per page of blocks (the converted rows in ``add``, the Cholesky
@@ -134,6 +134,10 @@ class BlockFisherInverse:
         acc = self.accumulate
         esize = torch.empty((), dtype=acc).element_size()
         for seg, sums in zip(self._segments, self._blocks, strict=True):
+            # Compiled kernel (kernels.py) where it applies: the upper triangles, float64 sums of the
+            # exact products of float32 rows, without a float64 copy of them. False: PyTorch below.
+            if kernels.accumulate_blocks(chunk, seg.start, sums):
+                continue
             # blocks per page: the converted rows are a temporary of one page; without a conversion
             # there is none, and one product over all blocks is the fastest
             per = max(1, PAGE_BYTES // (k * seg.size * esize)) if chunk.dtype != acc else seg.blocks
@@ -210,14 +214,15 @@ class BlockFisherInverse:
                 page = blocks[b0 : b0 + per]
                 fisher = page.to(torch.float64, copy=True).div_(m)
                 fisher.diagonal(dim1=-2, dim2=-1).add_(damp)
-                chol, info = torch.linalg.cholesky_ex(fisher)
+                # the upper triangle: all that add()'s compiled kernel keeps (the PyTorch path keeps both)
+                chol, info = torch.linalg.cholesky_ex(fisher, upper=True)
                 if bool((info != 0).any()):
                     self._state = "failed"
                     raise ValueError(
                         f"damp*I + G^T G / m is not positive definite in float64 (damp={damp:g} is too "
                         "small for the scale of the gradients); increase damp"
                     )
-                page.copy_(torch.cholesky_inverse(chol))
+                page.copy_(torch.cholesky_inverse(chol, upper=True))
         self._state = "factored"
         return self
 

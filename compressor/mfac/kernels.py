@@ -3,27 +3,46 @@
 The C++ (CPU) and CUDA sources live in ``csrc/`` and are compiled on first use with
 ``torch.utils.cpp_extension.load`` into a cache directory; later processes load the cached build.
 A first build says so on stderr (and again when it is done); ``build_in_background`` starts it in
-a thread so that it overlaps with other work (``compressor run`` does this at set-up). Only the
-kernels that ``bench/kernels.py`` measured at least 1.5x faster than the PyTorch path are here
-(figures: ``bench/results/kernels.md``):
+a thread so that it overlaps with other work (``compressor run`` does this at set-up). The kernels:
 
 * ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
   diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
+* ``direct_blocks``: for blocks narrower than m, P_b = damp * F_b^-1 from G_b^T G_b, its Cholesky
+  factor and inverse in one fused float64 pass per block (static.py's direct form, B <= 256).
 * ``blocked_mul``: x_b - W_b^T (W_b x_b) per block in one pass over W (static.py's ``mul``).
+* ``accumulate_blocks``: the streamed block Fisher's sums S_b += G_b^T G_b (upper triangle) in
+  float64 straight from float32 rows, without converting them first (block_fisher.py's ``add``).
+
+Dispatch by measurement: whether a kernel beats the PyTorch path depends on the CPU (vector width,
+cache sizes, the BLAS torch ships) and on the thread count. So on first use on a machine, right
+after the build, ``dispatch_table`` times each kernel against the PyTorch path on a few small
+float32 cases (``DISPATCH_CASES``: m x B = 32 x 32, 64 x 128, 128 x 128 for the Woodbury form,
+64 x 32, 128 x 50, 1024 x 32 for the direct form, chunks of 32 rows at B = 32 and 128 for the streamed
+sums, at d ~ 131k (less for m > 64), medians of interleaved repetitions; a few seconds, announced on
+stderr) and caches the result beside the
+build, as ``dispatch-<threads>t.json`` in its cache directory. ``auto`` then uses a kernel for a
+shape only where it measured faster on the nearest case (``measured_faster``); later processes read
+the file (an unreadable or corrupt one is measured again). Delete the file to measure again.
 
 Each function returns None / False when the kernel does not apply (shape, device, dtype, layout,
 mode, or a failed build); the caller then runs its PyTorch path, which is always correct.
 
 Environment:
 
-* ``COMPRESSOR_KERNELS``: ``auto`` (default) builds on first use; a failed build prints one
-  warning and the PyTorch path is used (a compile error is remembered in the cache, in
-  ``build-failed.txt``, so later processes do not retry; delete it or use ``on`` to retry).
-  ``on`` raises if the build fails, and also enables the CUDA kernels (GPU-unverified, so
-  ``auto`` does not use them).
+* ``COMPRESSOR_KERNELS``: ``auto`` (default) builds on first use and uses each CPU kernel where
+  it measured faster (above); a failed build prints one warning and the PyTorch path is used (a
+  compile error is remembered in the cache, in ``build-failed.txt``, so later processes do not
+  retry; delete it or use ``on`` to retry).
+  ``on`` forces every kernel wherever its shape applies (no measurement), raises if the build
+  fails, and also enables the CUDA kernels (GPU-unverified, so ``auto`` does not use them).
   ``off`` never builds and always uses PyTorch.
+* ``COMPRESSOR_KERNELS_ISA``: the target of the CPU build, ``auto`` (default: ``avx512`` where the
+  CPU has AVX-512 F/BW/DQ/VL, else ``avx2`` where it has AVX2 and FMA, else ``native``), ``avx512``
+  (``-march=x86-64-v4``), ``avx2`` (``-march=x86-64-v3``, e.g. to time an AVX2 machine's build on an
+  AVX-512 one) or ``native`` (``-march=native``: NEON on ARM). The kernels take their vector width
+  and register tiles from it; each target is its own build in the cache.
 * ``COMPRESSOR_KERNELS_DIR``: the build cache (default ``$XDG_CACHE_HOME/compressor/kernels``,
-  i.e. ``~/.cache/compressor/kernels``). One sub-directory per source/flags/torch/CPU version.
+  i.e. ``~/.cache/compressor/kernels``). One sub-directory per source/flags/ISA/torch/CPU version.
 * ``COMPRESSOR_CSRC``: the directory holding the sources. Default: the ``csrc/`` of the source
   tree this package was imported from (a checkout or an editable install), else
   ``<prefix>/share/compressor/csrc`` where a wheel installs them (see ``sources_dir``).
@@ -36,6 +55,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import platform
 import site
@@ -43,6 +64,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -60,10 +82,34 @@ MUL_MAX_BLOCK_BYTES = 1 << 20
 #: ``auto`` leaves them off until a GPU run shows the 1.5x gain; ``on`` enables them.
 CUDA_IN_AUTO = False
 
+#: The measured dispatch (``auto``): the (m, B) cases each kernel is timed on against the PyTorch
+#: path, float32, DISPATCH_DIM * 64 / max(m, 64) coordinates (whole blocks), DISPATCH_REPS
+#: interleaved repetitions (medians). A shape uses the decision of the nearest case (log m + log B).
+DISPATCH_CASES = {
+    "factor_blocks": ((32, 32), (64, 128), (128, 128)),
+    "blocked_mul": ((32, 32), (64, 128), (128, 128)),
+    "direct_blocks": ((64, 32), (128, 50), (1024, 32)),
+    "accumulate_blocks": ((32, 32), (32, 128)),  # (rows per chunk, B)
+}
+DISPATCH_DIM = 131_072
+DISPATCH_REPS = 3
+DISPATCH_VERSION = 3
+KERNEL_NAMES = tuple(DISPATCH_CASES)
+#: The direct form's kernel (blocks narrower than m) holds G_b^T and three S x S float64 matrices.
+DIRECT_MAX_BLOCK = 256
+
 _MODES = ("auto", "on", "off")
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers (serial without it); the
 # extension then uses the libgomp torch has already loaded, so torch.set_num_threads applies.
-_CPU_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+_CPU_FLAGS = ["-O3", "-fopenmp"]
+#: Target instruction sets of the CPU build (COMPRESSOR_KERNELS_ISA) and their compiler flags. The
+#: kernels take their vector width and register tiles from the target (csrc/mfac_cpu_kernels.h).
+ISA_FLAGS = {
+    "avx512": ["-march=x86-64-v4", "-mtune=native"],  # AVX-512 F/BW/DQ/VL: 64-byte vectors, 32 registers
+    "avx2": ["-march=x86-64-v3", "-mtune=native"],  # AVX2 + FMA: 32-byte vectors, 16 registers
+    "native": ["-march=native"],  # whatever the compiler finds (NEON on ARM, ...)
+}
+_ISAS = ("auto", *ISA_FLAGS)
 _CUDA_FLAGS = ["-O3"]
 _CPU_SOURCES = ["mfac_cpu.cpp", "mfac_cpu_kernels.h"]
 _CUDA_SOURCES = ["mfac_cuda.cpp", "mfac_cuda_kernels.cu", "mfac_cuda_kernels.h"]
@@ -80,6 +126,23 @@ def mode() -> str:
     if value not in _MODES:
         raise ValueError(f"COMPRESSOR_KERNELS must be one of {', '.join(_MODES)}, got {value!r}")
     return value
+
+
+def isa() -> str:
+    """The target of the CPU build: ``COMPRESSOR_KERNELS_ISA`` (avx512, avx2, native), else (auto,
+    the default) the widest of avx512 and avx2 this CPU has, else native."""
+    value = os.environ.get("COMPRESSOR_KERNELS_ISA", "auto").strip().lower() or "auto"
+    if value not in _ISAS:
+        raise ValueError(f"COMPRESSOR_KERNELS_ISA must be one of {', '.join(_ISAS)}, got {value!r}")
+    if value != "auto":
+        return value
+    flags = set(_host_tag().split())
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            return "avx512"
+        if {"avx2", "fma"} <= flags:
+            return "avx2"
+    return "native"
 
 
 def sources_dir() -> Path | None:
@@ -118,12 +181,23 @@ def _host_tag() -> str:
     return tag
 
 
-def _build_name(kind: str, src: Path, files: list[str], flags: list[str]) -> str:
+def _build_name(kind: str, src: Path, files: list[str], flags: list[str], target: str = "") -> str:
     h = hashlib.sha256()
     for name in files:
         h.update(name.encode() + b"\0" + (src / name).read_bytes())
     h.update(repr((flags, torch.__version__, sys.version_info[:2], _host_tag())).encode())
-    return f"compressor_mfac_{kind}_{h.hexdigest()[:12]}"
+    return f"compressor_mfac_{kind}{'_' + target if target else ''}_{h.hexdigest()[:12]}"
+
+
+def build_dir(kind: str = "cpu") -> Path:
+    """The cache sub-directory of the ``kind`` build for this machine, sources, flags and ISA."""
+    src = sources_dir()
+    if src is None:
+        raise FileNotFoundError("the csrc/ sources were not found (set COMPRESSOR_CSRC)")
+    if kind == "cpu":
+        target = isa()
+        return cache_dir() / _build_name(kind, src, _CPU_SOURCES, _CPU_FLAGS + ISA_FLAGS[target], target)
+    return cache_dir() / _build_name(kind, src, _CUDA_SOURCES, _CPU_FLAGS[:1] + _CUDA_FLAGS)
 
 
 def _build(kind: str) -> ModuleType:
@@ -133,19 +207,21 @@ def _build(kind: str) -> ModuleType:
         raise FileNotFoundError("the csrc/ sources were not found (set COMPRESSOR_CSRC)")
     if kind == "cuda" and not (torch.version.cuda and torch.cuda.is_available()):
         raise RuntimeError("this torch has no CUDA device")
-    files, flags = (_CPU_SOURCES, _CPU_FLAGS) if kind == "cpu" else (_CUDA_SOURCES, _CPU_FLAGS[:1])
-    cuda_flags = _CUDA_FLAGS if kind == "cuda" else None
-    name = _build_name(kind, src, files, flags + (cuda_flags or []))
-    build_dir = cache_dir() / name
-    failed_marker = build_dir / "build-failed.txt"
+    if kind == "cpu":
+        files, flags, cuda_flags = _CPU_SOURCES, _CPU_FLAGS + ISA_FLAGS[isa()], None
+    else:
+        files, flags, cuda_flags = _CUDA_SOURCES, _CPU_FLAGS[:1], _CUDA_FLAGS
+    where = build_dir(kind)
+    name = where.name
+    failed_marker = where / "build-failed.txt"
     if failed_marker.exists() and mode() == "auto":
         raise RuntimeError(f"an earlier build failed, see {failed_marker}")
-    build_dir.mkdir(parents=True, exist_ok=True)
-    fresh = not any(build_dir.glob(f"{name}*.so")) and not any(build_dir.glob(f"{name}*.pyd"))
+    where.mkdir(parents=True, exist_ok=True)
+    fresh = not any(where.glob(f"{name}*.so")) and not any(where.glob(f"{name}*.pyd"))
     if fresh:
         _say(
             f"building the M-FAC {kind} kernels for this machine with the C++ compiler (first run only: "
-            f"later runs load them from {build_dir}); COMPRESSOR_KERNELS=off skips them"
+            f"later runs load them from {where}); COMPRESSOR_KERNELS=off skips them"
         )
     began = time.perf_counter()
     from torch.utils.cpp_extension import load  # imports setuptools: only when building
@@ -158,7 +234,7 @@ def _build(kind: str) -> ModuleType:
             extra_cuda_cflags=cuda_flags,
             extra_ldflags=["-fopenmp"] if kind == "cpu" else None,
             extra_include_paths=[str(src)],
-            build_directory=str(build_dir),
+            build_directory=str(where),
             verbose=False,
         )
     except Exception as exc:
@@ -242,6 +318,183 @@ def module(kind: str = "cpu", *, _from_background: bool = False) -> ModuleType |
         return _modules[kind]
 
 
+# ------------------------------------------------------------------------------- measured dispatch
+
+_dispatch_lock = threading.RLock()
+_dispatch: dict[tuple[str, ...], dict] = {}  # see _dispatch_key -> the measured table
+_forced = threading.local()  # .value: True/False while the measurement runs one path
+
+
+@contextlib.contextmanager
+def _forcing(use: bool) -> Iterator[None]:
+    """Within this thread, every kernel that applies is used (True) or not (False): for timing."""
+    saved = getattr(_forced, "value", None)
+    _forced.value = use
+    try:
+        yield
+    finally:
+        _forced.value = saved
+
+
+def dispatch_file() -> Path:
+    """The cached measurement for this build and thread count (beside the build, in its cache dir)."""
+    return build_dir("cpu") / f"dispatch-{torch.get_num_threads()}t.json"
+
+
+def _valid(table: object) -> bool:
+    if not isinstance(table, dict) or table.get("version") != DISPATCH_VERSION:
+        return False
+    cases = table.get("cases")
+    if not isinstance(cases, dict) or set(cases) != set(KERNEL_NAMES):
+        return False
+    for rows in cases.values():
+        if not isinstance(rows, list) or not rows:
+            return False
+        for row in rows:
+            if not isinstance(row, dict):
+                return False
+            values = [row.get(k) for k in ("m", "B", "kernel_s", "torch_s")]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+                return False
+    return True
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, alternating them within every repetition."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            began = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - began)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def measure() -> dict:
+    """Time each kernel against the PyTorch path on DISPATCH_CASES (float32, CPU); a few seconds.
+
+    ``FisherInverse(G, 1e-5, B)`` with and without ``factor_blocks``, and ``mul`` of one vector with
+    and without ``blocked_mul``, at this process's thread count. Returns the table that
+    ``dispatch_file`` caches.
+    """
+    from .static import FisherInverse  # late: static.py imports this module
+
+    gen = torch.Generator().manual_seed(0)
+    cases: dict[str, list[dict]] = {k: [] for k in KERNEL_NAMES}
+    shapes = sorted({shape for rows in DISPATCH_CASES.values() for shape in rows})
+    for m, size in shapes:
+        d = max(1, DISPATCH_DIM * 64 // max(m, 64) // size) * size
+        grads = torch.randn(m, d, generator=gen).mul_(1e-3)
+        x = torch.randn(d, generator=gen)
+
+        def build(use: bool, grads=grads, size=size) -> FisherInverse:
+            with _forcing(use):
+                return FisherInverse(grads, 1e-5, size)
+
+        inv = build(True)  # also the warm-up of both paths
+        build(False)
+
+        def mul(use: bool, inv=inv, x=x) -> torch.Tensor:
+            with _forcing(use):
+                return inv.mul(x)
+
+        for name in ("factor_blocks", "direct_blocks"):  # the set-up: one of them, by the shape
+            if (m, size) in DISPATCH_CASES[name]:
+                t = _interleaved(
+                    {"kernel": lambda: build(True), "torch": lambda: build(False)}, DISPATCH_REPS
+                )
+                cases[name].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
+        if (m, size) in DISPATCH_CASES["blocked_mul"]:
+            mul(True), mul(False)
+            t = _interleaved({"kernel": lambda: mul(True), "torch": lambda: mul(False)}, 3 * DISPATCH_REPS)
+            cases["blocked_mul"].append({"m": m, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
+    from .block_fisher import BlockFisherInverse
+
+    for k, size in DISPATCH_CASES["accumulate_blocks"]:
+        d = max(1, DISPATCH_DIM * 32 // size // size) * size  # sums of DISPATCH_DIM * 32 doubles
+        chunk = torch.randn(k, d, generator=gen).mul_(1e-3)
+
+        def add(use: bool, chunk=chunk, size=size, d=d) -> BlockFisherInverse:
+            fisher = BlockFisherInverse(d, size)
+            with _forcing(use):
+                fisher.add(chunk)
+            return fisher
+
+        add(True), add(False)
+        t = _interleaved({"kernel": lambda: add(True), "torch": lambda: add(False)}, DISPATCH_REPS)
+        cases["accumulate_blocks"].append({"m": k, "B": size, "kernel_s": t["kernel"], "torch_s": t["torch"]})
+    return {
+        "version": DISPATCH_VERSION,
+        "isa": isa(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dim": DISPATCH_DIM,
+        "cases": cases,
+    }
+
+
+def dispatch_table() -> dict:
+    """The measured table for this build and thread count: from this process's memory, else from
+    ``dispatch_file`` (when it is valid), else measured now and cached there."""
+    key = _dispatch_key()
+    table = _dispatch.get(key)
+    if table is not None:
+        return table
+    with _dispatch_lock:
+        table = _dispatch.get(key)
+        if table is not None:
+            return table
+        path = dispatch_file()
+        with contextlib.suppress(OSError, ValueError):
+            table = json.loads(path.read_text())
+        if not _valid(table):
+            _say(
+                "timing the M-FAC cpu kernels against the PyTorch path on this machine (first run only, "
+                f"a few seconds; cached in {path})"
+            )
+            with _forcing(False):  # nothing inside may ask for the table being measured
+                table = measure()
+            used = [
+                f"{name} {'kernel' if r['torch_s'] > r['kernel_s'] else 'PyTorch'} at m={r['m']}, B={r['B']} "
+                f"({r['torch_s'] / r['kernel_s']:.2f}x)"
+                for name, rows in table["cases"].items()
+                for r in rows
+            ]
+            _say("measured: " + "; ".join(used))
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(table, indent=1))
+                os.replace(tmp, path)
+        _dispatch[key] = table
+        return table
+
+
+def _dispatch_key() -> tuple[str, ...]:
+    """What selects the table without hashing the sources on every call (they do not change while a
+    process runs): the cache, the ISA and sources settings, the thread count."""
+    env = (os.environ.get(k, "") for k in ("COMPRESSOR_KERNELS_ISA", "COMPRESSOR_CSRC"))
+    return (str(cache_dir()), *env, str(torch.get_num_threads()))
+
+
+def measured_faster(kernel: str, m: int, size: int) -> bool:
+    """Whether ``kernel`` measured faster than the PyTorch path on the case nearest to (m, size)."""
+    rows = dispatch_table()["cases"][kernel]
+    near = min(rows, key=lambda r: abs(math.log(m / r["m"])) + abs(math.log(size / r["B"])))
+    return near["torch_s"] > near["kernel_s"]
+
+
+def _chosen(kernel: str, t: torch.Tensor, m: int, size: int) -> bool:
+    """Whether to run ``kernel`` on a shape it applies to: forced (``on``, or the measurement), else
+    (``auto``, CPU) as measured. ``off`` and unbuilt kernels are handled by ``_module_for``."""
+    forced = getattr(_forced, "value", None)
+    if forced is not None:
+        return forced
+    if mode() == "on" or t.device.type != "cpu":
+        return True
+    return measured_faster(kernel, m, size)
+
+
 def _module_for(t: torch.Tensor) -> ModuleType | None:
     if t.device.type == "cpu":
         return module("cpu")
@@ -274,12 +527,71 @@ def factor_blocks(
     ):
         return None
     ext = _module_for(grads)
-    if ext is None:
+    if ext is None or not _chosen("factor_blocks", grads, m, size):
         return None
     end = start + blocks * size
     factor = torch.empty(blocks, m, size, dtype=grads.dtype, device=grads.device)
     failed = ext.factor_blocks(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
     return factor if failed < 0 else None
+
+
+def direct_blocks(
+    grads: torch.Tensor, start: int, blocks: int, size: int, damp: float, diag: torch.Tensor
+) -> torch.Tensor | None:
+    """P = damp * F_b^-1 (blocks, size, size) for blocks narrower than m, or None (not run).
+
+    The direct form of static.py for the blocks of ``grads[:, start:start + blocks*size]``; writes
+    their ``diag``. None as for ``factor_blocks`` (the PyTorch path then runs and raises its errors).
+    """
+    m = grads.shape[0]
+    if (
+        size >= m
+        or size > DIRECT_MAX_BLOCK
+        or grads.dtype not in (torch.float32, torch.float64)
+        or grads.dim() != 2
+        or grads.stride(1) != 1
+        or diag.dtype != grads.dtype
+        or diag.device != grads.device
+        or not diag.is_contiguous()
+    ):
+        return None
+    ext = _module_for(grads)
+    if ext is None or not hasattr(ext, "direct_blocks") or not _chosen("direct_blocks", grads, m, size):
+        return None
+    end = start + blocks * size
+    factor = torch.empty(blocks, size, size, dtype=grads.dtype, device=grads.device)
+    failed = ext.direct_blocks(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
+    return factor if failed < 0 else None
+
+
+def accumulate_blocks(chunk: torch.Tensor, start: int, sums: torch.Tensor) -> bool:
+    """Upper triangle of ``sums[b] += G_b^T G_b`` for the blocks of ``chunk[:, start:]``; False: not run.
+
+    ``sums`` (blocks, size, size) float64, contiguous; ``chunk`` (k, >= start + blocks*size) float32 or
+    float64 rows with unit column stride (block_fisher.py's ``add``). Only the upper triangle of the
+    sums is kept (the entries below it are unspecified): the caller factors with ``upper=True``.
+    """
+    if sums.dim() != 3:
+        return False
+    blocks, size, _ = sums.shape
+    k = chunk.shape[0]
+    if (
+        sums.dtype != torch.float64
+        or not sums.is_contiguous()
+        or chunk.dim() != 2
+        or chunk.dtype not in (torch.float32, torch.float64)
+        or chunk.stride(1) != 1
+        or chunk.device != sums.device
+        or k == 0
+    ):
+        return False
+    ext = _module_for(sums)
+    if ext is None or not hasattr(ext, "accumulate_blocks"):
+        return False
+    if not _chosen("accumulate_blocks", sums, k, size):
+        return False
+    ext.accumulate_blocks(chunk[:, start : start + blocks * size], blocks, size, sums)
+    return True
 
 
 def blocked_mul(
@@ -307,7 +619,7 @@ def blocked_mul(
     ):
         return False
     ext = _module_for(factor)
-    if ext is None:
+    if ext is None or not _chosen("blocked_mul", factor, m, size):
         return False
     end = start + blocks * size
     ext.blocked_mul(factor, xs[:, start:end], out[:, start:end])

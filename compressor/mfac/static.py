@@ -211,6 +211,11 @@ class FisherInverse:
         """P = damp * F_b^-1 (blocks, size, size) for blocks narrower than m (and its row scales when
         reduced), filling the diagonal."""
         m = self.num_grads
+        # Compiled kernel (kernels.py) where it applies; None: the PyTorch path below.
+        if self.storage == self.device == grads.device and not self._reduced:
+            fused = kernels.direct_blocks(grads, seg.start, seg.blocks, seg.size, self.damp, self._diag)
+            if fused is not None:
+                return fused, None
         factor = torch.empty(seg.blocks, seg.size, seg.size, dtype=self.storage_dtype, device=self.storage)
         scales = None
         if self._reduced:
