@@ -1,4 +1,5 @@
-"""StructuredPruning: remove whole channels (filters, neurons) physically, through torch-pruning.
+"""StructuredPruning: remove whole channels (filters, neurons), or attention heads and FFN neurons of
+transformer encoders, physically, through torch-pruning.
 
 At ``start`` (one shot; fine-tune afterwards with the rest of the run) every layer selected by
 ``params`` loses ``channel_sparsity`` of its output channels (floor, at least one kept). A channel is
@@ -38,6 +39,53 @@ Importance of channel c:
     bench/results/quality.md (parts e and g). Layers are pruned one after the other in model order,
     each with fresh gradients of the already pruned model.
 
+Transformer units (``units: [heads, neurons]`` with ``mac_sparsity``, instead of ``channel_sparsity``)
+----------------------------------------------------------------------------------------------------
+
+For encoders in the layout of transformers' ``BertLayer`` (BERT, MiniLM, RoBERTa, ...; see
+``compressor.transformer_surgery``) the units are attention heads and FFN neurons; the hidden size
+(the residual stream) is never pruned. A head is its d rows of the query, key and value weights and
+biases plus its d input columns of ``attention.output.dense`` (d = ``attention_head_size``, 32 in
+all-MiniLM-L6-v2); removing it also updates the attention module's ``num_attention_heads`` and
+``all_head_size``. A neuron is a row (and bias) of ``intermediate.dense`` and the matching column of
+``output.dense``. ``params`` selects the encoder linears: a layer's heads are candidates when its
+query, key, value and attention output weights are all selected, its neurons when its intermediate
+and output weights are; a selected weight in no candidate unit is an error. One head and one
+neuron always stay in each layer.
+
+The target: the units, ranked together across all layers, are removed cheapest first until the
+encoder's MACs per token have dropped by ``mac_sparsity`` (at least that; the overshoot is under
+one unit). What is counted, per token: the six linears of every encoder layer, a head costing
+``4 * d * hidden`` (49,152 in MiniLM: its rows of q, k, v and its columns of the output
+projection) and a neuron ``2 * hidden`` (768); with ``attention_length`` T > 0 a head also costs
+``2 * d * T`` for its q.k scores and its weighted sum of values over T positions. Embeddings,
+biases, layer norms, softmax and activations are not counted.
+
+The ranking score is importance per MAC, the unit's importance divided by its cost:
+
+``magnitude``
+    ||w_Q||_2^2 / macs over all the unit's weights (q/k/v rows and biases, output-projection
+    columns; intermediate row and bias, output column). The squared norm is additive over weights
+    like a saliency (it is the OBS saliency with F = I), and a unit holds about one weight per MAC
+    (4*d*hidden weights for a head, 2*hidden for a neuron), so the score is the unit's mean
+    squared weight and comparable between heads and neurons. Within one kind it ranks as ||w_Q||.
+``second_order``
+    the group OBS saliency rho_Q (the estimated loss increase of removing the unit with the OBS
+    correction, in loss units, in the Schur form above) divided by the MACs it saves: the greedy
+    knapsack rule, least loss per MAC removed first. With ``scope: consumers`` Q is the unit's
+    output-projection columns (for a head: the 32 columns of ``attention.output.dense``, which
+    removes it exactly; for a neuron its column of ``output.dense``); ``scope: group`` scores all
+    its weights, each tensor a block. Unlike channel mode all units are scored at once, from one set
+    of ``num_grads`` sampled gradients of the dense model, with one lambda for all layers (relative:
+    damp times the mean Fisher diagonal over every scored entry), so that all saliencies are
+    measured under one block-diagonal F and can be ranked globally; ``obs_update`` then moves the
+    kept weights of each scored tensor for all its removed units at once.
+
+The surgery calls torch-pruning's linear-layer pruners on the six linears (the grouping is fixed by
+the layout, not traced, so it holds for eager and SDPA attention alike), carrying masks of other
+pruners. The checkpoint holds the smaller encoder; ``match_shapes`` rebuilds it on resume and export
+(trailing heads / neurons removed per layer, no tracing).
+
 After the surgery ``session.params`` is refreshed, masks of other pruners on the touched parameters
 shrink with them (``MaskSet`` rebuilt), and the training optimizer is rebound to the new parameters
 with the same hyperparameters and a **reset state** (momentum buffers, Adam moments start at zero).
@@ -76,7 +124,8 @@ if TYPE_CHECKING:
 
 
 class StructuredPruning(Modifier):
-    """One-shot removal of whole output channels of conv/linear layers (see the module doc)."""
+    """One-shot removal of whole output channels of conv/linear layers, or (``units``) of attention
+    heads and FFN neurons of BERT-layout encoders to a MAC target (see the module doc)."""
 
     needs_gradients: ClassVar[bool] = True
     restructures: ClassVar[bool] = True
