@@ -161,3 +161,19 @@ def test_a_structured_run_resumes_to_the_same_weights(recipe: Path, ran: Path, m
     a = load_checkpoint(ran / "checkpoint.pt")["model"]
     b = load_checkpoint(cut / "checkpoint.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_latency_bench_times_exported_sentence_encoders(ran: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import onnx_latency  # bench/ is scripts, not a package
+
+    output = ran / "small.onnx"
+    if not output.is_file():
+        test_export_gives_the_smaller_encoder_verified_by_onnxruntime(ran, ran.parent / "encoder")
+    files = {"a": {"onnx": output}, "b": {"onnx": output}}
+    times = onnx_latency.time_models(files, rounds=1, reps=1, seq=16)
+    assert set(times) == {(m, b, t) for m in files for b in (1, 32) for t in (1, 2)}
+    text = onnx_latency.files_table(files, times, seq=16)
+    assert "sequence length 16" in text and f"| a | {onnx_latency.onnx_parameters(output):,} |" in text
