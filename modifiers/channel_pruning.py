@@ -563,10 +563,14 @@ class GroupOBSImportance(tp.importance.Importance):
 # ---------------------------------------------------------------------- transformer units: scores
 
 
+#: (parameter, unit of each flat entry, alive entries, the axis units index: 0 rows, 1 columns)
+UnitSlices = tuple[nn.Parameter, torch.Tensor, torch.Tensor, int]
+
+
 def unit_coordinates(
     layers: dict[str, EncoderLayer], chosen: list[tuple[str, tuple[str, ...]]], consumers_only: bool = False
-) -> list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
-    """Per parameter the units live in: (param, unit of each flat entry or -1, alive).
+) -> list[UnitSlices]:
+    """Per parameter the units live in: (param, unit of each flat entry, alive, axis).
 
     Units are numbered as ``StructuredPruning._units_of`` lists them (per chosen layer and kind, in
     index order). A head owns its rows of query, key and value (weights, biases) and its input
@@ -574,7 +578,7 @@ def unit_coordinates(
     and its column of ``output.dense``. ``consumers_only``: the output-projection columns alone.
     ``alive``: not masked off by an unstructured pruner.
     """
-    out: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+    out: list[UnitSlices] = []
     base = 0
     for key, kinds in chosen:
         layer = layers[key]
@@ -601,15 +605,15 @@ def unit_coordinates(
                     if mask is None
                     else mask.reshape(-1).cpu() > 0
                 )
-                out.append((param, owner.reshape(-1).clone(), alive))
+                out.append((param, owner.reshape(-1).clone(), alive, dim))
             base += count
     return out
 
 
-def unit_sq_norms(coords: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+def unit_sq_norms(coords: list[UnitSlices], n: int) -> torch.Tensor:
     """||w_Q||^2 per unit over its unmasked entries (float64, (n,))."""
     sq = torch.zeros(n, dtype=torch.float64)
-    for param, owner, alive in coords:
+    for param, owner, alive, _ in coords:
         w = param.detach().reshape(-1).to(torch.float64).cpu()
         sel = (owner >= 0) & alive
         sq.index_add_(0, owner[sel], w[sel].square())
@@ -623,6 +627,8 @@ class UnitOBSImportance:
     block per tensor and one lambda for all (relative: damp times the mean Fisher diagonal over all
     scored unmasked entries), so the saliencies of all layers are measured under one F and can be
     ranked together. ``update(chosen)`` applies the OBS update of removing those units, per block.
+    A block whose units are columns is scored transposed (each unit's entries consecutive: the
+    saliency's no-gather path; F's value does not depend on the order of a block's coordinates).
     """
 
     def __init__(
@@ -630,48 +636,57 @@ class UnitOBSImportance:
     ) -> None:
         self.sampler, self.num_grads, self.batch_size = sampler, num_grads, batch_size
         self.damp, self.key, self.relative = damp, key, relative
-        self._blocks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._blocks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, int, torch.Tensor]] = []
         self._lambda = damp
 
-    def __call__(self, coords: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+    def __call__(self, coords: list[UnitSlices], n: int) -> torch.Tensor:
         names = parameter_names(self.sampler.model)
         grads = self.sampler.sample(
-            [names[id(p)] for p, _, _ in coords], self.num_grads, self.batch_size, key=self.key
+            [names[id(c[0])] for c in coords], self.num_grads, self.batch_size, key=self.key
         )
-        alive = torch.cat([a for _, _, a in coords]).to(grads.device)
+        alive = torch.cat([c[2] for c in coords]).to(grads.device)
         self._lambda = damping(grads if bool(alive.all()) else grads[:, alive], self.damp, self.relative)
         saliency = torch.zeros(n, dtype=torch.float64)
         self._blocks = []
         offset = 0
-        for param, owner, live in coords:
+        for param, owner, live, dim in coords:
             size = param.numel()
             g32 = grads[:, offset : offset + size]
             offset += size
-            self._blocks.append((param, owner, live, g32))
-            g, w = self._block(param, live, g32)
-            saliency += schur_group_saliencies(g, w, owner, n, self._lambda)
+            self._blocks.append((param, owner, live, dim, g32))
+            g, w, own = self._block(param, owner, live, dim, g32)
+            lo, hi = int(own.min()), int(own.max())  # a block's units are consecutive ids
+            saliency[lo : hi + 1] += schur_group_saliencies(g, w, own - lo, hi - lo + 1, self._lambda)
         return saliency
 
     @staticmethod
     def _block(
-        param: nn.Parameter, live: torch.Tensor, g32: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        param: nn.Parameter, owner: torch.Tensor, live: torch.Tensor, dim: int, g32: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """float64 (gradients, weights, owner) of a block, masked entries zero, columns made rows."""
         g = g32.to(torch.float64).cpu()
-        g[:, ~live] = 0.0  # masked coordinates take no part
-        w = param.detach().reshape(-1).to(torch.float64).cpu().masked_fill(~live, 0.0)
-        return g, w
+        w = param.detach().reshape(-1).to(torch.float64).cpu()
+        if not bool(live.all()):
+            g[:, ~live] = 0.0  # masked coordinates take no part
+            w = w.masked_fill(~live, 0.0)
+        if dim == 1 and param.dim() == 2:
+            rows, cols = param.shape
+            g = g.view(-1, rows, cols).transpose(1, 2).reshape(g.shape[0], -1)
+            w, owner = w.view(rows, cols).t().reshape(-1), owner.view(rows, cols).t().reshape(-1)
+        return g, w, owner
 
     @torch.no_grad()
     def update(self, chosen: list[int]) -> None:
         """Move the kept weights of each block by dw_R = G_R^T K^-1 G_Q w_Q (Q: the ``chosen`` units)."""
         drop = torch.tensor(sorted(chosen), dtype=torch.int64)
-        for param, owner, live, g32 in self._blocks:
-            q = torch.isin(owner, drop)
-            if not q.any():
+        for param, owner, live, dim, g32 in self._blocks:
+            if not bool(torch.isin(owner, drop).any()):
                 continue
-            g, w = self._block(param, live, g32)
-            dw = schur_removal_update(g, w, q, self._lambda)
-            param.add_(dw.view_as(param).to(device=param.device, dtype=param.dtype))
+            g, w, own = self._block(param, owner, live, dim, g32)
+            dw = schur_removal_update(g, w, torch.isin(own, drop), self._lambda)
+            if dim == 1 and param.dim() == 2:
+                dw = dw.view(param.shape[1], param.shape[0]).t()
+            param.add_(dw.reshape(param.shape).to(device=param.device, dtype=param.dtype))
 
 
 # ---------------------------------------------------------------------- group -> parameter coordinates

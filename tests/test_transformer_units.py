@@ -219,3 +219,67 @@ def test_match_shapes_rebuilds_per_layer_head_counts_without_tracing():
     feed = {"input_ids": data.ids, "attention_mask": data.mask}
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(**feed).logits, model.eval()(**feed).logits)
+
+
+class FixedGradients:
+    """A sampler returning the same random gradients (m, d) for the names asked."""
+
+    def __init__(self, model, m: int = 6, seed: int = 0) -> None:
+        self.model, self.m, self.seed = model, m, seed
+
+    def sample(self, names, num_grads, batch_size, key=0):
+        params = dict(model_params(self.model))
+        d = sum(params[n].numel() for n in names)
+        return torch.randn(self.m, d, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float32)
+
+
+def model_params(model):
+    from compressor.params import normalize
+
+    return [(normalize(n), p) for n, p in model.named_parameters()]
+
+
+@pytest.mark.parametrize("scope", ["consumers", "group"])
+def test_unit_saliencies_and_the_obs_update_are_the_dense_group_obs_per_block(scope):
+    """rho_Q = w_Q^T ([F^-1]_QQ)^-1 w_Q / 2 summed over blocks, and dw = -F^-1 e_Q ([F^-1]_QQ)^-1 w_Q,
+    with F = lambda*I + G^T G / m per tensor, computed densely (columns owned by units included)."""
+    from modifiers.channel_pruning import UnitOBSImportance, unit_coordinates
+
+    model = _model()
+    layers = {f"bert.encoder.layer.{i}": x for i, x in enumerate(encoder_layers(model))}
+    chosen = [(k, ("heads", "neurons")) for k in layers]
+    coords = unit_coordinates(layers, chosen, consumers_only=scope == "consumers")
+    n = sum(x.heads + x.neurons for x in layers.values())
+    sampler = FixedGradients(model)
+    obs = UnitOBSImportance(sampler, 6, 4, damp=0.5, relative=True)
+    got = obs(coords, n)
+    grads = sampler.sample(_names(model, coords), 6, 4)
+    lam = 0.5 * float(grads.double().square().mean())
+    want = torch.zeros(n, dtype=torch.float64)
+    finvs, offset = [], 0
+    for param, owner, _, _ in coords:
+        g = grads[:, offset : offset + param.numel()].double()
+        offset += param.numel()
+        finv = torch.linalg.inv(lam * torch.eye(g.shape[1], dtype=torch.float64) + g.T @ g / g.shape[0])
+        w = param.detach().reshape(-1).double()
+        finvs.append(finv)
+        for u in owner.unique().tolist():
+            q = (owner == u).nonzero().flatten()
+            want[u] += w[q] @ torch.linalg.solve(finv[q][:, q], w[q]) / 2
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+    chosen_units = [0, 3, n - 1, n - 5]
+    before = [p.detach().clone().reshape(-1).double() for p, _, _, _ in coords]
+    obs.update(chosen_units)
+    for (param, owner, _, _), finv, w in zip(coords, finvs, before, strict=True):
+        q = torch.isin(owner, torch.tensor(chosen_units)).nonzero().flatten()
+        if len(q) == 0:
+            assert torch.equal(param.detach().reshape(-1).double(), w)
+            continue
+        u = torch.zeros_like(w)
+        u[q] = torch.linalg.solve(finv[q][:, q], w[q])
+        torch.testing.assert_close(param.detach().reshape(-1).double(), w - finv @ u, rtol=0, atol=1e-5)
+
+
+def _names(model, coords):
+    ids = {id(p): n for n, p in model_params(model)}
+    return [ids[id(p)] for p, _, _, _ in coords]
