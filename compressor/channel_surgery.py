@@ -40,6 +40,7 @@ from torch import nn
 from .errors import CompressorError
 from .masks import MASK_SUFFIX, MaskSet
 from .params import normalize
+from .transformer_surgery import match_encoder_shapes
 
 if TYPE_CHECKING:
     from .session import Session
@@ -116,8 +117,10 @@ def feeds_output(group: Any) -> bool:
 def match_shapes(model: nn.Module, state_dict: Mapping[str, Any], example_inputs: Any) -> bool:
     """Remove channels from ``model`` until its parameters and buffers have ``state_dict``'s shapes.
 
-    For a checkpoint of a channel-pruned model, loaded into a model built afresh: for every Conv or
-    Linear layer with more output channels than the state dict's weight, its trailing channels are
+    For a checkpoint of a channel-pruned model, loaded into a model built afresh. Encoder layers of
+    the BERT layout first lose their trailing attention heads and FFN neurons (whole heads, by
+    layout, no tracing: ``compressor.transformer_surgery.match_encoder_shapes``). Then, for every
+    Conv or Linear layer with more output channels than the state dict's weight, its trailing channels are
     removed through torch-pruning's dependency graph (coupled layers, batch-norm and the consumers'
     input channels shrink with it). Values are not meaningful afterwards: load the state dict next.
     Mask buffers (``<leaf>_mask``) are resized with their parameter.
@@ -137,6 +140,10 @@ def match_shapes(model: nn.Module, state_dict: Mapping[str, Any], example_inputs
     targets = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     if not _mismatches(model, targets):
         return False
+    if match_encoder_shapes(model, targets):  # attention heads / FFN neurons: by layout, no tracing
+        _resize_mask_buffers(model, targets)
+        if not _mismatches(model, targets):
+            return True
     graph = dependency_graph(model, example_inputs)
     modules = dict(model.named_modules())
     changed = True

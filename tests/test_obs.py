@@ -285,6 +285,21 @@ def test_schur_group_saliencies_equal_the_dense_submatrix_form(gen: torch.Genera
     assert int((owner == 0).sum()) > m
 
 
+def test_schur_group_saliencies_of_equal_runs_equal_the_general_path(
+    gen: torch.Generator,
+) -> None:
+    """Groups in consecutive runs of one size (a matrix's rows) take the no-gather path: same values
+    as the same coordinates shuffled (the general path), whatever the chunking."""
+    m, groups, k = 5, 7, 4
+    grads, w, lam = _problem(gen, m, groups * k)
+    owner = torch.arange(groups).repeat_interleave(k)
+    perm = torch.randperm(groups * k, generator=gen)
+    shuffled = schur_group_saliencies(grads[:, perm], w[perm], owner[perm], groups, lam)
+    for chunk_bytes in (1, 1 << 30):
+        got = schur_group_saliencies(grads, w, owner, groups, lam, chunk_bytes=chunk_bytes)
+        _close(got, shuffled, 1e-10)
+
+
 def test_schur_removal_update_is_the_dense_obs_update(gen: torch.Generator) -> None:
     """dw = -F^-1 e_Q ([F^-1]_QQ)^-1 w_Q for a set Q larger than m; w_Q + dw_Q = 0 exactly."""
     m, d = 6, 40

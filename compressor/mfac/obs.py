@@ -264,6 +264,17 @@ def _group_grams(
     device = gs.device
     counts = torch.bincount(groups, minlength=num_groups)
     kmax = int(counts.max()) if counts.numel() else 0
+    if (
+        kmax
+        and bool((counts == kmax).all())
+        and torch.equal(groups, torch.arange(num_groups, device=device).repeat_interleave(kmax))
+    ):  # consecutive runs of equal size (rows, or transposed columns, of a matrix): views, no gather
+        per = max(1, chunk_bytes // (8 * m * (kmax + m)))
+        for s in range(0, num_groups, per):
+            e = min(num_groups, s + per)
+            x = gs[:, s * kmax : e * kmax].reshape(m, e - s, kmax).transpose(0, 1)  # (c, m, kmax)
+            yield torch.arange(s, e, device=device), torch.bmm(x, x.transpose(1, 2))
+        return
     order = torch.argsort(groups, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(len(groups), device=device) - starts[groups[order]]
