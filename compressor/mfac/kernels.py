@@ -515,16 +515,7 @@ def factor_blocks(
     m = grads.shape[0]
     if size < m:  # a block narrower than m is static.py's direct form, not Woodbury
         return None
-    if (
-        m > FUSED_MAX_GRADS
-        or size > FUSED_MAX_BLOCK
-        or grads.dtype not in (torch.float32, torch.float64)
-        or grads.dim() != 2
-        or grads.stride(1) != 1
-        or diag.dtype != grads.dtype
-        or diag.device != grads.device
-        or not diag.is_contiguous()
-    ):
+    if m > FUSED_MAX_GRADS or size > FUSED_MAX_BLOCK or not _rows_and_diag_fit(grads, diag):
         return None
     ext = _module_for(grads)
     if ext is None or not _chosen("factor_blocks", grads, m, size):
@@ -533,6 +524,19 @@ def factor_blocks(
     factor = torch.empty(blocks, m, size, dtype=grads.dtype, device=grads.device)
     failed = ext.factor_blocks(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
     return factor if failed < 0 else None
+
+
+def _rows_and_diag_fit(grads: torch.Tensor, diag: torch.Tensor) -> bool:
+    """Whether the fused block kernels take ``grads`` (m, d) float32/64 with unit column stride and
+    write ``diag`` (contiguous, of its dtype and device)."""
+    return (
+        grads.dtype in (torch.float32, torch.float64)
+        and grads.dim() == 2
+        and grads.stride(1) == 1
+        and diag.dtype == grads.dtype
+        and diag.device == grads.device
+        and diag.is_contiguous()
+    )
 
 
 def direct_blocks(
@@ -544,16 +548,7 @@ def direct_blocks(
     their ``diag``. None as for ``factor_blocks`` (the PyTorch path then runs and raises its errors).
     """
     m = grads.shape[0]
-    if (
-        size >= m
-        or size > DIRECT_MAX_BLOCK
-        or grads.dtype not in (torch.float32, torch.float64)
-        or grads.dim() != 2
-        or grads.stride(1) != 1
-        or diag.dtype != grads.dtype
-        or diag.device != grads.device
-        or not diag.is_contiguous()
-    ):
+    if size >= m or size > DIRECT_MAX_BLOCK or not _rows_and_diag_fit(grads, diag):
         return None
     ext = _module_for(grads)
     if ext is None or not hasattr(ext, "direct_blocks") or not _chosen("direct_blocks", grads, m, size):
