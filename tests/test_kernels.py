@@ -26,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -449,6 +450,57 @@ def test_a_first_build_says_what_it_waits_for_and_a_cached_one_is_silent(monkeyp
     (tmp_path / built[0] / f"{built[0]}.so").write_bytes(b"")  # what a finished build leaves
     kernels._build("cpu")
     assert capsys.readouterr().err == ""
+
+
+def test_a_lock_file_left_by_a_killed_build_does_not_hang_the_next(monkeypatch, tmp_path, capsys):
+    """torch's ``lock`` file survives a build killed midway; the next build removes it and goes on."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    seen = []
+
+    def fake_load(name, build_directory, **kwargs):
+        seen.append((Path(build_directory) / "lock").exists())  # torch's own baton would wait on it
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    where = kernels.build_dir("cpu")
+    where.mkdir(parents=True)
+    (where / "lock").write_bytes(b"")  # what a killed torch build leaves
+    assert kernels._build("cpu") == "module"
+    assert seen == [False]
+    assert "left by a build that was killed" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl")
+def test_a_build_in_progress_in_another_process_is_waited_for(monkeypatch, tmp_path):
+    """While another live process holds the build lock, its ``lock`` file is not touched."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
+    where = kernels.build_dir("cpu")
+    where.mkdir(parents=True)
+    (where / "lock").write_bytes(b"")
+    holder = subprocess.Popen(  # holds the OS lock for 1.5 s, then removes its lock file and exits
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; f = open(sys.argv[1] + '/build.flock', 'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.5); "
+            "os.unlink(sys.argv[1] + '/lock')",
+            str(where),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    began = time.perf_counter()
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: "module")
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
+    assert kernels._build("cpu") == "module"
+    assert time.perf_counter() - began >= 1.0  # it waited for the live build
+    assert holder.wait(10) == 0  # and the holder found its own lock file still there
 
 
 def test_a_background_build_runs_while_the_caller_works_and_module_waits_for_it(monkeypatch, capsys):

@@ -227,16 +227,17 @@ def _build(kind: str) -> ModuleType:
     from torch.utils.cpp_extension import load  # imports setuptools: only when building
 
     try:
-        built = load(
-            name=name,
-            sources=[str(src / f) for f in files if not f.endswith(".h")],
-            extra_cflags=flags,
-            extra_cuda_cflags=cuda_flags,
-            extra_ldflags=["-fopenmp"] if kind == "cpu" else None,
-            extra_include_paths=[str(src)],
-            build_directory=str(where),
-            verbose=False,
-        )
+        with _build_guard(where):
+            built = load(
+                name=name,
+                sources=[str(src / f) for f in files if not f.endswith(".h")],
+                extra_cflags=flags,
+                extra_cuda_cflags=cuda_flags,
+                extra_ldflags=["-fopenmp"] if kind == "cpu" else None,
+                extra_include_paths=[str(src)],
+                build_directory=str(where),
+                verbose=False,
+            )
     except Exception as exc:
         if "Error building extension" in str(exc):  # the compiler ran and failed: do not retry in auto
             with contextlib.suppress(OSError):
@@ -245,6 +246,34 @@ def _build(kind: str) -> ModuleType:
     if fresh:
         _say(f"the M-FAC {kind} kernels are built ({time.perf_counter() - began:.0f} s)")
     return built
+
+
+@contextlib.contextmanager
+def _build_guard(where: Path) -> Iterator[None]:
+    """Hold an OS lock on ``where`` for a build, and clear torch's lock file left by a killed one.
+
+    ``torch.utils.cpp_extension.load`` serializes builds with a plain ``lock`` file, which a build
+    killed midway (Ctrl-C, a timeout) leaves behind: every later run would wait for it forever. The
+    ``fcntl`` lock taken here is released by the OS when its process dies, so while it is held no
+    other compressor process is building in ``where`` and a ``lock`` file there is stale.
+    Without ``fcntl`` (Windows) this only yields.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(where / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # another process's build: wait for it (it is alive)
+        try:
+            stale = where / "lock"
+            if stale.exists():
+                _say(f"removing {stale}, left by a build that was killed")
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _say(message: str) -> None:
