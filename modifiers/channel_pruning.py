@@ -79,7 +79,12 @@ The ranking score is importance per MAC, the unit's importance divided by its co
     of ``num_grads`` sampled gradients of the dense model, with one lambda for all layers (relative:
     damp times the mean Fisher diagonal over every scored entry), so that all saliencies are
     measured under one block-diagonal F and can be ranked globally; ``obs_update`` then moves the
-    kept weights of each scored tensor for all its removed units at once.
+    kept weights of each scored tensor for all its removed units at once. ``scope: unit`` (units
+    only) makes each unit, all its weights across tensors, one Fisher block of its own: the
+    saliency is then w_Q^T F_QQ w_Q / 2 = (lambda ||w_Q||^2 + mean_i (g_i . w_Q)^2) / 2 and there is
+    no OBS update. With tensor blocks m << the tensor's size lets the rest of the tensor absorb the
+    gradient term, so those saliencies approach lambda ||w_Q||^2 / 2, magnitude's ranking
+    (bench/results/quality_minilm.md, part i).
 
 The surgery calls torch-pruning's linear-layer pruners on the six linears (the grouping is fixed by
 the layout, not traced, so it holds for eager and SDPA attention alike), carrying masks of other
@@ -172,8 +177,10 @@ class StructuredPruning(Modifier):
         description="second_order: lambda = damp * mean(diag(G^T G / m)) of each layer's gradients",
     )
     obs_update: bool = Field(True, description="second_order: move the kept weights by the OBS update")
-    scope: Literal["consumers", "group"] = Field(
-        "consumers", description="second_order: the weights Q scored (see the module doc)"
+    scope: Literal["consumers", "group", "unit"] = Field(
+        "consumers",
+        description="second_order: the weights Q scored and F's blocks (see the module doc); unit: "
+        "units only, one Fisher block per unit",
     )
 
     _layers: list[str] = PrivateAttr(default_factory=list)
@@ -197,6 +204,8 @@ class StructuredPruning(Modifier):
                 raise ValueError("units take mac_sparsity, not channel_sparsity")
             if len(set(self.units)) != len(self.units):
                 raise ValueError(f"units lists a kind twice: {self.units}")
+        if self.scope == "unit" and self.units is None:
+            raise ValueError("scope: unit (one Fisher block per head / neuron) needs units")
         return self
 
     def parameter_patterns(self) -> list[str]:
@@ -427,6 +436,7 @@ class StructuredPruning(Modifier):
                 self.damp,
                 key=session.step * 1000,
                 relative=self.relative_damp,
+                per_unit=self.scope == "unit",
             )
             scores = obs(coords, len(units))
         ratio = scores / costs  # loss (or squared magnitude) per MAC saved
@@ -629,13 +639,28 @@ class UnitOBSImportance:
     ranked together. ``update(chosen)`` applies the OBS update of removing those units, per block.
     A block whose units are columns is scored transposed (each unit's entries consecutive: the
     saliency's no-gather path; F's value does not depend on the order of a block's coordinates).
+
+    ``per_unit`` (``scope: unit``): F is block-diagonal with one block per unit instead, all of the
+    unit's weights across its tensors. Then [F^-1]_QQ^-1 = F_QQ and the saliency is
+    w_Q^T F_QQ w_Q / 2 = (lambda ||w_Q||^2 + mean_i (g_i . w_Q)^2) / 2 (g_i . w_Q summed over the
+    unit's tensors before squaring), and the OBS update is zero: no kept weight shares a block with
+    a removed one. (With a tensor's block the other m-dimensional directions of the tensor absorb
+    G_Q w_Q almost entirely when the tensor is much wider than m, and the saliency tends to
+    lambda ||w_Q||^2 / 2: magnitude's ranking.)
     """
 
     def __init__(
-        self, sampler: Any, num_grads: int, batch_size: int, damp: float, key: int = 0, relative: bool = True
+        self,
+        sampler: Any,
+        num_grads: int,
+        batch_size: int,
+        damp: float,
+        key: int = 0,
+        relative: bool = True,
+        per_unit: bool = False,
     ) -> None:
         self.sampler, self.num_grads, self.batch_size = sampler, num_grads, batch_size
-        self.damp, self.key, self.relative = damp, key, relative
+        self.damp, self.key, self.relative, self.per_unit = damp, key, relative, per_unit
         self._blocks: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, int, torch.Tensor]] = []
         self._lambda = damp
 
@@ -648,6 +673,8 @@ class UnitOBSImportance:
         self._lambda = damping(grads if bool(alive.all()) else grads[:, alive], self.damp, self.relative)
         saliency = torch.zeros(n, dtype=torch.float64)
         self._blocks = []
+        if self.per_unit:
+            return self._per_unit(coords, grads, n)
         offset = 0
         for param, owner, live, dim in coords:
             size = param.numel()
@@ -658,6 +685,18 @@ class UnitOBSImportance:
             lo, hi = int(own.min()), int(own.max())  # a block's units are consecutive ids
             saliency[lo : hi + 1] += schur_group_saliencies(g, w, own - lo, hi - lo + 1, self._lambda)
         return saliency
+
+    def _per_unit(self, coords: list[UnitSlices], grads: torch.Tensor, n: int) -> torch.Tensor:
+        """(lambda ||w_Q||^2 + ||G_Q w_Q||^2 / m) / 2 per unit: F_QQ of one block per unit."""
+        m = grads.shape[0]
+        gw = torch.zeros(m, n, dtype=torch.float64)  # G_Q w_Q, summed over the unit's tensors
+        offset = 0
+        for param, owner, live, dim in coords:
+            size = param.numel()
+            g, w, own = self._block(param, owner, live, dim, grads[:, offset : offset + size])
+            offset += size
+            gw.index_add_(1, own, g * w)
+        return (self._lambda * unit_sq_norms(coords, n) + gw.square().sum(dim=0) / m) / 2.0
 
     @staticmethod
     def _block(

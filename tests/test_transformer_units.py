@@ -114,12 +114,14 @@ def _masked_dense(dense, removed_heads: dict[int, list[int]], removed_neurons: d
     return ref
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "second_order"])
-def test_whole_heads_and_neurons_go_and_the_model_equals_the_masked_dense_one(importance):
+@pytest.mark.parametrize(
+    "importance, scope", [("magnitude", "consumers"), ("second_order", "consumers"), ("second_order", "unit")]
+)
+def test_whole_heads_and_neurons_go_and_the_model_equals_the_masked_dense_one(importance, scope):
     dense = _model()
     model = copy.deepcopy(dense)
     total = encoder_macs(encoder_layers(dense))
-    session, modifier = _prune(model, importance=importance, obs_update=False)
+    session, modifier = _prune(model, importance=importance, obs_update=scope == "unit", scope=scope)
     heads, neurons = {}, {}
     for i, (new, old) in enumerate(zip(encoder_layers(model), encoder_layers(dense), strict=True)):
         q = _kept_heads(new.query.weight, old.query.weight, 0)
@@ -283,3 +285,38 @@ def test_unit_saliencies_and_the_obs_update_are_the_dense_group_obs_per_block(sc
 def _names(model, coords):
     ids = {id(p): n for n, p in model_params(model)}
     return [ids[id(p)] for p, _, _, _ in coords]
+
+
+def test_unit_scope_is_the_dense_fisher_block_of_each_unit_and_moves_nothing():
+    """scope: unit: F block-diagonal with one block per unit (all its weights, across tensors), so
+    rho_Q = w_Q^T F_QQ w_Q / 2 with F_QQ = lambda*I + G_Q^T G_Q / m built densely; no OBS update."""
+    from modifiers.channel_pruning import UnitOBSImportance, unit_coordinates
+
+    model = _model()
+    layers = {f"bert.encoder.layer.{i}": x for i, x in enumerate(encoder_layers(model))}
+    chosen = [(k, ("heads", "neurons")) for k in layers]
+    coords = unit_coordinates(layers, chosen)
+    n = sum(x.heads + x.neurons for x in layers.values())
+    sampler = FixedGradients(model, m=7, seed=3)
+    obs = UnitOBSImportance(sampler, 7, 4, damp=0.3, relative=True, per_unit=True)
+    got = obs(coords, n)
+    grads = sampler.sample(_names(model, coords), 7, 4).double()
+    lam = 0.3 * float(grads.square().mean())
+    owner = torch.cat([o for _, o, _, _ in coords])
+    w = torch.cat([p.detach().reshape(-1).double() for p, _, _, _ in coords])
+    want = torch.zeros(n, dtype=torch.float64)
+    for u in range(n):
+        q = (owner == u).nonzero().flatten()
+        f_qq = lam * torch.eye(len(q), dtype=torch.float64) + grads[:, q].T @ grads[:, q] / grads.shape[0]
+        want[u] = w[q] @ f_qq @ w[q] / 2
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0.0)
+    magnitude = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, w.square())
+    assert (got - lam * magnitude / 2).min() > 0  # the gradient term counts
+    before = [p.detach().clone() for p, _, _, _ in coords]
+    obs.update([0, 3, n - 1])
+    assert all(torch.equal(p.detach(), b) for (p, _, _, _), b in zip(coords, before, strict=True))
+
+
+def test_unit_scope_needs_units():
+    with pytest.raises(ValueError, match="scope: unit"):
+        StructuredPruning(type="StructuredPruning", params=[LINEARS], channel_sparsity=0.5, scope="unit")
