@@ -14,6 +14,11 @@ h) gradual to 80% with fine-tuning: recipes/minilm_mfac_gradual.yaml against
    recipes/minilm_magnitude_gradual.yaml (the same schedule and training: 30% at step 0, cubic to
    80% at epoch 2, a third epoch of recovery) and recipes/minilm_dense_finetune.yaml (the dense
    model fine-tuned for as long), each run to the end by ``compressor.trainer.run`` per seed.
+i) structured: heads and FFN neurons removed together to 50% of the encoder's MACs
+   (recipes/minilm_structured.yaml: group OBS per MAC with one Fisher block per unit, with tensor
+   blocks, and magnitude per MAC), then 1 epoch of AdamW recovery; recipes/minilm_dense.yaml is
+   the dense model trained for the same epoch. The seed-0 models are exported to ONNX sentence
+   encoders and timed together in onnxruntime (batch 1 and 32, 1 and 2 threads, length 128).
 j) fine-tuning the dense model: the M-FAC optimizer (``compressor.mfac.MFAC`` over every parameter,
    m = 64 gradients: the paper's m = 1024 would need 93 GB for MiniLM's 22.7M parameters) against
    AdamW, one epoch of batches of 32 pairs on 90% of the training split; the learning rate (and
@@ -26,6 +31,7 @@ and Fisher are the same for every structure: ``SharedFisherMFAC`` builds that Fi
 
     python bench/quality_minilm.py --parts g                    # about 2 h on 2 cores
     python bench/quality_minilm.py --parts h --seeds 0          # about 45 min per seed
+    python bench/quality_minilm.py --parts i --seeds 0          # about 25 min per seed, then latency
     python bench/quality_minilm.py --parts j                    # about 1 h
     python bench/quality_minilm.py --parts g --only "M-FAC 64x128 R1"
     python bench/quality_minilm.py --report                     # rebuild the report from the JSON
@@ -293,6 +299,128 @@ def h_tables(raw: dict[str, Any]) -> list[str]:
         ),
         "",
     ]
+    return out
+
+
+# ---------------------------------------------------------------- part i
+
+#: row label -> (recipe, variable overrides); the first row is the baseline of the speed-ups.
+I_RUNS: dict[str, tuple[str, dict[str, str]]] = {
+    "dense, 1 epoch": ("minilm_dense", {}),
+    "magnitude per MAC": ("minilm_structured", {"importance": "magnitude"}),
+    "group OBS per MAC, unit blocks": ("minilm_structured", {"scope": "unit"}),
+    "group OBS per MAC, tensor blocks (consumers)": ("minilm_structured", {"scope": "consumers"}),
+}
+I_LOGGED = ("mac_sparsity", "heads_removed", "neurons_removed")
+
+
+def part_i(
+    path: Path, runs: Path, seeds: list[int], only: str | None = None, rounds: int = 15
+) -> dict[str, Any]:
+    """Each I_RUNS recipe per seed (``compressor.trainer.run``, then ``export_checkpoint`` to the
+    sentence encoder), then onnxruntime latency of the seed-0 exports, timed together in one process
+    (``bench/onnx_latency.py``'s interleaved rounds) at sequence length 128."""
+    from exporters.export import export_checkpoint
+
+    raw = load(path)
+    rows = raw.setdefault("rows", {})
+    for seed in seeds:
+        for label, (name, overrides) in I_RUNS.items():
+            if (only is not None and label != only) or str(seed) in rows.get(label, {}):
+                continue
+            folder = (
+                runs / f"i-{label.split(',')[0].replace(' ', '_')}-{overrides.get('scope', '')}-seed{seed}"
+            )
+            summary = run(
+                ROOT / "recipes" / f"{name}.yaml",
+                folder,
+                overrides={**overrides, "seed": str(seed)},
+                progress=False,
+            )
+            export_checkpoint(folder / "checkpoint.pt", folder / "model.onnx", batch="dynamic")
+            metrics = {k: float(v) for k, v in summary["eval"].items()}
+            metrics["parameters"] = float(summary["parameters"])
+            metrics["wall_time_s"] = float(summary["wall_time_s"])
+            metrics.update(logged(folder / "metrics.csv", I_LOGGED))
+            metrics["onnx"] = str(folder / "model.onnx")
+            rows.setdefault(label, {})[str(seed)] = metrics
+            raw["dense"] = {k: float(v) for k, v in summary.get("dense_eval", {}).items()}
+            save(path, raw)
+            print(
+                f"{label} seed {seed}: " + fmt({k: v for k, v in metrics.items() if k != "onnx"}), flush=True
+            )
+    files = {
+        label: {"onnx": Path(got["0"]["onnx"])}
+        for label, got in rows.items()
+        if "0" in got and Path(got["0"]["onnx"]).is_file()
+    }
+    if len(files) > 1 and only is None:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from onnx_latency import onnx_parameters, time_models
+
+        times = time_models(files, rounds=rounds, reps=10, seq=128)
+        raw["latency_ms"] = {
+            label: {f"b{b} t{t}": 1e3 * times[(label, b, t)] for b in (1, 32) for t in (1, 2)}
+            for label in files
+        }
+        raw["onnx_parameters"] = {label: onnx_parameters(info["onnx"]) for label, info in files.items()}
+        raw["latency_note"] = f"seed-0 exports, timed together on {time.strftime('%Y-%m-%d %H:%M')}"
+        save(path, raw)
+    return raw
+
+
+def logged(csv: Path, names: tuple[str, ...]) -> dict[str, float]:
+    """The last value of each of ``names`` in a run's metrics.csv."""
+    out: dict[str, float] = {}
+    for line in csv.read_text().splitlines()[1:]:
+        parts = line.split(",")
+        if len(parts) == 5 and parts[3] in names:
+            out[parts[3]] = float(parts[4])
+    return out
+
+
+def i_tables(raw: dict[str, Any]) -> list[str]:
+    rows, dense = raw.get("rows", {}), raw.get("dense", {})
+    base = dense.get("recall@1", math.nan)
+    out = [
+        "## i) Structured: heads and FFN neurons to 50% of the encoder's MACs, then 1 epoch of recovery",
+        "",
+        "`recipes/minilm_structured.yaml` (`--set importance=magnitude`, `--set scope=...`) against "
+        "`recipes/minilm_dense.yaml` (the dense model fine-tuned for the same epoch). The shipped dense "
+        f"model: recall@1 {base:.4f}, MRR@10 {dense.get('mrr@10', math.nan):.4f}.",
+        "",
+        "| model | " + " | ".join(METRICS) + " | recall@1 / dense | heads removed | neurons removed "
+        "| parameters |",
+        "|---" * (len(METRICS) + 5) + "|",
+    ]
+    for label, got in rows.items():
+        ms = list(got.values())
+        cells = [mean_std([m[k] for m in ms]) for k in METRICS]
+        kept = statistics.mean(m["recall@1"] for m in ms) / base
+        units = [
+            f"{statistics.mean(m.get(k, 0.0) for m in ms):.0f}" for k in ("heads_removed", "neurons_removed")
+        ]
+        params = f"{statistics.mean(m['parameters'] for m in ms):,.0f}"
+        out.append(
+            f"| {label} | " + " | ".join(cells) + f" | {kept:.1%} | " + " | ".join(units) + f" | {params} |"
+        )
+    lat = raw.get("latency_ms", {})
+    if lat:
+        first = next(iter(lat))
+        out += [
+            "",
+            f"onnxruntime latency of the exported sentence encoders, sequence length 128, median per call "
+            f"({raw.get('latency_note', '')}); speed-up = {first} / model:",
+            "",
+            "| model | ONNX parameters | b1 t1 | b1 t2 | b32 t1 | b32 t2 "
+            "| speed-up b1 t1 | b1 t2 | b32 t1 | b32 t2 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        keys = ("b1 t1", "b1 t2", "b32 t1", "b32 t2")
+        for label, ms in lat.items():
+            cells = [f"{ms[k]:.2f} ms" for k in keys] + [f"{lat[first][k] / ms[k]:.2f}x" for k in keys]
+            out.append(f"| {label} | {raw['onnx_parameters'][label]:,} | " + " | ".join(cells) + " |")
+    out.append("")
     return out
 
 
@@ -572,6 +700,9 @@ def write_report(results: Path = RESULTS) -> str:
     h = load(results / "quality_minilm_h.json")
     if h:
         lines += h_tables(h)
+    i = load(results / "quality_minilm_i.json")
+    if i:
+        lines += i_tables(i)
     j = load(results / "quality_minilm_j.json")
     if j:
         lines += j_tables(j)
@@ -584,9 +715,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--parts", default="g", help="parts to run (g, h, j)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="part h")
-    parser.add_argument("--runs", type=Path, default=Path("/tmp/quality_minilm"), help="part h's run folders")
+    parser.add_argument("--parts", default="g", help="parts to run (g, h, i, j)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="parts h and i")
+    parser.add_argument(
+        "--runs", type=Path, default=Path("/tmp/quality_minilm"), help="parts h and i: run folders"
+    )
     parser.add_argument("--only", help="run only the rows of this method label")
     parser.add_argument("--report", action="store_true", help="only rebuild the report")
     parser.add_argument("--model", default=MODEL)
@@ -597,6 +730,8 @@ def main() -> None:
         part_g(Job(args.model), args.results / "quality_minilm_g.json", args.only)
     if not args.report and "h" in args.parts:
         part_h(args.results / "quality_minilm_h.json", args.runs, args.seeds, args.only)
+    if not args.report and "i" in args.parts:
+        part_i(args.results / "quality_minilm_i.json", args.runs, args.seeds, args.only)
     if not args.report and "j" in args.parts:
         part_j(Job(args.model), args.results / "quality_minilm_j.json", args.only)
     print(write_report(args.results))

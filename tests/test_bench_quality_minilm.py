@@ -199,3 +199,63 @@ def test_write_report_has_every_part_present_and_the_plot(tmp_path):
     assert (tmp_path / "quality_minilm.md").read_text() == text
     assert (tmp_path / "quality_minilm_oneshot.png").read_bytes()[:4] == b"\x89PNG"
     assert "## g)" in text and "## h)" not in text and "## j)" not in text
+
+
+def test_part_i_runs_exports_and_times_the_seed0_models_together(tmp_path, monkeypatch):
+    import exporters.export as export_module
+
+    seen, timed = [], []
+
+    def fake_run(recipe, output, *, overrides, progress):
+        seen.append((Path(recipe).name, dict(overrides)))
+        output.mkdir(parents=True)
+        pruned = Path(recipe).name == "minilm_structured.yaml"
+        recall = {"magnitude": 0.50, "unit": 0.53, "consumers": 0.41}.get(
+            overrides.get("importance", overrides.get("scope")), 0.6
+        )
+        csv = "step,epoch,split,name,value\n"
+        if pruned:
+            csv += "0,0.0,train,mac_sparsity,0.5\n0,0.0,train,heads_removed,3.0\n"
+            csv += "0,0.0,train,neurons_removed,700.0\n"
+        (output / "metrics.csv").write_text(csv)
+        (output / "checkpoint.pt").write_bytes(b"")
+        return {
+            "eval": {"loss": 1.0, "recall@1": recall, "mrr@10": recall + 0.1, "mean_cosine": 0.8},
+            "dense_eval": {"recall@1": 0.56, "mrr@10": 0.66},
+            "parameters": 17_000_000 if pruned else 22_000_000,
+            "wall_time_s": 100.0,
+        }
+
+    def fake_export(checkpoint, onnx, batch):
+        assert batch == "dynamic"
+        Path(onnx).write_bytes(b"onnx")
+
+    def fake_time(files, rounds, reps, seq):
+        timed.append((list(files), seq))
+        return {
+            (label, b, t): (2.0 if label.startswith("dense") else 1.0) * b / t
+            for label in files
+            for b in (1, 32)
+            for t in (1, 2)
+        }
+
+    monkeypatch.setattr(qm, "run", fake_run)
+    monkeypatch.setattr(export_module, "export_checkpoint", fake_export)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import onnx_latency
+
+    monkeypatch.setattr(onnx_latency, "time_models", fake_time)
+    monkeypatch.setattr(onnx_latency, "onnx_parameters", lambda path: 123)
+    path = tmp_path / "i.json"
+    raw = qm.part_i(path, tmp_path / "runs", [0])
+    assert [name for name, _ in seen] == ["minilm_dense.yaml"] + ["minilm_structured.yaml"] * 3
+    assert all(o["seed"] == "0" for _, o in seen)
+    assert timed == [(list(qm.I_RUNS), 128)]  # all four models in one timing run
+    row = raw["rows"]["magnitude per MAC"]["0"]
+    assert row["heads_removed"] == 3.0 and row["neurons_removed"] == 700.0 and row["parameters"] == 17e6
+    assert qm.part_i(path, tmp_path / "runs", [0]) == qm.load(path) and len(seen) == 4  # resumed
+    text = "\n".join(qm.i_tables(qm.load(path)))
+    assert "| group OBS per MAC, unit blocks | 0.5300 (1 seed) |" in text and "| 94.6% | 3 | 700 |" in text
+    assert "| dense, 1 epoch | 123 | 2000.00 ms |" in text and "| 2.00x | 2.00x | 2.00x | 2.00x |" in text
+    for name, _ in qm.I_RUNS.values():
+        assert (ROOT / "recipes" / f"{name}.yaml").is_file()
