@@ -175,6 +175,8 @@ def row(
 ) -> list[str]:
     speedup = t["torch"] / t["kernel"]
     verdict = ("faster" if speedup > 1.0 else "slower") if used else "not dispatched"
+    if not used:  # the kernel does not apply to this shape: both columns timed the PyTorch path
+        auto_uses = "PyTorch (no kernel for this shape)"
     return [
         kernel,
         label,
