@@ -397,6 +397,18 @@ def test_shapes_the_kernels_refuse(kernels_on, gen):
     assert kernels.blocked_mul(W, xs, torch.empty(1, 32), 0, 8)
 
 
+def test_blocked_mul_takes_wide_blocks_only_when_there_are_many(kernels_on, monkeypatch):
+    """Blocks wider than MUL_MAX_BLOCK_BYTES: PyTorch's GEMVs for a few, the kernel for many."""
+    monkeypatch.setattr(kernels, "MUL_MAX_BLOCK_BYTES", 8 * 16 * 4 - 1)  # one (8, 16) float32 block
+    few, many = kernels.MUL_MIN_BLOCKS - 1, kernels.MUL_MIN_BLOCKS
+    assert not kernels.blocked_mul(
+        torch.zeros(few, 8, 16), torch.zeros(1, few * 16), torch.empty(1, few * 16), 0, 8
+    )
+    out = torch.empty(1, many * 16)
+    assert kernels.blocked_mul(torch.zeros(many, 8, 16), torch.ones(1, many * 16), out, 0, 8)
+    assert torch.equal(out, torch.ones(1, many * 16))  # x - W^T (W x) with W = 0
+
+
 # ------------------------------------------------------------------------------- mode and loader
 
 

@@ -76,8 +76,12 @@ import torch
 FUSED_MAX_GRADS = 128
 FUSED_MAX_BLOCK = 128
 #: ``blocked_mul`` is used when one block of W fits in this many bytes (it stays in L2 between
-#: the two products); wider blocks (the unblocked case) use PyTorch's two GEMVs.
+#: the two products), or when there are at least MUL_MIN_BLOCKS blocks: the kernel's threads split
+#: the blocks, and for blocks wider than L2 its two passes cost what two GEMVs do, where PyTorch's
+#: batched products with one column do not (m = B = 1024, d = 250,000: 0.6x two GEMVs against
+#: 1.7x, bench/results/kernels.md). A few wide blocks (the unblocked case) use PyTorch's GEMVs.
 MUL_MAX_BLOCK_BYTES = 1 << 20
+MUL_MIN_BLOCKS = 16
 #: The CUDA kernels compile and are tested by csrc/gpu_check.sh but have not been measured yet:
 #: ``auto`` leaves them off until a GPU run shows the 1.5x gain; ``on`` enables them.
 CUDA_IN_AUTO = False
@@ -632,7 +636,7 @@ def blocked_mul(
     if (
         m != num_grads
         or size < m
-        or m * size * factor.element_size() > MUL_MAX_BLOCK_BYTES
+        or (m * size * factor.element_size() > MUL_MAX_BLOCK_BYTES and blocks < MUL_MIN_BLOCKS)
         or not factor.is_contiguous()
         or xs.dtype != factor.dtype
         or out.dtype != factor.dtype
