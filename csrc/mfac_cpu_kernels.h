@@ -57,16 +57,45 @@ inline void storeu(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Horizontal sums as a tree of half-width vector adds (a 64-byte vector: 32-, then 16-byte halves,
+// then the last lanes). A lane-by-lane loop compiles to a serial chain of scalar adds (16 for a
+// float vector, ~64 cycles of latency), which dominated the kernels' short rows (B = 32: two vectors
+// per row, one sum per row) and their Gram tiles.
+typedef float vf4 __attribute__((vector_size(16)));
+typedef double vd2 __attribute__((vector_size(16)));
+#if defined(__AVX__) || defined(__AVX512F__)
+typedef float vf8 __attribute__((vector_size(32)));
+typedef double vd4 __attribute__((vector_size(32)));
+#endif
+
+template <typename H, typename V>
+inline H fold(const V& v) {  // the two halves of v, added
+  H lo, hi;
+  std::memcpy(&lo, &v, sizeof(H));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+  return lo + hi;
+}
+
 inline float hsum(const vf& v) {
-  float s = 0.0f;
-  for (int l = 0; l < VBYTES / 4; ++l) s += v[l];
-  return s;
+#if defined(__AVX512F__)
+  const vf4 q = fold<vf4>(fold<vf8>(v));
+#elif defined(__AVX__)
+  const vf4 q = fold<vf4>(v);
+#else
+  const vf4 q = v;
+#endif
+  return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 inline double hsum(const vd& v) {
-  double s = 0.0;
-  for (int l = 0; l < VBYTES / 8; ++l) s += v[l];
-  return s;
+#if defined(__AVX512F__)
+  const vd2 q = fold<vd2>(fold<vd4>(v));
+#elif defined(__AVX__)
+  const vd2 q = fold<vd2>(v);
+#else
+  const vd2 q = v;
+#endif
+  return q[0] + q[1];
 }
 
 constexpr int DL = VBYTES / 8;  // doubles per vector
