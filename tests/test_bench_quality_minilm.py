@@ -255,7 +255,10 @@ def test_part_i_runs_exports_and_times_the_seed0_models_together(tmp_path, monke
     assert row["heads_removed"] == 3.0 and row["neurons_removed"] == 700.0 and row["parameters"] == 17e6
     assert qm.part_i(path, tmp_path / "runs", [0]) == qm.load(path) and len(seen) == 4  # resumed
     text = "\n".join(qm.i_tables(qm.load(path)))
-    assert "| group OBS per MAC, unit blocks | 0.5300 (1 seed) |" in text and "| 94.6% | 3 | 700 |" in text
+    assert (
+        "| group OBS per MAC, unit blocks | 0.5300 (1 seed) |" in text
+        and "| 94.6% | 88.3% | 3 | 700 |" in text
+    )
     assert "| dense, 1 epoch | 123 | 2000.00 ms |" in text and "| 2.00x | 2.00x | 2.00x | 2.00x |" in text
     for name, _ in qm.I_RUNS.values():
         assert (ROOT / "recipes" / f"{name}.yaml").is_file()
