@@ -179,6 +179,7 @@ def test_one_update_matches_dense_obs_with_exactly_m_gradients(gen: torch.Genera
     _check_obs(session, before, masks, finv, [[q] for q in removed])
 
 
+@pytest.mark.filterwarnings("ignore:MFACPruning. the sampled empirical Fisher:UserWarning")  # random draws
 def test_obs_step_raises_a_quadratic_loss_by_exactly_the_predicted_saliency(gen: torch.Generator) -> None:
     """On L(w) = L* + 1/2 dw^T H dw with H = F = damp*I + G^T G / m (the Hessian M-FAC assumes), the
     pruning step removes the weight of least saliency w_q^2 / (2 [H^-1]_qq) and raises L by exactly
