@@ -263,7 +263,8 @@ def part_h(path: Path, runs: Path, seeds: list[int], only: str | None = None) ->
             metrics["sparsity"] = float(summary["sparsity"]["global"]) if summary.get("sparsity") else 0.0
             metrics["wall_time_s"] = float(summary["wall_time_s"])
             rows.setdefault(label, {})[str(seed)] = metrics
-            raw["dense"] = {k: float(v) for k, v in summary.get("dense_eval", {}).items()}
+            if metrics["sparsity"] > 0:  # a pruned run's eval_at_start: the shipped dense model
+                raw["dense"] = {k: float(v) for k, v in summary.get("dense_eval", {}).items()}
             save(path, raw)
             print(f"{label} seed {seed}: " + fmt(metrics), flush=True)
     return raw
@@ -344,7 +345,8 @@ def part_i(
             metrics.update(logged(folder / "metrics.csv", I_LOGGED))
             metrics["onnx"] = str(folder / "model.onnx")
             rows.setdefault(label, {})[str(seed)] = metrics
-            raw["dense"] = {k: float(v) for k, v in summary.get("dense_eval", {}).items()}
+            if name != "minilm_dense":  # a pruned run's eval_at_start: the shipped dense model
+                raw["dense"] = {k: float(v) for k, v in summary.get("dense_eval", {}).items()}
             save(path, raw)
             print(
                 f"{label} seed {seed}: " + fmt({k: v for k, v in metrics.items() if k != "onnx"}), flush=True
