@@ -12,6 +12,8 @@ One row per kernel and configuration (m gradients, Fisher blocks of B), all time
 * factor_blocks: ``FisherInverse(G, damp, B)`` with the kernel (COMPRESSOR_KERNELS=on) vs the
   PyTorch path (=off). Floor: one GEMM ``G @ G.T``, the same ~2 m^2 d flops (the kernel does
   half a Gram and a triangular solve, both m^2 d, in float64).
+* factor_wide_blocks (rows with m > 128 or B > 128, B >= m): likewise; BLAS per block, one block
+  per thread (csrc/mfac_cpu_wide.h).
 * direct_blocks (rows with B < m): ``FisherInverse(G, damp, B)`` in its direct form, likewise.
 * blocked_mul: ``inv.mul(x)`` with the kernel vs the PyTorch path. Floor: one GEMV ``G @ x``, i.e.
   the bytes of W (m d values) at the bandwidth a GEMV reaches on this machine.
@@ -101,10 +103,17 @@ def bench_config(m: int, block: int, args: argparse.Namespace, device: torch.dev
             return FisherInverse(grads, damp, block)
 
     fast, slow = build("on"), build("off")  # warm-up; and the objects for mul
-    name = "direct_blocks" if block < m else "factor_blocks"
+    if block < m:
+        name = "direct_blocks"
+    elif m <= kernels.FUSED_MAX_GRADS and block <= kernels.FUSED_MAX_BLOCK:
+        name = "factor_blocks"
+    else:  # kernels.factor_blocks hands these to the extension's factor_wide_blocks
+        name = "factor_wide_blocks"
     with kernel_mode("on"):  # does the dispatch take the kernel for this shape?
-        one = torch.empty(block, device=device)
-        used = getattr(kernels, name)(grads, 0, 1, block, damp, one) is not None
+        nb = max(1, min(args.dim // block, 2 * torch.get_num_threads()))
+        some = torch.empty(nb * block, device=device)
+        run = kernels.direct_blocks if name == "direct_blocks" else kernels.factor_blocks
+        used = run(grads, 0, nb, block, damp, some) is not None
         w, xs = torch.zeros(1, m, block, device=device), torch.zeros(1, block, device=device)
         mul_used = kernels.blocked_mul(w, xs, torch.empty_like(xs), 0, m)
     label = f"m={m}, B={block}"

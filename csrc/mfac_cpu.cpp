@@ -7,6 +7,9 @@
 //                   fused float64 pass per block (G_b^T G_b, Cholesky, inverse).
 //   accumulate_blocks: the streamed block Fisher's sums S_b += G_b^T G_b (upper triangle, float64)
 //                   straight from float32 or float64 rows (block_fisher.py's add).
+//   factor_wide_blocks: the same outputs as factor_blocks for blocks too wide for its L2-resident
+//                   scratch (m = B = 1024): BLAS/LAPACK per block, one block per thread
+//                   (mfac_cpu_wide.h).
 //   blocked_mul:    y_b = x_b - W_b^T (W_b x_b) for every block and vector, one pass over W (the block
 //                   stays in cache between the two products). The caller divides by damp.
 //
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "mfac_cpu_kernels.h"
+#include "mfac_cpu_wide.h"
 
 namespace {
 
@@ -94,12 +98,9 @@ void check_rows(const torch::Tensor& t, const char* name) {
               " must be float32 or float64");
 }
 
-// grads: (m, >= nb*S), unit column stride (a view from the segment's first column). Writes W
-// (nb, m, S) and diag (nb*S), both contiguous, of the grads' dtype. Returns -1, or a block whose K
-// is not positive definite in float64 or holds NaN/Inf (the caller then runs the PyTorch path,
-// which raises the detailed error).
-int64_t factor_blocks(const torch::Tensor& grads, int64_t nb, int64_t S, double damp, torch::Tensor W,
-                      torch::Tensor diag) {
+// The arguments of factor_blocks and factor_wide_blocks.
+void check_factor_args(const torch::Tensor& grads, int64_t nb, int64_t S, double damp, const torch::Tensor& W,
+                       const torch::Tensor& diag) {
   check_rows(grads, "grads");
   const int64_t m = grads.size(0);
   TORCH_CHECK(m >= 1 && nb >= 1 && S >= 1 && grads.size(1) >= nb * S, "grads has fewer than nb*S columns");
@@ -110,12 +111,29 @@ int64_t factor_blocks(const torch::Tensor& grads, int64_t nb, int64_t S, double 
                   diag.scalar_type() == grads.scalar_type(),
               "diag must be a contiguous CPU tensor of nb*S values of the grads' dtype");
   TORCH_CHECK(damp > 0.0, "damp must be > 0");
+}
+
+// grads: (m, >= nb*S), unit column stride (a view from the segment's first column). Writes W
+// (nb, m, S) and diag (nb*S), both contiguous, of the grads' dtype. Returns -1, or a block whose K
+// is not positive definite in float64 or holds NaN/Inf (the caller then runs the PyTorch path,
+// which raises the detailed error).
+int64_t factor_blocks(const torch::Tensor& grads, int64_t nb, int64_t S, double damp, torch::Tensor W,
+                      torch::Tensor diag) {
+  check_factor_args(grads, nb, S, damp, W, diag);
+  const int64_t m = grads.size(0);
   int64_t failed = -1;
   AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "factor_blocks", [&] {
     failed = factor_blocks_impl<scalar_t>(grads.data_ptr<scalar_t>(), grads.stride(0), m, nb, S, damp,
                                           W.data_ptr<scalar_t>(), diag.data_ptr<scalar_t>());
   });
   return failed;
+}
+
+// As factor_blocks, for wide blocks (mfac_cpu_wide.h): BLAS per block, one block per thread.
+int64_t factor_wide_blocks(const torch::Tensor& grads, int64_t nb, int64_t S, double damp, torch::Tensor W,
+                           torch::Tensor diag) {
+  check_factor_args(grads, nb, S, damp, W, diag);
+  return mfac_cpu_wide::factor_wide_blocks(grads, nb, S, damp, W, diag);
 }
 
 // grads: (m, >= nb*S) as for factor_blocks. Writes P = damp * F_b^-1 (nb, S, S) and diag(F^-1)
@@ -179,6 +197,7 @@ void blocked_mul(const torch::Tensor& W, const torch::Tensor& x, torch::Tensor o
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "compressor.mfac CPU kernels (blocked static M-FAC)";
   mod.def("factor_blocks", &factor_blocks, "W_b = L^-1 G_b and diag(F^-1) for every block (fused, float64)");
+  mod.def("factor_wide_blocks", &factor_wide_blocks, "factor_blocks for wide blocks: BLAS per block, a block per thread");
   mod.def("direct_blocks", &direct_blocks, "P = damp * F_b^-1 and diag(F^-1) for blocks narrower than m (float64)");
   mod.def("accumulate_blocks", &accumulate_blocks, "upper triangle of S_b += G_b^T G_b, float64 sums");
   mod.def("blocked_mul", &blocked_mul, "x - W^T (W x) block by block, one pass over W");

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace mfac_cpu {
 
@@ -102,34 +103,56 @@ constexpr int DL = VBYTES / 8;  // doubles per vector
 constexpr int RT = 4;           // rows per register tile (and the padding of m)
 // Gram tiles: RT rows against GC rows (RT*GC accumulators + RT + GC operands in registers).
 constexpr int GC = NREG >= 32 ? 4 : 2;
-// Forward-substitution tiles: RT rows by up to TV vectors (RT*TV accumulators + RT multipliers + 1).
-constexpr int TV = NREG >= 32 ? 4 : 2;
+// Forward-substitution tiles: RT rows by up to TV vectors (RT*TV accumulators, TV operands and one
+// multiplier at a time: 16 of 16 registers with AVX2).
+constexpr int TV = NREG >= 32 ? 4 : 3;
 
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // ------------------------------------------------------------------------------------ factor_block
 
-// K[j][i] += row i . row j of A for rows i0..i0+RT and j0..j0+GC (A row-major, sp % DL == 0).
-inline void gram_tile(const double* A, int64_t mp, int64_t sp, int64_t i0, int64_t j0, double* K) {
-  vd acc[RT][GC];
+constexpr int FL = VBYTES / 4;  // floats per vector
+constexpr int64_t F32_GRAM_MIN = 8 * FL;
+
+// The lanes of v summed in float64 (a float32 vector: its two halves added in float32 first).
+inline double hsum_wide(const vd& v) { return hsum(v); }
+inline double hsum_wide(const vf& v) {
+  typedef float vh __attribute__((vector_size(VBYTES / 2)));
+  return hsum(__builtin_convertvector(fold<vh>(v), vd));
+}
+
+// K[j][i] = row i . row j of A for rows i0..i0+RT and j0..j0+GC (A row-major with row stride lda,
+// float64 or float32, sp a whole number of vectors): each lane sums sp / lanes products in T, then
+// the lanes are summed in float64.
+template <typename T>
+inline void gram_tile(const T* A, int64_t mp, int64_t lda, int64_t sp, int64_t i0, int64_t j0, double* K) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[RT][GC];
   for (int r = 0; r < RT; ++r)
-    for (int q = 0; q < GC; ++q) acc[r][q] = vd{};
-  for (int64_t c = 0; c < sp; c += DL) {
-    vd x[RT], y[GC];
-    for (int r = 0; r < RT; ++r) x[r] = loadu<vd>(A + (i0 + r) * sp + c);
-    for (int q = 0; q < GC; ++q) y[q] = loadu<vd>(A + (j0 + q) * sp + c);
+    for (int q = 0; q < GC; ++q) acc[r][q] = V{};
+  for (int64_t c = 0; c < sp; c += L) {
+    V x[RT], y[GC];
+    for (int r = 0; r < RT; ++r) x[r] = loadu<V>(A + (i0 + r) * lda + c);
+    for (int q = 0; q < GC; ++q) y[q] = loadu<V>(A + (j0 + q) * lda + c);
     for (int r = 0; r < RT; ++r)
       for (int q = 0; q < GC; ++q) acc[r][q] += x[r] * y[q];
   }
   for (int q = 0; q < GC; ++q)
-    for (int r = 0; r < RT; ++r) K[(j0 + q) * mp + i0 + r] = hsum(acc[r][q]);
+    for (int r = 0; r < RT; ++r) K[(j0 + q) * mp + i0 + r] = hsum_wide(acc[r][q]);
 }
 
-// Upper triangle of K = A A^T (K[j][i] for j <= i) for A (mp x sp) row-major, mp % RT == 0,
-// sp % DL == 0: RT x GC register tiles, dot products along the columns.
-inline void gram_upper(const double* A, int64_t mp, int64_t sp, double* K) {
+// Upper triangle of K = A A^T (K[j][i] for j <= i) for A (mp x sp, row stride lda) row-major,
+// mp % RT == 0, sp a whole number of vectors: RT x GC register tiles, dot products along the
+// columns. float64 rows: exact products of float32 inputs, float64 sums. float32 rows: float32
+// products and lane sums, as the PyTorch path's float32 GEMM forms its Gram matrix (there over all
+// d columns, here over the block's B), at twice the rate; factor_block uses them for rows of at
+// least F32_GRAM_MIN values only: on shorter ones the horizontal sums at the end of each tile cost
+// more than the float64 products save (measured: B = 32 slower, B = 128 faster, AVX2 and AVX-512).
+template <typename T>
+inline void gram_upper(const T* A, int64_t mp, int64_t lda, int64_t sp, double* K) {
   for (int64_t i0 = 0; i0 < mp; i0 += RT)
-    for (int64_t j0 = 0; j0 < i0 + RT; j0 += GC) gram_tile(A, mp, sp, i0, j0, K);
+    for (int64_t j0 = 0; j0 < i0 + RT; j0 += GC) gram_tile(A, mp, lda, sp, i0, j0, K);
 }
 
 // In-place Cholesky of the upper triangle of K (mp x mp, row-major, mp % RT == 0): K = U^T U, with
@@ -158,11 +181,20 @@ inline bool cholesky_upper(double* K, int64_t mp) {
     const double* u1 = K + (j0 + 1) * mp;
     const double* u2 = K + (j0 + 2) * mp;
     const double* u3 = K + (j0 + 3) * mp;
-    for (int64_t k = j0 + RT; k < mp; ++k) {  // trailing rows: K[k][i] -= sum_p U[p][k] U[p][i]
-      double* kk = K + k * mp;
+    // Trailing rows, two at a time (the four rows of U loaded once for both): K[k][i] -= sum_p
+    // U[p][k] U[p][i] for i >= k. mp - j0 - RT is a multiple of RT, so the rows come in pairs.
+    for (int64_t k = j0 + RT; k < mp; k += 2) {
+      double* k0 = K + k * mp;
+      double* k1 = k0 + mp;
       const double a0 = u0[k], a1 = u1[k], a2 = u2[k], a3 = u3[k];
+      const double b0 = u0[k + 1], b1 = u1[k + 1], b2 = u2[k + 1], b3 = u3[k + 1];
+      k0[k] -= a0 * u0[k] + a1 * u1[k] + a2 * u2[k] + a3 * u3[k];
 #pragma omp simd
-      for (int64_t i = k; i < mp; ++i) kk[i] -= a0 * u0[i] + a1 * u1[i] + a2 * u2[i] + a3 * u3[i];
+      for (int64_t i = k + 1; i < mp; ++i) {
+        const double v0 = u0[i], v1 = u1[i], v2 = u2[i], v3 = u3[i];
+        k0[i] -= a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3;
+        k1[i] -= b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3;
+      }
     }
   }
   return true;
@@ -189,13 +221,11 @@ inline void trsm_tile(const double* U, int64_t mp, double* A, int64_t sp, int64_
   for (int64_t j = 0; j < i0; ++j) {
     const double* aj = A + j * sp + c0;
     const double* uj = U + j * mp + i0;
-    const double l0 = uj[0], l1 = uj[1], l2 = uj[2], l3 = uj[3];
-    for (int q = 0; q < NV; ++q) {
-      const vd w = loadu<vd>(aj + q * DL);
-      acc[0][q] -= l0 * w;
-      acc[1][q] -= l1 * w;
-      acc[2][q] -= l2 * w;
-      acc[3][q] -= l3 * w;
+    vd w[NV];
+    for (int q = 0; q < NV; ++q) w[q] = loadu<vd>(aj + q * DL);
+    for (int r = 0; r < RT; ++r) {
+      const double l = uj[r];
+      for (int q = 0; q < NV; ++q) acc[r][q] -= l * w[q];
     }
   }
   for (int r = 0; r < RT; ++r) {  // the RT x RT diagonal triangle, row by row
@@ -218,7 +248,8 @@ inline void trsm_tile(const double* U, int64_t mp, double* A, int64_t sp, int64_
     for (int q = 0; q < NV; ++q) {
       const int64_t c = c0 + q * DL;
       if (c + DL <= out.S) {
-        for (int l = 0; l < DL; ++l) w[c + l] = static_cast<T>(acc[r][q][l]);
+        typedef T vt __attribute__((vector_size(DL * sizeof(T))));
+        storeu(w + c, __builtin_convertvector(acc[r][q], vt));
       } else {
         for (int l = 0; c + l < out.S; ++l) w[c + l] = static_cast<T>(acc[r][q][l]);
       }
@@ -237,30 +268,35 @@ inline void trsm_lower(const double* U, int64_t mp, double* A, int64_t sp, const
   }
 }
 
-// Scratch for factor_block: A (mp x sp) and K (mp x mp) in float64, colsum (sp). Zero-initialised
-// once: the padding (rows m..mp, columns S..sp of A) stays zero from block to block, because zero
+// Scratch for factor_block: A (mp x sp) and K (mp x mp) in float64, colsum (sp), and Af, a float32
+// copy of G (mp x spf) for the Gram matrix of float32 inputs. Zero-initialised once: the padding
+// (rows m..mp, columns S..sp of A and S..spf of Af) stays zero from block to block, because zero
 // rows of G give zero off-diagonal rows of L and zero rows of W.
 struct Scratch {
-  int64_t m, S, mp, sp;
+  int64_t m, S, mp, sp, spf;
   double *A, *K, *colsum;
+  float* Af;
 };
 
 inline int64_t scratch_doubles(int64_t m, int64_t S) {
-  const int64_t mp = round_up(m, RT), sp = round_up(S, DL);
-  return mp * sp + mp * mp + sp;
+  const int64_t mp = round_up(m, RT), sp = round_up(S, DL), spf = round_up(S, FL);
+  return mp * sp + mp * mp + sp + (mp * spf + 1) / 2;
 }
 
 inline Scratch make_scratch(int64_t m, int64_t S, double* buf) {
-  Scratch s{m, S, round_up(m, RT), round_up(S, DL), nullptr, nullptr, nullptr};
+  Scratch s{m, S, round_up(m, RT), round_up(S, DL), round_up(S, FL), nullptr, nullptr, nullptr, nullptr};
   s.A = buf;
   s.K = s.A + s.mp * s.sp;
   s.colsum = s.K + s.mp * s.mp;
+  s.Af = reinterpret_cast<float*>(s.colsum + s.sp);
   std::fill(buf, buf + scratch_doubles(m, S), 0.0);
   return s;
 }
 
 // One block: G (m x S, row stride ldg) -> W (m x S, contiguous) and diag (S). False when K is not
-// positive definite in float64 or G holds NaN/Inf (W and diag are then left unspecified).
+// positive definite in float64 or G holds NaN/Inf (W and diag are then left unspecified). The Gram
+// matrix of float32 rows of at least F32_GRAM_MIN values is summed in float32 lanes (as the PyTorch
+// path's float32 GEMM does); everything else in float64.
 template <typename T>
 inline bool factor_block(const T* G, int64_t ldg, double damp, const Scratch& s, T* W, T* diag) {
   const int64_t m = s.m, S = s.S, mp = s.mp, sp = s.sp;
@@ -272,7 +308,16 @@ inline bool factor_block(const T* G, int64_t ldg, double damp, const Scratch& s,
 #pragma omp simd
     for (int64_t c = 0; c < S; ++c) a[c] = static_cast<double>(g[c]);
   }
-  gram_upper(A, mp, sp, K);
+  if (std::is_same_v<T, float> && S >= F32_GRAM_MIN) {
+    if (S % FL == 0 && m == mp) {  // the rows of G as they are (no padding needed)
+      gram_upper(reinterpret_cast<const float*>(G), mp, ldg, S, K);
+    } else {
+      for (int64_t i = 0; i < m; ++i) std::memcpy(s.Af + i * s.spf, G + i * ldg, S * sizeof(T));
+      gram_upper(s.Af, mp, s.spf, s.spf, K);
+    }
+  } else {
+    gram_upper(A, mp, sp, sp, K);
+  }
   const double shift = static_cast<double>(m) * damp;
   for (int64_t i = 0; i < mp; ++i) K[i * mp + i] += (i < m) ? shift : 1.0;  // padding: identity
   if (!cholesky_upper(K, mp)) return false;
@@ -287,11 +332,39 @@ inline bool factor_block(const T* G, int64_t ldg, double damp, const Scratch& s,
 
 // ----------------------------------------------------------------------------------- direct_block
 
+// DL values of row g from column c as a float64 vector (float32 converted exactly).
+inline vd load_wide(const double* g) { return loadu<vd>(g); }
+inline vd load_wide(const float* g) {
+  typedef float vh __attribute__((vector_size(VBYTES / 2)));
+  return __builtin_convertvector(loadu<vh>(g), vd);
+}
+
+// Rows i0..i0+RT, NV vectors of columns from c0 of S += G^T G (Sum's row stride S): RT x NV
+// accumulators over the rows t0..k of G.
+template <int NV, typename T>
+inline void syrk_tile(const T* G, int64_t ldg, int64_t k, int64_t S, int64_t i0, int64_t c0, double* Sum,
+                      int64_t t0 = 0) {
+  vd acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) acc[r][q] = loadu<vd>(Sum + (i0 + r) * S + c0 + q * DL);
+  for (int64_t t = t0; t < k; ++t) {
+    const T* g = G + t * ldg;
+    vd y[NV];
+    for (int q = 0; q < NV; ++q) y[q] = load_wide(g + c0 + q * DL);
+    for (int r = 0; r < RT; ++r) {
+      const double a = static_cast<double>(g[i0 + r]);
+      for (int q = 0; q < NV; ++q) acc[r][q] += a * y[q];
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) storeu(Sum + (i0 + r) * S + c0 + q * DL, acc[r][q]);
+}
+
 // A block narrower than m (S < m) in its direct form: P = damp * F_b^-1 = m*damp * K^-1 for the S x S
 // matrix K = m*damp*I + G_b^T G_b (= m F_b). With K = U^T U (Cholesky) and V = U^-T (lower):
 // K^-1 = V^T V. Scratch, all float64: A = G_b^T (Sp x mq, zero padding), K / then P (Sp x Sp), V.
 struct DirectScratch {
-  int64_t m, S, Sp, mq;
+  int64_t m, S, Sp, mq, Vs;  // Vs: the row stride of V and P, whole vectors
   double *A, *K, *V;
 };
 
@@ -303,17 +376,66 @@ inline int64_t direct_stride(int64_t m) {
 }
 
 inline int64_t direct_scratch_doubles(int64_t m, int64_t S) {
-  const int64_t Sp = round_up(S, RT), mq = direct_stride(m);
-  return Sp * mq + 2 * Sp * Sp;
+  const int64_t Sp = round_up(S, RT), mq = direct_stride(m), Vs = round_up(Sp, DL);
+  return Sp * mq + 2 * Sp * Vs;
 }
 
 inline DirectScratch make_direct_scratch(int64_t m, int64_t S, double* buf) {
-  DirectScratch s{m, S, round_up(S, RT), direct_stride(m), nullptr, nullptr, nullptr};
+  DirectScratch s{m, S, round_up(S, RT), direct_stride(m), round_up(round_up(S, RT), DL), nullptr, nullptr, nullptr};
   s.A = buf;
   s.K = s.A + s.Sp * s.mq;
-  s.V = s.K + s.Sp * s.Sp;
+  s.V = s.K + s.Sp * s.Vs;
   std::fill(buf, buf + direct_scratch_doubles(m, S), 0.0);  // A's padding stays zero
   return s;
+}
+
+// Rows i0..i0+RT, NV vectors of columns from c0 of V = L^-1 (L = U^T, U upper n x n with row stride
+// n; V row stride vs): V[i][c] = (e_i[c] - sum_{c0 <= j < i} L[i][j] V[j][c]) / L[i][i], where rows
+// j < c0 drop out because V[j][c] = 0 for c > j.
+template <int NV>
+inline void lower_inverse_tile(const double* U, int64_t n, double* V, int64_t vs, int64_t i0, int64_t c0) {
+  vd acc[RT][NV];
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) {
+      acc[r][q] = vd{};
+      const int64_t at = i0 + r - (c0 + q * DL);  // the unit entry of row i0 + r, if in this vector
+      if (at >= 0 && at < DL) acc[r][q][at] = 1.0;
+    }
+  for (int64_t j = c0; j < i0; ++j) {
+    const double* vj = V + j * vs + c0;
+    const double* uj = U + j * n + i0;
+    const double l0 = uj[0], l1 = uj[1], l2 = uj[2], l3 = uj[3];
+    for (int q = 0; q < NV; ++q) {
+      const vd w = loadu<vd>(vj + q * DL);
+      acc[0][q] -= l0 * w;
+      acc[1][q] -= l1 * w;
+      acc[2][q] -= l2 * w;
+      acc[3][q] -= l3 * w;
+    }
+  }
+  for (int r = 0; r < RT; ++r) {  // the RT x RT diagonal triangle
+    for (int s = 0; s < r; ++s) {
+      const double l = U[(i0 + s) * n + i0 + r];
+      for (int q = 0; q < NV; ++q) acc[r][q] -= l * acc[s][q];
+    }
+    const double inv = 1.0 / U[(i0 + r) * n + i0 + r];
+    for (int q = 0; q < NV; ++q) acc[r][q] *= inv;
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int q = 0; q < NV; ++q) storeu(V + (i0 + r) * vs + c0 + q * DL, acc[r][q]);
+}
+
+// V = L^-1 (lower, n x n, n % RT == 0) for L = U^T, U the upper Cholesky factor (row stride n); V's
+// row stride vs >= round_up(n, DL), its entries above the diagonal (up to column vs) come out zero.
+// Register tiles, only the vectors that reach the diagonal: n^3 / 6 multiply-adds.
+inline void lower_inverse(const double* U, int64_t n, double* V, int64_t vs) {
+  for (int64_t i0 = 0; i0 < n; i0 += RT) {
+    const int64_t end = round_up(i0 + RT, DL);  // vectors past the diagonal stay zero
+    int64_t c = 0;
+    for (; c + TV * DL <= end; c += TV * DL) lower_inverse_tile<TV>(U, n, V, vs, i0, c);
+    for (; c < end; c += DL) lower_inverse_tile<1>(U, n, V, vs, i0, c);
+    for (int64_t r = i0; r < i0 + RT; ++r) std::fill(V + r * vs + end, V + r * vs + vs, 0.0);
+  }
 }
 
 // One block: G (m x S, row stride ldg) -> P (S x S, contiguous) and diag(F_b^-1) (S). False when K
@@ -328,38 +450,22 @@ inline bool direct_block(const T* G, int64_t ldg, double damp, const DirectScrat
     const T* g = G + r * ldg;
     for (int64_t c = 0; c < S; ++c) A[c * mq + r] = static_cast<double>(g[c]);
   }
-  gram_upper(A, Sp, mq, K);  // upper triangle of G^T G
+  gram_upper(A, Sp, mq, mq, K);  // upper triangle of G^T G
   const double shift = static_cast<double>(m) * damp;
   for (int64_t i = 0; i < Sp; ++i) K[i * Sp + i] += (i < S) ? shift : 1.0;  // padding: identity
   if (!cholesky_upper(K, Sp)) return false;
-  for (int64_t i = 0; i < S; ++i) {  // V = L^-1 with L = U^T (L[i][j] = U[j][i]), row by row
-    double* vi = V + i * Sp;
-    std::fill(vi, vi + Sp, 0.0);
-    vi[i] = 1.0;
-    for (int64_t j = 0; j < i; ++j) {
-      const double l = K[j * Sp + i];
-      const double* vj = V + j * Sp;
-#pragma omp simd
-      for (int64_t k = 0; k <= j; ++k) vi[k] -= l * vj[k];
-    }
-    const double inv = 1.0 / K[i * Sp + i];
-#pragma omp simd
-    for (int64_t k = 0; k <= i; ++k) vi[k] *= inv;
-  }
-  std::fill(K, K + Sp * Sp, 0.0);  // upper triangle of K := V^T V = K^-1, rank-1 updates by rows of V
-  for (int64_t k = 0; k < S; ++k) {
-    const double* vk = V + k * Sp;
-    for (int64_t a = 0; a <= k; ++a) {
-      const double va = vk[a];
-      double* ka = K + a * Sp;
-#pragma omp simd
-      for (int64_t b = a; b <= k; ++b) ka[b] += va * vk[b];
-    }
+  lower_inverse(K, Sp, V, s.Vs);  // V = L^-1 = U^-T
+  double* Kinv = K;  // the upper triangle of V^T V = K^-1 (row stride Vs), over K's storage
+  std::fill(Kinv, Kinv + Sp * s.Vs, 0.0);
+  for (int64_t a0 = 0; a0 < Sp; a0 += RT) {  // rows a0.. of V^T V: rows k >= a0 of V (V[k][a] = 0 for k < a)
+    int64_t c = a0 / DL * DL;
+    for (; c + TV * DL <= s.Vs; c += TV * DL) syrk_tile<TV>(V, s.Vs, Sp, s.Vs, a0, c, Kinv, a0);
+    for (; c < s.Vs; c += DL) syrk_tile<1>(V, s.Vs, Sp, s.Vs, a0, c, Kinv, a0);
   }
   for (int64_t a = 0; a < S; ++a) {  // P, both triangles
-    const double* ka = K + a * Sp;
+    const double* ka = Kinv + a * s.Vs;
     T* pa = P + a * S;
-    for (int64_t b = 0; b < a; ++b) pa[b] = static_cast<T>(shift * K[b * Sp + a]);
+    for (int64_t b = 0; b < a; ++b) pa[b] = static_cast<T>(shift * Kinv[b * s.Vs + a]);
 #pragma omp simd
     for (int64_t b = a; b < S; ++b) pa[b] = static_cast<T>(shift * ka[b]);
     diag[a] = static_cast<T>(static_cast<double>(m) * ka[a]);
@@ -368,32 +474,6 @@ inline bool direct_block(const T* G, int64_t ldg, double damp, const DirectScrat
 }
 
 // ------------------------------------------------------------------------------ accumulate_block
-
-// DL values of row g from column c as a float64 vector (float32 converted exactly).
-inline vd load_wide(const double* g) { return loadu<vd>(g); }
-inline vd load_wide(const float* g) {
-  typedef float vh __attribute__((vector_size(VBYTES / 2)));
-  return __builtin_convertvector(loadu<vh>(g), vd);
-}
-
-// Rows i0..i0+RT, NV vectors of columns from c0 of S += G^T G: RT x NV accumulators over the k rows.
-template <int NV, typename T>
-inline void syrk_tile(const T* G, int64_t ldg, int64_t k, int64_t S, int64_t i0, int64_t c0, double* Sum) {
-  vd acc[RT][NV];
-  for (int r = 0; r < RT; ++r)
-    for (int q = 0; q < NV; ++q) acc[r][q] = loadu<vd>(Sum + (i0 + r) * S + c0 + q * DL);
-  for (int64_t t = 0; t < k; ++t) {
-    const T* g = G + t * ldg;
-    vd y[NV];
-    for (int q = 0; q < NV; ++q) y[q] = load_wide(g + c0 + q * DL);
-    for (int r = 0; r < RT; ++r) {
-      const double a = static_cast<double>(g[i0 + r]);
-      for (int q = 0; q < NV; ++q) acc[r][q] += a * y[q];
-    }
-  }
-  for (int r = 0; r < RT; ++r)
-    for (int q = 0; q < NV; ++q) storeu(Sum + (i0 + r) * S + c0 + q * DL, acc[r][q]);
-}
 
 // The upper triangle (and a few entries below it, near the diagonal) of Sum (S x S, row-major,
 // float64) += G^T G for G (k x S, row stride ldg): every product exact (float32 inputs), summed in

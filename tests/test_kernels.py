@@ -136,14 +136,26 @@ def _relmax(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # (m, columns before the segment, blocks, block size, columns after): m not a multiple of 32;
-# one block per thread task and many; a size not a multiple of the vector width; size == m.
+# one block per thread task and many; a size not a multiple of the vector width; size == m; float32
+# rows whose Gram matrix is summed in float32 straight from G (m a multiple of 4, B of 16, B >= 128)
+# and from a padded copy (m = 37).
 CASES = [
+    (64, 5, 3, 128, 2),
+    (8, 0, 5, 192, 1),
     (37, 5, 9, 128, 3),
     (7, 0, 40, 33, 11),
     (64, 17, 3, 100, 0),
     (45, 0, 1, 45, 2),
     (130, 3, 2, 257, 1),
     (1, 2, 6, 50, 7),
+]
+# factor_wide_blocks: its recursive Cholesky splits above order 256 (once at m = 300, twice at 600),
+# a block size not a multiple of 64, m = S, many blocks per thread, one row.
+WIDE_CASES = [
+    (300, 3, 3, 300, 2),
+    (600, 0, 2, 700, 5),
+    (37, 5, 9, 129, 3),
+    (1, 2, 5, 20, 0),
 ]
 # The direct form's blocks are narrower than m: B = 50 and 32, a size not a multiple of the tile, B = 1.
 DIRECT_CASES = [
@@ -161,6 +173,19 @@ DIRECT_CASES = [
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "m{}-nb{}-S{}".format(*c[:1], *c[2:4]))
 def test_factor_blocks_matches_the_pytorch_path(ext, gen, monkeypatch, dtype, case):
+    _factor_matches_the_pytorch_path(ext.factor_blocks, gen, monkeypatch, dtype, case)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: "m{}-nb{}-S{}".format(*c[:1], *c[2:4]))
+def test_factor_wide_blocks_matches_the_pytorch_path(ext, gen, monkeypatch, dtype, case):
+    _factor_matches_the_pytorch_path(ext.factor_wide_blocks, gen, monkeypatch, dtype, case)
+
+
+def _factor_matches_the_pytorch_path(run, gen, monkeypatch, dtype, case) -> None:
+    """W and the diagonal from ``run`` (ext.factor_blocks or ext.factor_wide_blocks) against the
+    PyTorch path: to 1e-10 in float64; in float32, against the float64 path on the same inputs, no
+    worse than twice the PyTorch path's own float32 error."""
     m, before, nb, size, after = case
     damp = 1e-5
     g64 = realistic_grads(m, before + nb * size + after, gen)
@@ -168,7 +193,7 @@ def test_factor_blocks_matches_the_pytorch_path(ext, gen, monkeypatch, dtype, ca
     seg = grads[:, before : before + nb * size]
     W = torch.full((nb, m, size), float("nan"), dtype=dtype)
     diag = torch.full((before + nb * size + after,), float("nan"), dtype=dtype)
-    failed = ext.factor_blocks(grads[:, before:], nb, size, damp, W, diag[before : before + nb * size])
+    failed = run(grads[:, before:], nb, size, damp, W, diag[before : before + nb * size])
     assert failed == -1
     assert diag[:before].isnan().all() and diag[before + nb * size :].isnan().all()  # no stray writes
     diag = diag[before : before + nb * size]
@@ -202,11 +227,12 @@ def test_factor_blocks_when_m_exceeds_the_block(ext, gen, monkeypatch, dtype):
     assert _relmax(diag, direct.diag()) <= tol
 
 
-def test_factor_blocks_reports_a_nan_block_and_the_pytorch_path_raises(ext, gen, monkeypatch):
+@pytest.mark.parametrize("kernel", ["factor_blocks", "factor_wide_blocks"])
+def test_factor_blocks_reports_a_nan_block_and_the_pytorch_path_raises(ext, gen, monkeypatch, kernel):
     grads = realistic_grads(20, 300, gen).to(F32)
     grads[3, 150] = float("nan")
     W, diag = torch.empty(3, 20, 100), torch.empty(300)
-    assert ext.factor_blocks(grads, 3, 100, 1e-5, W, diag) == 1  # the block holding column 150
+    assert getattr(ext, kernel)(grads, 3, 100, 1e-5, W, diag) == 1  # the block holding column 150
     monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
     with pytest.raises(ValueError, match="NaN or Inf"):  # the PyTorch path's error
         FisherInverse(grads, 1e-5, 100)
@@ -236,9 +262,10 @@ def test_direct_blocks_match_the_pytorch_path(ext, gen, monkeypatch, dtype, case
     assert torch.allclose(P, P.mT, rtol=0, atol=tol * P.abs().max().item())  # symmetric
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["woodbury", "direct"])
-def test_zero_and_duplicate_rows(ext, gen, monkeypatch, direct):
+@pytest.mark.parametrize("kernel", ["factor_blocks", "factor_wide_blocks", "direct_blocks"])
+def test_zero_and_duplicate_rows(ext, gen, monkeypatch, kernel):
     """Zero rows and repeated rows (a rank-deficient G G^T or G^T G): m*damp*I keeps K definite."""
+    direct = kernel == "direct_blocks"
     m, size, nb = 24, (16 if direct else 40), 5
     grads = realistic_grads(m, nb * size, gen)
     grads[3] = 0.0
@@ -246,8 +273,7 @@ def test_zero_and_duplicate_rows(ext, gen, monkeypatch, direct):
     grads[:, size : 2 * size] = 0.0  # a block of zero columns
     W = torch.full((nb, m if not direct else size, size), float("nan"), dtype=F64)
     diag = torch.full((nb * size,), float("nan"), dtype=F64)
-    run = ext.direct_blocks if direct else ext.factor_blocks
-    assert run(grads, nb, size, 1e-5, W, diag) == -1
+    assert getattr(ext, kernel)(grads, nb, size, 1e-5, W, diag) == -1
     ref = _pytorch_path(grads, 1e-5, size, monkeypatch)
     assert ref._direct == [direct]
     assert _relmax(W, ref._factors[0]) <= 1e-10
@@ -386,8 +412,12 @@ def test_shapes_the_kernels_refuse(kernels_on, gen):
     assert kernels.factor_blocks(grads, 0, 1, 40, 1e-5, diag) is None
     big = torch.zeros(kernels.FUSED_MAX_GRADS + 1, 300)
     assert kernels.factor_blocks(big, 0, 1, 300, 1e-5, torch.empty(300)) is None
-    wide = kernels.FUSED_MAX_BLOCK + 1  # measured slower than the PyTorch path's GEMMs
+    wide = kernels.FUSED_MAX_BLOCK + 1  # one wide block: the PyTorch path's threaded GEMMs
     assert kernels.factor_blocks(torch.ones(8, wide), 0, 1, wide, 1e-5, torch.empty(wide)) is None
+    many = 2 * torch.get_num_threads()  # wide blocks, at least two per thread: factor_wide_blocks
+    ones = torch.ones(8, many * wide)
+    assert kernels.factor_blocks(ones, 0, many, wide, 1e-5, torch.empty(many * wide)) is not None
+    assert kernels.factor_blocks(ones[:, wide:], 0, many - 1, wide, 1e-5, torch.empty(ones.shape[1])) is None
     assert kernels.factor_blocks(grads.T.contiguous().T, 0, 1, 40, 1e-5, diag) is None  # column stride
     W = torch.zeros(2, 8, 16)
     xs = torch.zeros(1, 32)
@@ -694,6 +724,7 @@ def test_the_real_measurement_times_both_paths_and_a_slower_kernel_loses(ext, mo
     monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
     cases = {"factor_blocks": ((8, 16),), "blocked_mul": ((8, 16),), "direct_blocks": ((8, 4),)}
     cases["accumulate_blocks"] = ((3, 16),)
+    cases["factor_wide_blocks"] = ((8, 16),)  # the same set-up twice: only the table's shape counts
     monkeypatch.setattr(kernels, "DISPATCH_CASES", cases)
     monkeypatch.setattr(kernels, "DISPATCH_DIM", 64)
     ran = []
@@ -705,13 +736,14 @@ def test_the_real_measurement_times_both_paths_and_a_slower_kernel_loses(ext, mo
         return {"kernel": 2.0, "torch": 1.0} if len(ran) == 2 else {"kernel": 1.0, "torch": 3.0}
 
     monkeypatch.setattr(kernels, "_interleaved", fake_timer)
-    table = kernels.dispatch_table()  # (8, 4): direct; (8, 16): factor, mul; then accumulate
-    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 4
+    table = kernels.dispatch_table()  # (8, 4): direct; (8, 16): factor, wide, mul; then accumulate
+    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 5
     assert table["cases"]["factor_blocks"] == [{"m": 8, "B": 16, "kernel_s": 2.0, "torch_s": 1.0}]
     assert not kernels.measured_faster("factor_blocks", 64, 128)
     assert kernels.measured_faster("blocked_mul", 64, 128)
     assert kernels.measured_faster("direct_blocks", 64, 32)
     assert kernels.measured_faster("accumulate_blocks", 32, 32)
+    assert kernels.measured_faster("factor_wide_blocks", 1024, 1024)
 
 
 def test_import_needs_torch_alone():

@@ -7,6 +7,8 @@ a thread so that it overlaps with other work (``compressor run`` does this at se
 
 * ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
   diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
+* ``factor_wide_blocks``: the same for wider blocks (m = B = 1024), with BLAS/LAPACK calls per block,
+  one block per thread, a recursive Cholesky and one triangular solve L W_b = G_b in float64.
 * ``direct_blocks``: for blocks narrower than m, P_b = damp * F_b^-1 from G_b^T G_b, its Cholesky
   factor and inverse in one fused float64 pass per block (static.py's direct form, B <= 256).
 * ``blocked_mul``: x_b - W_b^T (W_b x_b) per block in one pass over W (static.py's ``mul``).
@@ -17,9 +19,9 @@ Dispatch by measurement: whether a kernel beats the PyTorch path depends on the 
 cache sizes, the BLAS torch ships) and on the thread count. So on first use on a machine, right
 after the build, ``dispatch_table`` times each kernel against the PyTorch path on a few small
 float32 cases (``DISPATCH_CASES``: m x B = 32 x 32, 64 x 128, 128 x 128 for the Woodbury form,
-64 x 32, 128 x 50, 1024 x 32 for the direct form, chunks of 32 rows at B = 32 and 128 for the streamed
-sums, at d ~ 131k (less for m > 64), medians of interleaved repetitions; a few seconds, announced on
-stderr) and caches the result beside the
+64 x 1024 and 1024 x 1024 for its wide blocks, 64 x 32, 128 x 50, 1024 x 32 for the direct form,
+chunks of 32 rows at B = 32 and 128 for the streamed sums, at d ~ 131k (less for m > 64), medians
+of interleaved repetitions; a few seconds, announced on stderr) and caches the result beside the
 build, as ``dispatch-<threads>t.json`` in its cache directory. ``auto`` then uses a kernel for a
 shape only where it measured faster on the nearest case (``measured_faster``); later processes read
 the file (an unreadable or corrupt one is measured again). Delete the file to measure again.
@@ -75,6 +77,12 @@ import torch
 #: bench/kernels.py measured it >= 1.5x faster (bench/results/kernels.md): m <= 128, B <= 128.
 FUSED_MAX_GRADS = 128
 FUSED_MAX_BLOCK = 128
+#: Wider blocks (m = B = 1024) go to ``factor_wide_blocks``: BLAS/LAPACK calls per block, one block
+#: per thread, a recursive float64 Cholesky and one triangular solve L W = G_b (csrc/mfac_cpu_wide.h),
+#: where each block's float64 m x B matrices fit in this many bytes and there are at least two blocks
+#: per thread. The PyTorch path runs them as batched calls, each split over the threads: LAPACK's
+#: Cholesky of one m = 1024 matrix ran at a sixth of the float64 GEMM rate here.
+WIDE_MAX_BLOCK_BYTES = 16 << 20
 #: ``blocked_mul`` is used when one block of W fits in this many bytes (it stays in L2 between
 #: the two products), or when there are at least MUL_MIN_BLOCKS blocks: the kernel's threads split
 #: the blocks, and for blocks wider than L2 its two passes cost what two GEMVs do, where PyTorch's
@@ -91,13 +99,14 @@ CUDA_IN_AUTO = False
 #: interleaved repetitions (medians). A shape uses the decision of the nearest case (log m + log B).
 DISPATCH_CASES = {
     "factor_blocks": ((32, 32), (64, 128), (128, 128)),
+    "factor_wide_blocks": ((64, 1024), (1024, 1024)),
     "blocked_mul": ((32, 32), (64, 128), (128, 128)),
     "direct_blocks": ((64, 32), (128, 50), (1024, 32)),
     "accumulate_blocks": ((32, 32), (32, 128)),  # (rows per chunk, B)
 }
 DISPATCH_DIM = 131_072
 DISPATCH_REPS = 3
-DISPATCH_VERSION = 3
+DISPATCH_VERSION = 4
 KERNEL_NAMES = tuple(DISPATCH_CASES)
 #: The direct form's kernel (blocks narrower than m) holds G_b^T and three S x S float64 matrices.
 DIRECT_MAX_BLOCK = 256
@@ -115,7 +124,7 @@ ISA_FLAGS = {
 }
 _ISAS = ("auto", *ISA_FLAGS)
 _CUDA_FLAGS = ["-O3"]
-_CPU_SOURCES = ["mfac_cpu.cpp", "mfac_cpu_kernels.h"]
+_CPU_SOURCES = ["mfac_cpu.cpp", "mfac_cpu_kernels.h", "mfac_cpu_wide.h"]
 _CUDA_SOURCES = ["mfac_cuda.cpp", "mfac_cuda_kernels.cu", "mfac_cuda_kernels.h"]
 
 _lock = threading.Lock()
@@ -431,7 +440,7 @@ def measure() -> dict:
             with _forcing(use):
                 return inv.mul(x)
 
-        for name in ("factor_blocks", "direct_blocks"):  # the set-up: one of them, by the shape
+        for name in ("factor_blocks", "factor_wide_blocks", "direct_blocks"):  # the set-up, by the shape
             if (m, size) in DISPATCH_CASES[name]:
                 t = _interleaved(
                     {"kernel": lambda: build(True), "torch": lambda: build(False)}, DISPATCH_REPS
@@ -548,14 +557,24 @@ def factor_blocks(
     m = grads.shape[0]
     if size < m:  # a block narrower than m is static.py's direct form, not Woodbury
         return None
-    if m > FUSED_MAX_GRADS or size > FUSED_MAX_BLOCK or not _rows_and_diag_fit(grads, diag):
+    if not _rows_and_diag_fit(grads, diag):
+        return None
+    if m <= FUSED_MAX_GRADS and size <= FUSED_MAX_BLOCK:
+        name = "factor_blocks"
+    elif (
+        grads.device.type == "cpu"
+        and blocks >= 2 * torch.get_num_threads()
+        and m * size * 8 <= WIDE_MAX_BLOCK_BYTES
+    ):
+        name = "factor_wide_blocks"
+    else:
         return None
     ext = _module_for(grads)
-    if ext is None or not _chosen("factor_blocks", grads, m, size):
+    if ext is None or not hasattr(ext, name) or not _chosen(name, grads, m, size):
         return None
     end = start + blocks * size
     factor = torch.empty(blocks, m, size, dtype=grads.dtype, device=grads.device)
-    failed = ext.factor_blocks(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
+    failed = getattr(ext, name)(grads[:, start:end], blocks, size, float(damp), factor, diag[start:end])
     return factor if failed < 0 else None
 
 
