@@ -28,17 +28,31 @@ namespace mfac_cpu_wide {
 constexpr int64_t GRAM_PANEL = 256;
 constexpr int64_t CHOLESKY_PANEL = 64;
 
-// The lower triangle of K = g g^T (m x m float64; the diagonal blocks whole, the panels above them
-// zero) for g (m x S): one GEMM per panel of rows against the rows up to its end, in g's dtype,
+// One thread's buffers, reused from block to block (fresh 8 MiB tensors for every block cost page
+// faults and scaled worse over threads): K (m x m float64), a Gram panel in the rows' dtype, and
+// G_b and W_b in float64 (m x S, row-major: their transposes are the column-major operands of the
+// triangular solve).
+struct Workspace {
+  at::Tensor K, panel, rhs, sol;
+  Workspace(int64_t m, int64_t S, const at::TensorOptions& rows)
+      : K(at::empty({m, m}, rows.dtype(at::kDouble))),
+        panel(at::empty({std::min(m, GRAM_PANEL) * m}, rows)),
+        rhs(at::empty({m, S}, rows.dtype(at::kDouble))),
+        sol(at::empty({m, S}, rows.dtype(at::kDouble))) {}
+};
+
+// ws.K := the lower triangle of g g^T (m x m float64; the diagonal blocks whole, the panels above
+// them zero) for g (m x S): one GEMM per panel of rows against the rows up to its end, in g's dtype,
 // widened to float64. 10/16 of a full product at m = 4 panels.
-inline at::Tensor gram_lower(const at::Tensor& g) {
+inline void gram_lower(const at::Tensor& g, Workspace& ws) {
   const int64_t m = g.size(0);
-  at::Tensor K = at::zeros({m, m}, g.options().dtype(at::kDouble));
+  ws.K.zero_();
   for (int64_t i = 0; i < m; i += GRAM_PANEL) {
     const int64_t e = std::min(i + GRAM_PANEL, m);
-    K.slice(0, i, e).slice(1, 0, e).copy_(at::mm(g.slice(0, i, e), g.slice(0, 0, e).t()));
+    at::Tensor part = ws.panel.narrow(0, 0, (e - i) * e).view({e - i, e});
+    at::mm_out(part, g.slice(0, i, e), g.slice(0, 0, e).t());
+    ws.K.slice(0, i, e).slice(1, 0, e).copy_(part);
   }
-  return K;
 }
 
 // In place: the lower triangle of K (n x n float64, as gram_lower leaves it) := its Cholesky factor
@@ -68,9 +82,10 @@ inline bool cholesky_blocked(at::Tensor K) {
 
 // One block: g (m x S view) -> W_b (m x S, written) and diag (S, written). False when the Gram
 // matrix holds NaN/Inf or m*damp*I + g g^T is not positive definite in float64.
-inline bool factor_wide_block(const at::Tensor& g, double damp, at::Tensor W, at::Tensor diag) {
+inline bool factor_wide_block(const at::Tensor& g, double damp, at::Tensor W, at::Tensor diag, Workspace& ws) {
   const int64_t m = g.size(0);
-  at::Tensor K = gram_lower(g);
+  gram_lower(g, ws);
+  at::Tensor K = ws.K;
   at::Tensor on_diagonal = K.diagonal();
   if (!on_diagonal.isfinite().all().item<bool>()) return false;
   on_diagonal.add_(static_cast<double>(m) * damp);
@@ -79,7 +94,10 @@ inline bool factor_wide_block(const at::Tensor& g, double damp, at::Tensor W, at
   // takes it, and so is the result (a third faster than solving L W = G on row-major G here).
   // No check of W: a finite Gram diagonal means finite rows of G, a Cholesky factor means a finite L
   // with a positive diagonal, and the rows of W have norms below 1 (W^T W = G^T K^-1 G < I).
-  at::Tensor w = at::linalg_solve_triangular(K.mT(), g.to(at::kDouble).mT(), /*upper=*/true, /*left=*/false).mT();
+  ws.rhs.copy_(g);
+  at::Tensor out = ws.sol.mT();
+  at::linalg_solve_triangular_out(out, K.mT(), ws.rhs.mT(), /*upper=*/true, /*left=*/false);
+  const at::Tensor& w = ws.sol;
   W.copy_(w);
   diag.copy_(w.square().sum(0).neg_().add_(1.0).div_(damp));
   return true;
@@ -92,9 +110,10 @@ inline int64_t factor_wide_blocks(const at::Tensor& grads, int64_t nb, int64_t S
                                   at::Tensor diag) {
   std::atomic<int64_t> failed{-1};
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    Workspace ws(grads.size(0), S, grads.options());
     for (int64_t b = b0; b < b1; ++b) {
       if (failed.load(std::memory_order_relaxed) >= 0) return;
-      if (!factor_wide_block(grads.narrow(1, b * S, S), damp, W[b], diag.narrow(0, b * S, S))) {
+      if (!factor_wide_block(grads.narrow(1, b * S, S), damp, W[b], diag.narrow(0, b * S, S), ws)) {
         int64_t none = -1;
         failed.compare_exchange_strong(none, b);
         return;

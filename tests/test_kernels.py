@@ -149,8 +149,9 @@ CASES = [
     (130, 3, 2, 257, 1),
     (1, 2, 6, 50, 7),
 ]
-# factor_wide_blocks: its recursive Cholesky splits above order 256 (once at m = 300, twice at 600),
-# a block size not a multiple of 64, m = S, many blocks per thread, one row.
+# factor_wide_blocks: Gram panels of 256 rows (2 at m = 300, 3 at 600) and Cholesky panels of 64 (a
+# last one of 44 and 24 rows), a block size not a multiple of 64, m = S, many blocks per thread, one
+# row.
 WIDE_CASES = [
     (300, 3, 3, 300, 2),
     (600, 0, 2, 700, 5),

@@ -8,7 +8,7 @@ a thread so that it overlaps with other work (``compressor run`` does this at se
 * ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
   diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
 * ``factor_wide_blocks``: the same for wider blocks (m = B = 1024), with BLAS/LAPACK calls per block,
-  one block per thread, a recursive Cholesky and one triangular solve L W_b = G_b in float64.
+  one block per thread, a blocked Cholesky and one triangular solve L W_b = G_b in float64.
 * ``direct_blocks``: for blocks narrower than m, P_b = damp * F_b^-1 from G_b^T G_b, its Cholesky
   factor and inverse in one fused float64 pass per block (static.py's direct form, B <= 256).
 * ``blocked_mul``: x_b - W_b^T (W_b x_b) per block in one pass over W (static.py's ``mul``).
@@ -78,7 +78,7 @@ import torch
 FUSED_MAX_GRADS = 128
 FUSED_MAX_BLOCK = 128
 #: Wider blocks (m = B = 1024) go to ``factor_wide_blocks``: BLAS/LAPACK calls per block, one block
-#: per thread, a recursive float64 Cholesky and one triangular solve L W = G_b (csrc/mfac_cpu_wide.h),
+#: per thread, a blocked float64 Cholesky and one triangular solve L W = G_b (csrc/mfac_cpu_wide.h),
 #: where each block's float64 m x B matrices fit in this many bytes and there are at least two blocks
 #: per thread. The PyTorch path runs them as batched calls, each split over the threads: LAPACK's
 #: Cholesky of one m = 1024 matrix ran at a sixth of the float64 GEMM rate here.
