@@ -531,7 +531,8 @@ def j_tables(raw: dict[str, Any]) -> list[str]:
         f"batches of {J_BATCH}",
         "",
         f"Trained on {1 - J_VALIDATION:.0%} of the training split; settings chosen by validation MRR@10 on "
-        "the rest (bold); the test columns of the other rows are shown, not used.",
+        "the rest (bold); the test columns of the other rows are shown, not used. A grid whose best "
+        "setting was its largest lr was extended (the J_GRID comment in bench/quality_minilm.py).",
         "",
         "| optimizer | setting | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 2) + "|",
