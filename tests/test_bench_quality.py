@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from bench_scripts import load
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import quality  # noqa: E402  (bench/ is scripts, not a package)
+quality = load("quality")
 
 
 def _shot(loss: float, accuracy: float) -> dict[str, float]:

@@ -4,7 +4,6 @@ paired claims are computed right (a tiny BERT sentence encoder stands in for Min
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,14 @@ import torch
 
 pytest.importorskip("transformers")
 
+from bench_scripts import load
+from hf_tiny import sentence_encoder_dir
+
+from compressor.data import CodePairs
+from modifiers.mfac_pruning import MFACPruning
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import quality_minilm as qm  # noqa: E402  (bench/ is scripts, not a package)
-from hf_tiny import sentence_encoder_dir  # noqa: E402
-
-from compressor.data import CodePairs  # noqa: E402
-from modifiers.mfac_pruning import MFACPruning  # noqa: E402
+qm = load("quality_minilm")
 
 
 @pytest.fixture(scope="module")
@@ -244,8 +243,7 @@ def test_part_i_runs_exports_and_times_the_seed0_models_together(tmp_path, monke
 
     monkeypatch.setattr(qm, "run", fake_run)
     monkeypatch.setattr(export_module, "export_checkpoint", fake_export)
-    sys.path.insert(0, str(ROOT / "bench"))
-    import onnx_latency
+    onnx_latency = load("onnx_latency")
 
     monkeypatch.setattr(onnx_latency, "time_models", fake_time)
     monkeypatch.setattr(onnx_latency, "onnx_parameters", lambda path: 123)

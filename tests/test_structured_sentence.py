@@ -164,10 +164,9 @@ def test_a_structured_run_resumes_to_the_same_weights(recipe: Path, ran: Path, m
 
 
 def test_the_latency_bench_times_exported_sentence_encoders(ran: Path) -> None:
-    import sys
+    from bench_scripts import load
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import onnx_latency  # bench/ is scripts, not a package
+    onnx_latency = load("onnx_latency")
 
     output = ran / "small.onnx"
     if not output.is_file():

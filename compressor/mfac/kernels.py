@@ -74,7 +74,7 @@ import torch
 
 #: The fused set-up does its ~2 m^2 B flops per block in float64; the PyTorch path does them as
 #: batched float32 GEMMs, which are slow for small blocks only. The kernel is used where
-#: bench/kernels.py measured it >= 1.5x faster (bench/results/kernels.md): m <= 128, B <= 128.
+#: bench/kernel_speed.py measured it >= 1.5x faster (bench/results/kernels.md): m <= 128, B <= 128.
 FUSED_MAX_GRADS = 128
 FUSED_MAX_BLOCK = 128
 #: Wider blocks (m = B = 1024) go to ``factor_wide_blocks``: BLAS/LAPACK calls per block, one block

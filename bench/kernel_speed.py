@@ -2,9 +2,9 @@
 
 Run from the repository root (no install needed; the first run compiles the kernels, ~1 min)::
 
-    python bench/kernels.py                   # d = 1,000,000, float32, CPU, m x B in 64x128 32x128 ...
-    python bench/kernels.py --quick           # d = 200,000, fewer configurations (about a minute)
-    python bench/kernels.py --device cuda     # the CUDA kernels (COMPRESSOR_KERNELS=on is implied)
+    python bench/kernel_speed.py                   # d = 1,000,000, float32, CPU, m x B in 64x128 32x128 ...
+    python bench/kernel_speed.py --quick           # d = 200,000, fewer configurations (about a minute)
+    python bench/kernel_speed.py --device cuda     # the CUDA kernels (COMPRESSOR_KERNELS=on is implied)
 
 One row per kernel and configuration (m gradients, Fisher blocks of B), all times medians of
 ``--reps`` interleaved repetitions measured in the same run:
@@ -19,7 +19,7 @@ One row per kernel and configuration (m gradients, Fisher blocks of B), all time
   the bytes of W (m d values) at the bandwidth a GEMV reaches on this machine.
 * accumulate_blocks (``--accumulate k x B``): ``BlockFisherInverse(d, B).add(chunk)`` of k float32
   rows with the kernel vs the PyTorch path. Floor: the float64 batched products it must do,
-  ``sums.baddbmm_(rows^T, rows)`` on rows already converted to float64 (bench/scale.py's floor).
+  ``sums.baddbmm_(rows^T, rows)`` on rows already converted to float64 (bench/scale_speed.py's floor).
 
 auto uses: what ``COMPRESSOR_KERNELS=auto`` runs for this shape on this machine (the measured
 dispatch of kernels.py, cached beside the build; its own small cases, not this row's timing).

@@ -2,9 +2,9 @@
 
 Run from the repository root (no install needed)::
 
-    python bench/distributed.py                     # CPU, gloo: d = 1,000,000, m = 32, 1 thread per rank
-    python bench/distributed.py --quick             # d = 200,000, m = 16
-    python bench/distributed.py --backend nccl      # one GPU per rank (cuda:rank); untested here
+    python bench/distributed_speed.py                 # CPU, gloo: d = 1,000,000, m = 32, 1 thread per rank
+    python bench/distributed_speed.py --quick         # d = 200,000, m = 16
+    python bench/distributed_speed.py --backend nccl  # one GPU per rank (cuda:rank); untested here
 
 For each world size P, P processes are spawned (gloo over 127.0.0.1, or nccl), and every rank holds the
 same d parameters (four tensors) with the same gradients, as DDP leaves them. Three optimizers step on

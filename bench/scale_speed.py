@@ -17,9 +17,9 @@ Per configuration the table gives
   shape (peak resident set minus the process's before), against d * B * 8 bytes, the model and the
   (m, d) float32 buffer of all rows that the streamed form does without.
 
-    python bench/scale.py                        # (64, 128), (1024, 32), (1024, 50); about 20 min here
-    python bench/scale.py --configs 64x128,256x32 --random   # random gradients at the same d
-    python bench/scale.py --fisher-memory 1024 32            # one memory probe (used by the above)
+    python bench/scale_speed.py                        # (64, 128), (1024, 32), (1024, 50); about 20 min here
+    python bench/scale_speed.py --configs 64x128,256x32 --random   # random gradients at the same d
+    python bench/scale_speed.py --fisher-memory 1024 32            # one memory probe (used by the above)
 """
 
 from __future__ import annotations
