@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from compressor.data import DEFAULT_MAX_LENGTH, CodePairs, code_pairs_header
-from compressor.retrieval import mean_pool, normalize, retrieval_metrics
+from compressor.data.code_pairs import DEFAULT_MAX_LENGTH, CodePairs, code_pairs_header
+from compressor.tasks.retrieval import mean_pool, normalize, retrieval_metrics
 
 
 @torch.no_grad()

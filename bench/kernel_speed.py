@@ -22,7 +22,8 @@ One row per kernel and configuration (m gradients, Fisher blocks of B), all time
   ``sums.baddbmm_(rows^T, rows)`` on rows already converted to float64 (bench/scale_speed.py's floor).
 
 auto uses: what ``COMPRESSOR_KERNELS=auto`` runs for this shape on this machine (the measured
-dispatch of kernels.py, cached beside the build; its own small cases, not this row's timing).
+dispatch of compressor/mfac/kernels/dispatch.py, cached beside the build; its own small cases, not
+this row's timing).
 
 speed-up = PyTorch / kernel; kernel / floor and PyTorch / floor: each against the floor;
 diff = largest |kernel - PyTorch| relative to the largest |PyTorch| (mul outputs, or the diagonal).

@@ -3,7 +3,7 @@
 Run from the repository root (no install needed)::
 
     python bench/mfac_speed.py            # d = 1,000,000, m in {64, 256, 512} plus "m=64, B=128"
-    python bench/mfac_speed.py --quick    # d = 200,000, m in {32, 128} plus "m=32, B=128" (README demo)
+    python bench/mfac_speed.py --quick    # d = 200,000, m in {32, 128} plus "m=32, B=128" (docs/speed.md)
     python bench/mfac_speed.py --grads 64 --block-grads 32 64 128 --block-size 32 50 128 1024
                                     # blocked rows: every m of --block-grads with every B
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from compressor.trainer import run  # noqa: E402
+from compressor.engine import run  # noqa: E402
 from exporters.export import export_checkpoint  # noqa: E402
 
 MODELS = {

@@ -54,9 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from compressor.session import Session  # noqa: E402
-from compressor.trainer import evaluate, run  # noqa: E402
-from compressor.zoo import DataBundle, build_model, load_data  # noqa: E402
+from compressor.data import DataBundle, load_data  # noqa: E402
+from compressor.engine import evaluate, run  # noqa: E402
+from compressor.lifecycle.session import Session  # noqa: E402
+from compressor.models import build_model  # noqa: E402
 from modifiers.channel_pruning import StructuredPruning  # noqa: E402
 from modifiers.magnitude import MagnitudePruning  # noqa: E402
 from modifiers.mfac_pruning import MFACPruning  # noqa: E402
@@ -185,8 +186,8 @@ def damp_study(seeds: list[int], epochs: int, cache: Path) -> dict[str, Any]:
     overlap of M-FAC's and magnitude's 90% pruned sets; then one-shot pruning to 90/95/98% by
     magnitude and by M-FAC (m = 64, B = 128) at each setting of DAMP_SETTINGS.
     """
+    from compressor.lifecycle.sampling import GradientSampler
     from compressor.mfac import FisherInverse
-    from compressor.sampling import GradientSampler
 
     data = load_data("mnist")
     rows: dict[str, list[dict[str, float]]] = {}

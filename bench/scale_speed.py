@@ -1,6 +1,6 @@
 """One-shot M-FAC OBS at transformer scale: the MiniLM encoder's linear weights (d = 10,616,832).
 
-Real gradients of the contrastive code-search task (``compressor.contrastive_task``) are sampled
+Real gradients of the contrastive code-search task (``compressor.tasks.contrastive``) are sampled
 once, ``--grad-batch`` pairs each, and fed in chunks of ``--chunk`` rows to every configuration
 (m, B) at the same time; a configuration with m below the largest takes the first m rows. B < m uses
 the streamed ``BlockFisherInverse`` (d * B memory, nothing per row), B >= m the Woodbury
@@ -107,10 +107,10 @@ def measure_memory(m: int, block: int, dim: int, chunk: int, damp: float) -> flo
 def gradient_source(args: argparse.Namespace):
     """(d, weights by name, next_row()) where next_row() gives one gradient (d,) float32 of the
     selected weights: real (the contrastive task on ``--grad-batch`` training pairs) or random."""
-    from compressor import hf_models
-    from compressor.contrastive_task import ContrastiveTask
+    from compressor.core.params import match_params
     from compressor.data import CodePairs
-    from compressor.params import match_params
+    from compressor.models import pretrained as hf_models
+    from compressor.tasks.contrastive import ContrastiveTask
 
     model = hf_models.load_pretrained(MODEL)
     names = match_params([ENCODER_LINEARS], [n for n, _ in model.named_parameters()])

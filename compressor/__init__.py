@@ -2,7 +2,7 @@
 
 Kept light on purpose: ``import compressor.mfac`` needs torch alone. The engine's names
 (``Session``, ``load_recipe``, ``Recipe``, ``RecipeError``, ``CompressorError``) load on first use.
-``CompressorError`` is the base of every error a user can cause (``compressor.errors``).
+``CompressorError`` is the base of every error a user can cause (``compressor.core.errors``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CompressorError": ("compressor.errors", "CompressorError"),
-    "Session": ("compressor.session", "Session"),
+    "CompressorError": ("compressor.core.errors", "CompressorError"),
+    "Session": ("compressor.lifecycle.session", "Session"),
     "load_recipe": ("compressor.recipe", "load_recipe"),
     "Recipe": ("compressor.recipe", "Recipe"),
     "RecipeError": ("compressor.recipe", "RecipeError"),

@@ -11,7 +11,7 @@
 #    with COMPRESSOR_KERNELS=on, so a kernel that fails to build fails the check;
 # 3. prints bench/kernel_speed.py's table for the GPU (and a quick CPU one).
 # Exit status: 0 when every step passed. When the CUDA kernels pass and the table shows >= 1.5x,
-# set CUDA_IN_AUTO = True in compressor/mfac/kernels.py.
+# set CUDA_IN_AUTO = True in compressor/mfac/kernels/build.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor.mask_patterns import NM, Blocks, as_structure, group_layout
+from compressor.sparsity.patterns import NM, Blocks, as_structure, group_layout
 
 
 def describe(spec: Any) -> str:

@@ -1,6 +1,6 @@
 """PyTorch -> ONNX ModelProto, in memory, with a dynamic or a fixed batch axis.
 
-Two exporters: ``legacy`` (TorchScript; the default here: faster on these models (README, Export),
+Two exporters: ``legacy`` (TorchScript; the default here: faster on these models (docs/export.md),
 any opset from 7, needs no onnxscript; it folds batch-norm into the convolutions) and ``dynamo``
 (``torch.export`` based, the default of torch >= 2.9; needs onnxscript, opset >= 18; keeps the
 parameter names but also stores batch-norm-folded values under them).

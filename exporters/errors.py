@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
 
 
 class ExportError(CompressorError, ValueError):

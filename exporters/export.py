@@ -12,7 +12,7 @@ from typing import Any, Literal
 import onnx
 import torch
 
-from compressor.atomic import atomic_write
+from compressor.core.atomic import atomic_write
 from compressor.recipe import AllowImports
 
 from .compact import to_sparse
@@ -49,7 +49,8 @@ def export_checkpoint(
         opset: ONNX opset (default: the exporter's).
         batch: "dynamic" (a dynamic batch axis) or a fixed batch size.
         compress: store tensors that shrink as sparse initializers; the compact model is verified too.
-        atol, rtol: thresholds on max |onnx - torch| and on that divided by max |torch|.
+        atol: threshold on max |onnx - torch|.
+        rtol: threshold on max |onnx - torch| divided by max |torch|.
         samples: test samples compared (in batches of the exported batch size). A model called with
             tensors by name (a sentence encoder's ``input_ids`` and ``attention_mask``) is compared on
             every input the task gives per batch (both sides of a pair), in batches of several sizes

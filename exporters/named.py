@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.task import Task, TaskError
+from compressor.tasks import Task, TaskError
 
 from .errors import ExportError
 

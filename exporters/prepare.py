@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from compressor.checkpoint import load_checkpoint
-from compressor.errors import CompressorError
-from compressor.mask_patterns import as_structure
-from compressor.masks import MASK_SUFFIX, MaskSet, mask_names
-from compressor.params import match_params, normalize
-from compressor.recipe import AllowImports, build_task, build_train, parse_recipe
-from compressor.task import ClassificationTask, Task, TaskError, unpack_data
+from compressor.builders import build_task, build_train
+from compressor.core.checkpoint import load_checkpoint
+from compressor.core.errors import CompressorError
+from compressor.core.masks import MASK_SUFFIX, MaskSet, mask_names
+from compressor.core.params import match_params, normalize
+from compressor.recipe import AllowImports, parse_recipe
+from compressor.sparsity.patterns import as_structure
+from compressor.tasks import ClassificationTask, Task, TaskError, unpack_data
 
 from .errors import ExportError
 from .named import NamedInputs, collect
@@ -140,11 +141,11 @@ def _test_inputs(
 
 
 def _match_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor], example: Any) -> nn.Module:
-    """Resize channel-pruned layers with ``compressor.channel_surgery.match_shapes`` (when importable)."""
+    """Resize channel-pruned layers with ``compressor.surgery.channels.match_shapes`` (when importable)."""
     try:
-        module = importlib.import_module("compressor.channel_surgery")
+        module = importlib.import_module("compressor.surgery.channels")
     except ModuleNotFoundError as exc:
-        if exc.name == "compressor.channel_surgery":
+        if exc.name == "compressor.surgery.channels":
             return model
         raise
     match = getattr(module, "match_shapes", None)

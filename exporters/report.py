@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from compressor.atomic import atomic_write
+from compressor.core.atomic import atomic_write
 
 from .numerics import Numerics
 

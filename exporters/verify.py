@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from torch import nn
 
-from compressor.onnx_tensors import constant_tensors
+from compressor.core.onnx_tensors import constant_tensors
 
 from .compliance import describe, violations
 from .matching import closest_unmatched, match_tensors

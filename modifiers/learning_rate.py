@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator
 
-from compressor.modifier import Modifier, Position, StepPosition, WindowError, update_due
+from compressor.core.modifier import Modifier, Position, StepPosition, WindowError, update_due
 
 if TYPE_CHECKING:
-    from compressor.session import Session
+    from compressor.lifecycle.session import Session
 
 Kind = Literal["constant", "step", "linear_warmup", "cosine"]
 

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from pydantic import Field, PrivateAttr
 
-from compressor.modifier import Modifier
-from compressor.params import match_params
-from compressor.pruning import PruningModifier
+from compressor.core.modifier import Modifier
+from compressor.core.params import match_params
+from compressor.sparsity.pruner import PruningModifier
 
 if TYPE_CHECKING:
-    from compressor.session import Session
+    from compressor.lifecycle.session import Session
 
 
 class MagnitudePruning(PruningModifier):

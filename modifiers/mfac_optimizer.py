@@ -34,11 +34,11 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from compressor.core.modifier import Modifier
 from compressor.mfac import MFAC
-from compressor.modifier import Modifier
 
 if TYPE_CHECKING:
-    from compressor.session import Session
+    from compressor.lifecycle.session import Session
 
 
 #: ``storage_dtype`` values and their torch dtypes (null: the parameters' dtype).

@@ -21,10 +21,10 @@ Each sub-step:
    the Fisher's mean diagonal falls below damp / 10 (a model that fits its training data has tiny
    gradients) F^-1 ~ I / damp and the saliency is magnitude's, so a UserWarning says so once.
    The default 0.3 was chosen on held-out data (bench/quality.py, part h);
-3. scores: unstructured w_q^2 / (2 [F^-1]_qq); for a group structure the group OBS saliency
-   w_Q^T ([F^-1]_QQ)^-1 w_Q / 2, given to every weight of the group (``select_masks`` averages);
-   for N:M, in every group of M the subset Q of M-N weights with the smallest joint saliency gets
-   it and the other weights are kept;
+3. scores (``compressor.sparsity.obs_pruning``): unstructured w_q^2 / (2 [F^-1]_qq); for a group
+   structure the group OBS saliency w_Q^T ([F^-1]_QQ)^-1 w_Q / 2, given to every weight of the
+   group (``select_masks`` averages); for N:M, in every group of M the subset Q of M-N weights with
+   the smallest joint saliency gets it and the other weights are kept;
 4. selects masks (``select_masks``: global or per parameter), then moves the kept weights with
    one IHVP, dw = -F^-1 u, where u_Q = ([F^-1]_QQ)^-1 w_Q for every removed group Q (u_q =
    w_q / [F^-1]_qq unstructured), and sets the removed weights to exactly 0.
@@ -34,34 +34,22 @@ The sampler runs the model in eval mode (batch-norm uses its running statistics)
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass
-from itertools import pairwise
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field, PrivateAttr, StrictInt, field_validator, model_validator
 
-from compressor import distributed
-from compressor.mask_patterns import NM, Structure, group_layout, select_masks
-from compressor.mfac import BlockFisherInverse, FisherInverse
-from compressor.mfac.obs import (
-    damping,
-    group_obs,
-    mean_fisher_diagonal,
-    nm_best_subsets,
-    obs_update,
-    removal_vector,
-    saliencies,
-)
-from compressor.pruning import PruningModifier
+from compressor.core import distributed
+from compressor.mfac import BlockFisherInverse
+from compressor.mfac.obs import damping, mean_fisher_diagonal, obs_update
+from compressor.sparsity.obs_pruning import RemainingFisher, obs_removal_vector, obs_scores
+from compressor.sparsity.patterns import select_masks
+from compressor.sparsity.pruner import PruningModifier
 
 if TYPE_CHECKING:
-    from compressor.session import Session
+    from compressor.lifecycle.session import Session
 
-#: N:M with more candidate subsets per group than this is scored weight by weight instead.
-MAX_NM_SUBSETS = 256
 #: Default damp: lambda = RELATIVE_DAMP * mean(diag(G^T G / m)) (relative_damp: true).
 RELATIVE_DAMP = 0.3
 #: Default damp with relative_damp: false: lambda itself (the paper's).
@@ -216,6 +204,7 @@ class MFACPruning(PruningModifier):
     # ------------------------------------------------------------------ hooks
 
     def initialize(self, session: Session) -> None:
+        """Check that gradients can be sampled (the Session's data) where ``grads_device`` says."""
         super().initialize(session)
         if getattr(session, "sampler", None) is None:
             raise ValueError(f"{self.type} samples gradients: give the Session the training data (data=...)")
@@ -278,7 +267,7 @@ class MFACPruning(PruningModifier):
         sizes: list[int],
         m: int,
         key: int,
-    ) -> _Fisher:
+    ) -> RemainingFisher:
         """F^-1 over the remaining weights (``current`` masks, ``sizes`` kept per parameter) from
         ``m`` gradients sampled at the current weights with the sampler's stream ``key``: the
         streamed block form or the Woodbury form (``streamed``)."""
@@ -294,10 +283,10 @@ class MFACPruning(PruningModifier):
             if distributed.world_size() > 1:
                 fi.all_reduce()  # d * B sums instead of the m * d rows
             fi.damp = self.damping_for(fi.mean_fisher_diagonal())
-            return _Fisher.streamed(fi, sizes, device)
+            return RemainingFisher.streamed(fi, sizes, device)
         grads = session.sampler.sample(names, m, self.grad_batch_size, key=key, select=current, device=where)
         damp = self.damping(grads)
-        return _Fisher.woodbury(grads, sizes, damp, self.block_size, device, self._storage_dtype())
+        return RemainingFisher.woodbury(grads, sizes, damp, self.block_size, device, self._storage_dtype())
 
     @torch.no_grad()
     def _substep(self, session: Session, names: list[str], sparsity: float, key: int) -> None:
@@ -321,7 +310,7 @@ class MFACPruning(PruningModifier):
 
         scores = {}
         for i, name in enumerate(names):
-            saliency = _scores(parts[i], local[i], weights[i], self.structure, params[i].shape)
+            saliency = obs_scores(parts[i], local[i], weights[i], self.structure, params[i].shape)
             scores[name] = saliency.reshape(params[i].shape)
         structures = dict.fromkeys(names, self.structure)
         new = select_masks(scores, sparsity, structures, self.global_ranking, current)
@@ -333,7 +322,7 @@ class MFACPruning(PruningModifier):
             removed = alive[i] & ~new[name].to(device).reshape(-1)
             if not removed.any():
                 continue
-            u[starts[i] : starts[i + 1]] = _removal_vector(
+            u[starts[i] : starts[i + 1]] = obs_removal_vector(
                 parts[i], local[i], weights[i], removed, self.structure, params[i].shape
             )
         dw = obs_update(fisher, u)
@@ -341,151 +330,3 @@ class MFACPruning(PruningModifier):
             moved = weights[i][alive[i]] + dw[starts[i] : starts[i + 1]]
             params[i].masked_scatter_(current[name], moved.to(params[i].dtype))
             session.masks.set(name, new[name])  # zeroes the removed weights exactly
-
-
-# ---------------------------------------------------------------------- the Fisher over all parts
-
-
-Inverse = FisherInverse | BlockFisherInverse
-
-
-@dataclass(frozen=True)
-class _Part:
-    """The inverse Fisher holding one parameter's remaining weights, from coordinate ``offset`` on."""
-
-    fi: Inverse | None  # None: the parameter has no remaining weight (per-parameter mode)
-    offset: int
-    diag: torch.Tensor | None  # diag(F^-1) of ``fi``, float64, on the compute device
-
-
-class _Fisher:
-    """F^-1 over the concatenated remaining weights: one blocked inverse, or one per parameter."""
-
-    def __init__(self, fis: list[Inverse | None], spans: list[tuple[int, int]], parts: list[_Part]) -> None:
-        self.dim = spans[-1][1] if spans else 0
-        self._fis, self._spans, self._parts = fis, spans, parts
-
-    @classmethod
-    def woodbury(
-        cls,
-        grads: torch.Tensor,
-        sizes: list[int],
-        damp: float,
-        block_size: int | None,
-        device: torch.device,
-        storage_dtype: torch.dtype | None = None,
-    ) -> _Fisher:
-        """FisherInverse over the (m, d) rows: blocked, or one full block per parameter (None);
-        its factor stored in ``storage_dtype`` (None: the rows' dtype)."""
-        starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
-        if block_size is None:
-            fis = [
-                FisherInverse(grads[:, a:b], damp, None, device=device, storage_dtype=storage_dtype)
-                if b > a
-                else None
-                for a, b in pairwise(starts)
-            ]
-            parts = [_Part(fi, 0, _diag(fi, device)) for fi in fis]
-            return cls(fis, list(pairwise(starts)), parts)
-        fi = FisherInverse(grads, damp, block_size, device=device, storage_dtype=storage_dtype)
-        return cls.blocked(fi, sizes, device)
-
-    @classmethod
-    def blocked(cls, fi: Inverse, sizes: list[int], device: torch.device) -> _Fisher:
-        """One blocked inverse over the concatenated remaining weights (either form)."""
-        starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
-        diag = _diag(fi, device)
-        return cls([fi], [(0, starts[-1])], [_Part(fi, a, diag) for a in starts[:-1]])
-
-    streamed = blocked
-
-    def part(self, i: int) -> _Part:
-        return self._parts[i]
-
-    def mul(self, x: torch.Tensor) -> torch.Tensor:
-        """F^-1 x for x (d,) over the concatenated remaining weights."""
-        out = torch.zeros_like(x)
-        for fi, (a, b) in zip(self._fis, self._spans, strict=True):
-            if fi is not None:
-                out[a:b] = fi.mul(x[a:b])
-        return out
-
-
-def _diag(fi: Inverse | None, device: torch.device) -> torch.Tensor | None:
-    return None if fi is None else fi.diag().to(device=device, dtype=torch.float64)
-
-
-# ---------------------------------------------------------------------- scores and removals
-
-
-def _per_weight(structure: Structure) -> bool:
-    """Scored and removed weight by weight: unstructured, or N:M with too many subsets to enumerate."""
-    return structure == "unstructured" or (
-        isinstance(structure, NM) and math.comb(structure.m, structure.m - structure.n) > MAX_NM_SUBSETS
-    )
-
-
-def _grouped(
-    layout: torch.Tensor, coord: torch.Tensor, w: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per slot of each group: Fisher coordinate (-1: pruned or padding), weight, and whether it is real."""
-    slot = layout >= 0
-    safe = layout.clamp(min=0)
-    return coord[safe].masked_fill(~slot, -1), w[safe], slot
-
-
-def _scores(
-    part: _Part, coord: torch.Tensor, w: torch.Tensor, structure: Structure, shape: torch.Size
-) -> torch.Tensor:
-    """OBS saliency of each weight of one parameter (flat, float64; pruned weights: 0).
-
-    ``coord``: each weight's coordinate in ``part.fi`` (-1: pruned). A group's saliency goes to each
-    of its weights; for N:M the best subset of each group gets its saliency, the others +inf (kept).
-    """
-    alive = coord >= 0
-    out = torch.zeros(w.numel(), dtype=torch.float64, device=w.device)
-    if part.fi is None or not alive.any():
-        return out
-    if _per_weight(structure):
-        out[alive] = saliencies(w[alive], part.diag[coord[alive]])
-        return out
-    layout = group_layout(shape, structure).to(w.device)
-    gcoord, gw, slot = _grouped(layout, coord, w)
-    if isinstance(structure, NM):
-        choice = nm_best_subsets(part.fi, gcoord, gw, structure.n, alive=gcoord >= 0)
-        chosen = layout.gather(1, choice.slots)  # (g, M-N) flat positions
-        out.fill_(math.inf)
-        out[chosen.reshape(-1)] = choice.saliency.unsqueeze(1).expand_as(chosen).reshape(-1)
-        return out
-    saliency = group_obs(part.fi, gcoord, gw, valid=gcoord >= 0).saliency
-    out[layout[slot]] = saliency.unsqueeze(1).expand_as(layout)[slot]
-    return out
-
-
-def _removal_vector(
-    part: _Part,
-    coord: torch.Tensor,
-    w: torch.Tensor,
-    removed: torch.Tensor,
-    structure: Structure,
-    shape: torch.Size,
-) -> torch.Tensor:
-    """u over this parameter's remaining weights (in order): u_Q = ([F^-1]_QQ)^-1 w_Q for each
-    removed group Q (u_q = w_q / [F^-1]_qq weight by weight); dw = -F^-1 u is the OBS update."""
-    size = int((coord >= 0).sum())
-    u = torch.zeros(size, dtype=torch.float64, device=w.device)
-    if part.fi is None:
-        return u
-    if _per_weight(structure):
-        c = coord[removed]
-        u[c - part.offset] = removal_vector(w[removed], part.diag[c])
-        return u
-    layout = group_layout(shape, structure).to(w.device)
-    gcoord, gw, slot = _grouped(layout, coord, w)
-    hit = removed[layout.clamp(min=0)] & slot
-    rows = hit.any(dim=1)
-    if rows.any():
-        gcoord, gw, valid = gcoord[rows], gw[rows], hit[rows]
-        x = group_obs(part.fi, gcoord, gw, valid=valid).u
-        u[gcoord[valid] - part.offset] = x[valid]
-    return u

@@ -1,4 +1,4 @@
-"""``compressor.trainer.run`` with probes, for tests/test_distributed_run.py (under torchrun or not).
+"""``compressor.engine.run`` with probes, for tests/test_distributed_run.py (under torchrun or not).
 
     torchrun --nproc_per_node=2 tests/ddp_helper.py OUT RECIPE PROBES [--resume] [--snapshot EPOCH DIR]
         [--sample M]
@@ -29,11 +29,13 @@ def run_probed(
     checkpoint). ``snapshot`` (epoch, dir): rank 0 copies ``out`` to dir right after that epoch's
     checkpoint (a run killed there).
     """
-    from compressor import distributed, trainer
-    from compressor.sampling import GradientSampler
+    from compressor import engine
+    from compressor.core import distributed
+    from compressor.engine import checkpoints
+    from compressor.lifecycle.sampling import GradientSampler
 
     probe: dict[str, Any] = {"masks": {}, "grads": [], "restored": None}
-    originals = (GradientSampler.sample, trainer._checkpoint, trainer._restore)
+    originals = (GradientSampler.sample, checkpoints.save, checkpoints.restore)
     sample_fn, save, restore = originals
 
     def counting_sample(self, names, num_grads, batch_size, **kwargs):
@@ -55,11 +57,11 @@ def run_probed(
         return result
 
     GradientSampler.sample = counting_sample
-    trainer._checkpoint, trainer._restore = probing_checkpoint, probing_restore
+    checkpoints.save, checkpoints.restore = probing_checkpoint, probing_restore
     try:
-        probe["summary"] = trainer.run(recipe, out, resume=recipe is None, progress=False)
+        probe["summary"] = engine.run(recipe, out, resume=recipe is None, progress=False)
     finally:
-        GradientSampler.sample, trainer._checkpoint, trainer._restore = originals
+        GradientSampler.sample, checkpoints.save, checkpoints.restore = originals
     return probe
 
 
@@ -69,8 +71,9 @@ def _masks(session: Any) -> dict[str, torch.Tensor]:
 
 def fresh_sample(m: int) -> torch.Tensor:
     """m gradients of a fresh digits-mlp's weights, drawn at the current world size."""
-    from compressor.sampling import GradientSampler
-    from compressor.zoo import build_model, load_data
+    from compressor.data import load_data
+    from compressor.lifecycle.sampling import GradientSampler
+    from compressor.models import build_model
 
     data = load_data("digits")
     model = build_model("digits-mlp", data.input_shape, data.num_classes, seed=0)

@@ -176,7 +176,7 @@ def job_masked(rank: int, args: dict[str, Any]) -> dict[str, Any]:
 
 def train_session(shard: bool, steps: int = 5) -> dict[str, Any]:
     """The recipe path: a Session whose MFACOptimizer (``shard``) trains a small net on fixed batches."""
-    from compressor.session import Session
+    from compressor.lifecycle.session import Session
     from modifiers.mfac_optimizer import MFACOptimizer
 
     torch.manual_seed(0)

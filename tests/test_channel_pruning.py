@@ -1,4 +1,4 @@
-"""StructuredPruning and compressor.channel_surgery: channel removal, its scores, resume and export."""
+"""StructuredPruning and compressor.surgery.channels: channel removal, its scores, resume and export."""
 
 from __future__ import annotations
 
@@ -11,16 +11,20 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
-from compressor import registry, trainer
-from compressor.channel_surgery import SurgeryError, dependency_graph, match_shapes
-from compressor.checkpoint import load_checkpoint
+from compressor import engine
 from compressor.cli import app
+from compressor.core import registry
+from compressor.core.checkpoint import load_checkpoint
+from compressor.core.params import normalize
+from compressor.data import load_data
+from compressor.engine import checkpoints
+from compressor.lifecycle.session import Session
 from compressor.mfac import FisherInverse
-from compressor.params import normalize
+from compressor.models import build_model
 from compressor.recipe import load_recipe
-from compressor.session import Session
-from compressor.zoo import build_model, load_data
-from modifiers.channel_pruning import GroupOBSImportance, StructuredPruning, group_coordinates
+from compressor.surgery.channels import SurgeryError, dependency_graph, match_shapes
+from compressor.surgery.importance import GroupOBSImportance, group_coordinates
+from modifiers.channel_pruning import StructuredPruning
 from modifiers.magnitude import MagnitudePruning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +211,7 @@ def test_a_run_refuses_an_optimizer_it_could_not_rebuild_before_training(tmp_pat
     registry.register("optimizers", "Nudge", Nudge)
     try:
         with pytest.raises(SurgeryError, match="cannot rebuild Nudge"):
-            trainer.run(recipe, tmp_path / "out", progress=False)
+            engine.run(recipe, tmp_path / "out", progress=False)
     finally:
         registry.unregister("optimizers", "Nudge")
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
@@ -392,8 +396,8 @@ modifiers:
 def test_a_structured_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(SMALL)
-    whole = trainer.run(recipe, tmp_path / "whole", progress=False)
-    save = trainer._checkpoint
+    whole = engine.run(recipe, tmp_path / "whole", progress=False)
+    save = checkpoints.save
 
     class KilledError(Exception):
         pass
@@ -403,13 +407,13 @@ def test_a_structured_run_resumes_to_the_same_result(tmp_path, monkeypatch):
         if epoch == 3:
             raise KilledError
 
-    monkeypatch.setattr(trainer, "_checkpoint", killed_after_epoch_3)
+    monkeypatch.setattr(checkpoints, "save", killed_after_epoch_3)
     with pytest.raises(KilledError):
-        trainer.run(recipe, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(trainer, "_checkpoint", save)
+        engine.run(recipe, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(checkpoints, "save", save)
     cut_state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert cut_state["model"]["conv2.weight"].shape == (8, 4, 3, 3)  # already pruned: a smaller model
-    resumed = trainer.run(None, tmp_path / "cut", resume=True, progress=False)
+    resumed = engine.run(None, tmp_path / "cut", resume=True, progress=False)
     assert resumed["eval"] == whole["eval"]
     a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]

@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from compressor.data import (
+from compressor.core.errors import CompressorError
+from compressor.data import build_code_pairs as build
+from compressor.data.code_pairs import (
     DATA_FILE,
     SPLITS,
     CodePairs,
@@ -23,8 +25,6 @@ from compressor.data import (
     code_pairs_header,
     load_code_pairs,
 )
-from compressor.data import build_code_pairs as build
-from compressor.errors import CompressorError
 
 THIS_PYTHON = ".".join(str(v) for v in sys.version_info[:3])
 

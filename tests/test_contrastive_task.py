@@ -15,12 +15,13 @@ import transformers
 from test_hf_models import WORDS, _config, _save_sentence_layout, _save_tokenizer
 from torch.utils.data import Dataset
 
-from compressor import retrieval, zoo
-from compressor.contrastive_task import ContrastiveTask, embed
 from compressor.data import CodePairs
+from compressor.data import builtin as datasets
+from compressor.engine import evaluate, run
+from compressor.models import builtin as models
 from compressor.recipe import RecipeError
-from compressor.task import TaskError, build_task
-from compressor.trainer import evaluate, run
+from compressor.tasks import TaskError, build_task, retrieval
+from compressor.tasks.contrastive import ContrastiveTask, embed
 
 ENCODER_LINEARS = r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)\.weight"
 
@@ -61,7 +62,7 @@ def _pairs(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def _model(encoder_dir: Path) -> torch.nn.Module:
-    return zoo.build_model(f"hf:{encoder_dir}", (), 0)
+    return models.build_model(f"hf:{encoder_dir}", (), 0)
 
 
 def test_collate_tokenizes_both_sides_and_keeps_the_texts(encoder_dir: Path) -> None:
@@ -293,7 +294,7 @@ def test_the_cli_reports_retrieval_metrics_and_a_model_without_tokenizer_exits_1
 
 
 def test_code_pairs_is_built_in_data_of_texts() -> None:
-    bundle = zoo.load_data("code_pairs")
+    bundle = datasets.load_data("code_pairs")
     assert (len(bundle.train), len(bundle.test), bundle.input_shape, bundle.num_classes) == (
         4462,
         1215,
@@ -313,9 +314,9 @@ def test_a_factory_of_dict_samples_gets_no_shape_and_its_declared_classes(
     module.plain = lambda: (Items([{"a": torch.zeros(3)}]), Items([{"a": torch.ones(3)}]))  # type: ignore[attr-defined]
     module.declared = lambda: (Declared([{"a": 1}]), Declared([{"a": 2}]))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    plain = zoo.load_data("dict_samples_data:plain")
+    plain = datasets.load_data("dict_samples_data:plain")
     assert (plain.input_shape, plain.num_classes) == ((), 0)
-    assert zoo.load_data("dict_samples_data:declared").num_classes == 5
+    assert datasets.load_data("dict_samples_data:declared").num_classes == 5
 
 
 def test_an_unknown_task_option_in_a_recipe_is_reported_at_its_field(

@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compressor import trainer
+from compressor import engine
 from compressor.cli import app
-from compressor.distributed import Context
+from compressor.core.distributed import Context
+from compressor.engine import RunError, resolve_device
 from compressor.recipe import RecipeError, parse_recipe
-from compressor.trainer import RunError, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits_magnitude.yaml"
@@ -125,7 +125,7 @@ def test_run_computes_on_the_gpu_when_there_is_one(monkeypatch, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(_recipe(None))
     with pytest.raises(StopError):
-        trainer.run(recipe, tmp_path / "out", progress=False)
+        engine.run(recipe, tmp_path / "out", progress=False)
     assert moved == [torch.device("cuda", 0)]
 
 

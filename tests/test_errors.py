@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from compressor import CompressorError
-from compressor.checkpoint import CheckpointError
-from compressor.distributed import DistributedError
-from compressor.params import PatternError, match_params
-from compressor.preflight import PreflightError, preflight
+from compressor.core.checkpoint import CheckpointError
+from compressor.core.distributed import DistributedError
+from compressor.core.params import PatternError, match_params
+from compressor.core.preflight import PreflightError, preflight
+from compressor.core.registry import RegistryError
+from compressor.engine import RunError
+from compressor.lifecycle.session import LifecycleError
 from compressor.recipe import RecipeError
 from compressor.recipe.expressions import ExpressionError
-from compressor.registry import RegistryError
-from compressor.session import LifecycleError
-from compressor.trainer import RunError
 from exporters.errors import ExportError, VerificationError
 
 

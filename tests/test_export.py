@@ -16,11 +16,11 @@ from onnx import numpy_helper
 from oracles import render_text
 from typer.testing import CliRunner
 
-from compressor import registry
-from compressor.checkpoint import load_checkpoint
 from compressor.cli import app
-from compressor.masks import MASK_SUFFIX
-from compressor.trainer import run
+from compressor.core import registry
+from compressor.core.checkpoint import load_checkpoint
+from compressor.core.masks import MASK_SUFFIX
+from compressor.engine import run
 from exporters import ExportError, VerificationError, export_checkpoint
 from exporters import export as export_module
 from exporters.compliance import violations
@@ -91,7 +91,7 @@ def _checkpoint_sparsity(path: Path) -> dict[str, tuple[int, float]]:
 
 def _onnx_zero_counts(path: Path) -> list[tuple[tuple[int, ...], int]]:
     """(shape, zeros) of every float tensor in the file, dense and sparse initializers alike."""
-    from compressor.onnx_tensors import constant_tensors
+    from compressor.core.onnx_tensors import constant_tensors
 
     tensors = constant_tensors(onnx.load(str(path)))
     return [(a.shape, int((a == 0).sum())) for a in tensors.values() if a.dtype.kind == "f"]
@@ -187,7 +187,7 @@ def test_models_over_the_protobuf_limit_are_refused_before_export(digits, tmp_pa
 def test_inspect_reads_sparse_initializers(cnn, cnn_export):
     """`compressor inspect` shows the same tensors and sparsities for the compressed file as for the
     dense one (sparse initializers densified, not skipped)."""
-    from compressor.inspection import onnx_table
+    from compressor.cli.inspection import onnx_table
 
     report = export_checkpoint(cnn, cnn.parent / "inspect.onnx", compress=True)
     assert report.sparse_initializers
@@ -201,7 +201,7 @@ def test_inspect_reads_sparse_initializers(cnn, cnn_export):
 
 
 def load_inputs(n: int) -> np.ndarray:
-    from compressor.zoo import load_data
+    from compressor.data import load_data
 
     return load_data("digits").test.tensors[0][:n].numpy()
 

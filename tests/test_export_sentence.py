@@ -16,13 +16,13 @@ import onnx
 import pytest
 import torch
 
-from compressor.checkpoint import load_checkpoint
+from compressor.core.checkpoint import load_checkpoint
+from compressor.core.masks import mask_names
+from compressor.core.onnx_tensors import constant_tensors
+from compressor.core.params import normalize
 from compressor.data import CodePairs
-from compressor.hf_models import load_pretrained
-from compressor.masks import mask_names
-from compressor.onnx_tensors import constant_tensors
-from compressor.params import normalize
-from compressor.trainer import run
+from compressor.engine import run
+from compressor.models.pretrained import load_pretrained
 from exporters import ExportError, export_checkpoint
 from exporters.numerics import session
 
@@ -240,7 +240,7 @@ def test_a_fixed_batch_keeps_the_sequence_axis_dynamic(trained: Path) -> None:
 
 
 def test_a_classifier_called_by_name_exports_its_logits_without_the_loss(tmp_path: Path) -> None:
-    from compressor.hf_models import load_tokenizer
+    from compressor.models.pretrained import load_tokenizer
     from exporters.convert import to_onnx_named
     from exporters.named import KeywordModel, NamedInputs, output_names
     from exporters.numerics import compare_named

@@ -25,8 +25,8 @@ from conftest import EPS32, condition, dense_fisher, entry_pairs, probe_vectors,
 from pydantic import ValidationError
 from torch import nn
 
+from compressor.lifecycle.session import Session
 from compressor.mfac import MFAC, FisherInverse, SlidingFisherInverse
-from compressor.session import Session
 from modifiers.mfac_optimizer import MFACOptimizer
 
 F64 = torch.float64

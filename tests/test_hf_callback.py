@@ -24,8 +24,8 @@ from compressor.integrations.hf import (
     CompressionCallback,
     UnsupportedModifierError,
 )
+from compressor.lifecycle.sampling import GradientSampler
 from compressor.recipe import RecipeError
-from compressor.sampling import GradientSampler
 
 ENCODER_LINEARS = r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)\.weight"
 SEQ, VOCAB, SAMPLES, BATCH = 12, 40, 24, 4
@@ -319,7 +319,7 @@ def test_missing_transformers_is_a_clear_error():
     code = textwrap.dedent(
         """
         import sys
-        import compressor, compressor.integrations, compressor.session
+        import compressor, compressor.integrations, compressor.lifecycle.session
         assert "transformers" not in sys.modules, "import compressor must stay light"
         sys.modules["transformers"] = None  # as if the hf extra were not installed
         try:
@@ -353,13 +353,14 @@ modifiers:
     assert probe.lrs[4] == 0.05 and probe.lrs[5] == pytest.approx(linear[5])
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+LOOPS_PAGE = ROOT / "docs" / "training-loops.md"
 
 
 def readme_trainer_example() -> str:
-    """The one ```python block of the README's "### With the Hugging Face Trainer" section."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n### With the Hugging Face Trainer\n", 1)[1].split("\n## ", 1)[0]
+    """The one ```python block of the docs' "## With the Hugging Face Trainer" section."""
+    text = LOOPS_PAGE.read_text(encoding="utf-8")
+    section = text.split("\n## With the Hugging Face Trainer\n", 1)[1].split("\n## ", 1)[0]
     blocks = section.split("```python\n")[1:]
     assert len(blocks) == 1, "the section should hold exactly one python example"
     return blocks[0].split("\n```", 1)[0]
@@ -370,7 +371,7 @@ def test_readme_trainer_example_runs(tmp_path):
     script.write_text(readme_trainer_example())
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(README.parent), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "HF_HUB_OFFLINE": "1",
         "COMPRESSOR_KERNELS": "off",  # the PyTorch path: no kernel build in a test
         "OMP_NUM_THREADS": "1",  # a tiny model: threads only contend

@@ -17,11 +17,13 @@ import pytest
 import torch
 import transformers  # the hf extra: install.sh installs it for the tests
 
-from compressor import hf_models
-from compressor.hf_models import MissingExtraError, SentenceEncoder, load_tokenizer, resolve_source
-from compressor.params import match_params
-from compressor.recipe import RecipeError, build_train, check_imports, load_recipe
-from compressor.zoo import ZooError, build_model
+from compressor.builders import build_train
+from compressor.core.factories import ZooError
+from compressor.core.params import match_params
+from compressor.models import build_model
+from compressor.models import pretrained as hf_models
+from compressor.models.pretrained import MissingExtraError, SentenceEncoder, load_tokenizer, resolve_source
+from compressor.recipe import RecipeError, check_imports, load_recipe
 
 HIDDEN, LAYERS, INTERMEDIATE = 32, 2, 48
 WORDS = [
@@ -286,9 +288,9 @@ def test_without_transformers_the_error_says_how_to_install(
 
 def test_the_engine_does_not_import_transformers() -> None:
     code = (
-        "import sys, compressor, compressor.zoo, compressor.trainer, compressor.hf_models\n"
-        "import compressor.recipe\n"
-        "compressor.zoo.build_model('digits-mlp', (1, 8, 8), 10)\n"
+        "import sys, compressor, compressor.models, compressor.engine, compressor.models.pretrained\n"
+        "import compressor.recipe, compressor.cli\n"
+        "compressor.models.build_model('digits-mlp', (1, 8, 8), 10)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'tokenizers')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -298,8 +300,8 @@ def test_the_engine_does_not_import_transformers() -> None:
 def test_a_checkpoint_round_trips_and_inspect_reports_its_sparsity(bert_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from compressor.checkpoint import load_checkpoint, save_checkpoint
     from compressor.cli import app
+    from compressor.core.checkpoint import load_checkpoint, save_checkpoint
 
     model = build_model(f"hf:{bert_dir}", (), 0).eval()
     query = model.auto_model.encoder.layer[1].attention.self.query.weight

@@ -1,4 +1,4 @@
-"""The compiled kernels (compressor/mfac/kernels.py, csrc/) against the PyTorch path they replace.
+"""The compiled kernels (compressor/mfac/kernels/, csrc/) against the PyTorch path they replace.
 
 Each kernel gets fresh random inputs (m not a multiple of 32, blocks that do not divide d, a tail
 block, float32 and float64); its outputs are filled with NaN before the call, and are wider than
@@ -16,6 +16,7 @@ the build.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -34,7 +35,7 @@ import pytest
 import torch
 from conftest import realistic_grads
 
-from compressor.mfac import FisherInverse, kernels
+from compressor.mfac import BlockFisherInverse, FisherInverse, kernels
 
 F64, F32 = torch.float64, torch.float32
 EPS = {F32: torch.finfo(F32).eps, F64: torch.finfo(F64).eps}
@@ -319,8 +320,6 @@ def test_accumulate_blocks_adds_the_exact_products_to_the_upper_triangles(ext, g
 def test_block_fisher_with_and_without_the_kernel(kernels_on, gen, monkeypatch, dtype):
     """BlockFisherInverse over d = 1000, B = 96 (a tail of 40), chunks of 1, 0, 17 and the rest:
     the kernel (upper triangles) and the PyTorch path (whole products) give the same F^-1."""
-    from compressor.mfac import BlockFisherInverse
-
     grads = realistic_grads(45, 1000, gen).to(dtype)
     used = []
     real = kernels.accumulate_blocks
@@ -430,7 +429,7 @@ def test_shapes_the_kernels_refuse(kernels_on, gen):
 
 def test_blocked_mul_takes_wide_blocks_only_when_there_are_many(kernels_on, monkeypatch):
     """Blocks wider than MUL_MAX_BLOCK_BYTES: PyTorch's GEMVs for a few, the kernel for many."""
-    monkeypatch.setattr(kernels, "MUL_MAX_BLOCK_BYTES", 8 * 16 * 4 - 1)  # one (8, 16) float32 block
+    monkeypatch.setattr(kernels.ops, "MUL_MAX_BLOCK_BYTES", 8 * 16 * 4 - 1)  # one (8, 16) float32 block
     few, many = kernels.MUL_MIN_BLOCKS - 1, kernels.MUL_MIN_BLOCKS
     assert not kernels.blocked_mul(
         torch.zeros(few, 8, 16), torch.zeros(1, few * 16), torch.empty(1, few * 16), 0, 8
@@ -445,8 +444,10 @@ def test_blocked_mul_takes_wide_blocks_only_when_there_are_many(kernels_on, monk
 
 def test_off_never_builds_and_uses_pytorch(monkeypatch, gen):
     monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
-    monkeypatch.setattr(kernels, "_modules", {})
-    monkeypatch.setattr(kernels, "_build", lambda kind: pytest.fail("built with COMPRESSOR_KERNELS=off"))
+    monkeypatch.setattr(kernels.build, "_modules", {})
+    monkeypatch.setattr(
+        kernels.build, "_build", lambda kind: pytest.fail("built with COMPRESSOR_KERNELS=off")
+    )
     assert kernels.module("cpu") is None
     grads = realistic_grads(20, 256, gen)
     assert kernels.factor_blocks(grads, 0, 2, 128, 1e-5, torch.empty(256, dtype=F64)) is None
@@ -458,8 +459,8 @@ def test_a_failed_build_warns_once_then_uses_pytorch(monkeypatch, gen):
     def broken(kind):
         raise RuntimeError("compiler exploded\nsecond line of the log")
 
-    monkeypatch.setattr(kernels, "_modules", {})
-    monkeypatch.setattr(kernels, "_build", broken)
+    monkeypatch.setattr(kernels.build, "_modules", {})
+    monkeypatch.setattr(kernels.build, "_build", broken)
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -486,12 +487,12 @@ def test_a_first_build_says_what_it_waits_for_and_a_cached_one_is_silent(monkeyp
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
-    assert kernels._build("cpu") == f"module {built[0]}"
+    assert kernels.build._build("cpu") == f"module {built[0]}"
     first = capsys.readouterr().err
     assert "building the M-FAC cpu kernels" in first and "first run only" in first
     assert "kernels are built" in first
     (tmp_path / built[0] / f"{built[0]}.so").write_bytes(b"")  # what a finished build leaves
-    kernels._build("cpu")
+    kernels.build._build("cpu")
     assert capsys.readouterr().err == ""
 
 
@@ -511,7 +512,7 @@ def test_a_lock_file_left_by_a_killed_build_does_not_hang_the_next(monkeypatch, 
     where = kernels.build_dir("cpu")
     where.mkdir(parents=True)
     (where / "lock").write_bytes(b"")  # what a killed torch build leaves
-    assert kernels._build("cpu") == "module"
+    assert kernels.build._build("cpu") == "module"
     assert seen == [False]
     assert "left by a build that was killed" in capsys.readouterr().err
 
@@ -541,7 +542,7 @@ def test_a_build_in_progress_in_another_process_is_waited_for(monkeypatch, tmp_p
     began = time.perf_counter()
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: "module")
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
-    assert kernels._build("cpu") == "module"
+    assert kernels.build._build("cpu") == "module"
     assert time.perf_counter() - began >= 1.0  # it waited for the live build
     assert holder.wait(10) == 0  # and the holder found its own lock file still there
 
@@ -556,16 +557,16 @@ def test_a_background_build_runs_while_the_caller_works_and_module_waits_for_it(
         assert release.wait(10)
         return f"{kind} kernels"
 
-    monkeypatch.setattr(kernels, "_modules", {})
-    monkeypatch.setattr(kernels, "_background", {})
-    monkeypatch.setattr(kernels, "_build", slow_build)
+    monkeypatch.setattr(kernels.build, "_modules", {})
+    monkeypatch.setattr(kernels.build, "_background", {})
+    monkeypatch.setattr(kernels.build, "_build", slow_build)
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
     kernels.build_in_background("cpu")
     assert started.wait(10)  # building, and this thread is free meanwhile
-    thread = kernels._background["cpu"]
-    assert thread.is_alive() and "cpu" not in kernels._modules
+    thread = kernels.build._background["cpu"]
+    assert thread.is_alive() and "cpu" not in kernels.build._modules
     kernels.build_in_background("cpu")  # a second start is a no-op
-    assert kernels._background["cpu"] is thread
+    assert kernels.build._background["cpu"] is thread
     threading.Timer(0.2, release.set).start()
     assert kernels.module("cpu") == "cpu kernels"  # waits for the thread, then has the module
     assert not thread.is_alive()
@@ -573,12 +574,14 @@ def test_a_background_build_runs_while_the_caller_works_and_module_waits_for_it(
 
 
 def test_background_build_is_a_no_op_when_off(monkeypatch):
-    monkeypatch.setattr(kernels, "_modules", {})
-    monkeypatch.setattr(kernels, "_background", {})
-    monkeypatch.setattr(kernels, "_build", lambda kind: pytest.fail("built with COMPRESSOR_KERNELS=off"))
+    monkeypatch.setattr(kernels.build, "_modules", {})
+    monkeypatch.setattr(kernels.build, "_background", {})
+    monkeypatch.setattr(
+        kernels.build, "_build", lambda kind: pytest.fail("built with COMPRESSOR_KERNELS=off")
+    )
     monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
     kernels.build_in_background("cpu")
-    assert kernels._background == {}
+    assert kernels.build._background == {}
 
 
 def test_bad_mode_and_sources(monkeypatch):
@@ -593,14 +596,14 @@ def test_bad_mode_and_sources(monkeypatch):
 
 def test_the_target_isa_comes_from_the_cpu_or_the_environment_and_names_the_build(monkeypatch, tmp_path):
     monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
-    monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(kernels.build.platform, "machine", lambda: "x86_64")
     names = {}
     for flags, expected in (
         ("flags : fpu avx2 fma avx512f avx512bw avx512dq avx512vl", "avx512"),
         ("flags : fpu avx2 fma", "avx2"),
         ("flags : fpu sse2", "native"),
     ):
-        monkeypatch.setattr(kernels, "_host_tag", lambda flags=flags: "x86_64" + flags)
+        monkeypatch.setattr(kernels.build, "_host_tag", lambda flags=flags: "x86_64" + flags)
         monkeypatch.delenv("COMPRESSOR_KERNELS_ISA", raising=False)
         assert kernels.isa() == expected
         names[expected] = kernels.build_dir("cpu").name
@@ -643,16 +646,16 @@ def dispatch(ext, monkeypatch, tmp_path):
 
     fake = Fake()
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
-    monkeypatch.setattr(kernels, "_dispatch", {})
-    monkeypatch.setattr(kernels, "measure", fake)
-    monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
+    monkeypatch.setattr(kernels.dispatch, "_dispatch", {})
+    monkeypatch.setattr(kernels.dispatch, "measure", fake)
+    monkeypatch.setattr(kernels.dispatch, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
     return fake
 
 
 def _uses(grads, block) -> dict[str, int]:
     """How often each kernel ran (the extension itself was called) in FisherInverse + mul."""
     used = {"factor_blocks": 0, "blocked_mul": 0}
-    ext = kernels._modules["cpu"]
+    ext = kernels.build._modules["cpu"]
 
     class Spy:
         def __getattr__(self, name):
@@ -662,12 +665,12 @@ def _uses(grads, block) -> dict[str, int]:
 
             return call
 
-    saved = kernels._modules["cpu"]
-    kernels._modules["cpu"] = Spy()
+    saved = kernels.build._modules["cpu"]
+    kernels.build._modules["cpu"] = Spy()
     try:
         FisherInverse(grads, 1e-5, block).mul(grads[0])
     finally:
-        kernels._modules["cpu"] = saved
+        kernels.build._modules["cpu"] = saved
     return used
 
 
@@ -678,7 +681,7 @@ def test_the_measurement_is_cached_beside_the_build_and_reused(dispatch, gen, tm
     assert "timing the M-FAC cpu kernels" in capsys.readouterr().err
     assert json.loads((tmp_path / "dispatch-1t.json").read_text()) == dispatch.result
     _uses(grads, 100)
-    kernels._dispatch.clear()  # a new process: reads the file, does not measure again
+    kernels.dispatch._dispatch.clear()  # a new process: reads the file, does not measure again
     _uses(grads, 100)
     assert dispatch.calls == 1
     assert capsys.readouterr().err == ""
@@ -691,7 +694,7 @@ def test_a_kernel_measured_slower_is_not_used_and_the_environment_overrides(disp
     monkeypatch.setenv("COMPRESSOR_KERNELS", "on")
     assert _uses(grads, 100) == {"factor_blocks": 1, "blocked_mul": 1}
     monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
-    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels.build, "_modules", {})
     assert kernels.factor_blocks(grads, 0, 3, 100, 1e-5, torch.empty(300)) is None
     assert dispatch.calls == 1
 
@@ -721,30 +724,78 @@ def test_the_real_measurement_times_both_paths_and_a_slower_kernel_loses(ext, mo
     """measure() on tiny cases, its timer faked so that the kernel is the slower on the Woodbury
     set-up: the table is valid, and auto then runs the PyTorch path there, the kernels elsewhere."""
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
-    monkeypatch.setattr(kernels, "_dispatch", {})
-    monkeypatch.setattr(kernels, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
+    monkeypatch.setattr(kernels.dispatch, "_dispatch", {})
+    monkeypatch.setattr(kernels.dispatch, "dispatch_file", lambda: tmp_path / "dispatch-1t.json")
     cases = {"factor_blocks": ((8, 16),), "blocked_mul": ((8, 16),), "direct_blocks": ((8, 4),)}
     cases["accumulate_blocks"] = ((3, 16),)
     cases["factor_wide_blocks"] = ((8, 16),)  # the same set-up twice: only the table's shape counts
-    monkeypatch.setattr(kernels, "DISPATCH_CASES", cases)
-    monkeypatch.setattr(kernels, "DISPATCH_DIM", 64)
+    monkeypatch.setattr(kernels.dispatch, "DISPATCH_CASES", cases)
+    monkeypatch.setattr(kernels.dispatch, "DISPATCH_DIM", 64)
     ran = []
-    real = kernels._interleaved
+    real = kernels.dispatch._interleaved
 
     def fake_timer(fns, reps):
         real(fns, reps)  # runs both paths for real
         ran.append(sorted(fns))
         return {"kernel": 2.0, "torch": 1.0} if len(ran) == 2 else {"kernel": 1.0, "torch": 3.0}
 
-    monkeypatch.setattr(kernels, "_interleaved", fake_timer)
+    monkeypatch.setattr(kernels.dispatch, "_interleaved", fake_timer)
     table = kernels.dispatch_table()  # (8, 4): direct; (8, 16): factor, wide, mul; then accumulate
-    assert kernels._valid(table) and ran == [["kernel", "torch"]] * 5
+    assert kernels.dispatch._valid(table) and ran == [["kernel", "torch"]] * 5
     assert table["cases"]["factor_blocks"] == [{"m": 8, "B": 16, "kernel_s": 2.0, "torch_s": 1.0}]
     assert not kernels.measured_faster("factor_blocks", 64, 128)
     assert kernels.measured_faster("blocked_mul", 64, 128)
     assert kernels.measured_faster("direct_blocks", 64, 32)
     assert kernels.measured_faster("accumulate_blocks", 32, 32)
     assert kernels.measured_faster("factor_wide_blocks", 1024, 1024)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+def test_the_measurement_times_the_pytorch_path_itself(gen, monkeypatch, dtype):
+    """What measure() times each kernel against (kernels.reference) is what FisherInverse and
+    BlockFisherInverse run without the kernels, bit for bit: the Woodbury and the direct set-up (one
+    page, and pages of 2 blocks), mul, and the streamed sums."""
+    reference = kernels.reference
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "off")
+    for m, size in ((20, 100), (45, 32)):  # size >= m: Woodbury; size < m: direct
+        grads = realistic_grads(m, 3 * size, gen).to(dtype)
+        run = reference.factor_blocks if size >= m else reference.direct_blocks
+        for page_bytes in (None, 2 * size * m * grads.element_size()):
+            fi = FisherInverse(grads, 1e-5, size, page_bytes=page_bytes)
+            diag = torch.full((3 * size,), float("nan"), dtype=dtype)
+            pages = {} if page_bytes is None else {"page_bytes": page_bytes}
+            factor = run(grads, 0, 3, size, 1e-5, diag, **pages)
+            assert fi._direct == [size < m]
+            assert torch.equal(factor, fi._factors[0]) and torch.equal(diag, fi.diag())
+    woodbury = FisherInverse(realistic_grads(20, 300, gen).to(dtype), 1e-5, 100)
+    xs = torch.randn(2, 300, generator=gen, dtype=F64).to(dtype)
+    out = torch.full_like(xs, float("nan"))
+    reference.blocked_mul(woodbury._factors[0], xs, out, 0)
+    assert torch.equal(out.div_(1e-5), woodbury.mul(xs))
+    chunk = realistic_grads(17, 300, gen).to(dtype)
+    streamed = BlockFisherInverse(300, 100)
+    streamed.add(chunk)
+    sums = torch.zeros(3, 100, 100, dtype=F64)
+    reference.accumulate_blocks(chunk, 0, sums)
+    assert torch.equal(sums, streamed._blocks[0])
+
+
+def test_the_kernels_package_imports_neither_the_classes_it_serves_nor_the_project():
+    """kernels/ lies below static.py and block_fisher.py: it times their PyTorch math in reference.py,
+    never the classes, so no import (inside functions included) leaves the package; reference.py
+    needs torch alone."""
+    root = Path(kernels.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = ["." * node.level + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("..", "compressor")), f"{path.name} imports {name}"
+                assert path.name != "reference.py" or not name.startswith("."), f"reference.py imports {name}"
 
 
 def test_import_needs_torch_alone():

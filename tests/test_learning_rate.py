@@ -10,10 +10,10 @@ import torch
 from pydantic import Field, ValidationError
 from torch import nn
 
-from compressor import registry
-from compressor.modifier import Modifier
+from compressor.core import registry
+from compressor.core.modifier import Modifier
+from compressor.lifecycle.session import Session
 from compressor.recipe import RecipeError, parse_recipe
-from compressor.session import Session
 from modifiers.learning_rate import LearningRate
 from modifiers.mfac_optimizer import MFACOptimizer
 

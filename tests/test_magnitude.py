@@ -11,8 +11,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from compressor.masks import MaskSet
-from compressor.params import normalize
+from compressor.core.masks import MaskSet
+from compressor.core.params import normalize
 from modifiers.magnitude import ConstantPruning, MagnitudePruning
 
 NAMES = ["0.weight", "2.weight"]

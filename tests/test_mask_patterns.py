@@ -12,8 +12,10 @@ import torch
 from oracles import nm_topk_mask
 from pydantic import ValidationError
 
-from compressor import registry
-from compressor.mask_patterns import (
+from compressor.core import registry
+from compressor.core.modifier import Modifier
+from compressor.recipe import RecipeError, load_recipe
+from compressor.sparsity.patterns import (
     as_structure,
     expand,
     group_layout,
@@ -22,8 +24,6 @@ from compressor.mask_patterns import (
     nm_problem,
     select_masks,
 )
-from compressor.modifier import Modifier
-from compressor.recipe import RecipeError, load_recipe
 from modifiers.magnitude import MagnitudePruning
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.masks import MaskSet, mask_names
+from compressor.core.masks import MaskSet, mask_names
 
 NAMES = ["0.weight", "3.weight"]
 

@@ -12,9 +12,9 @@ from conftest import dense_fisher
 from pydantic import Field, ValidationError
 from torch import nn
 
+from compressor.core.modifier import Modifier
+from compressor.lifecycle.session import Session
 from compressor.mfac import MFAC, SlidingFisherInverse
-from compressor.modifier import Modifier
-from compressor.session import Session
 from modifiers.learning_rate import LearningRate
 from modifiers.mfac_optimizer import MFACOptimizer
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from compressor.session import Session
+from compressor.lifecycle.session import Session
 from modifiers.magnitude import MagnitudePruning
 from modifiers.mfac_pruning import MFACPruning
 
@@ -377,7 +377,8 @@ def test_nothing_to_prune_samples_nothing(gen: torch.Generator) -> None:
 
 
 def _digits_model(gen: torch.Generator) -> tuple[nn.Module, Any]:
-    from compressor.zoo import MLP, load_data
+    from compressor.data import load_data
+    from compressor.models import MLP
 
     data = load_data("digits")
     x, y = data.train.tensors

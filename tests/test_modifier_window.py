@@ -1,4 +1,4 @@
-"""The window every modifier shares (compressor.modifier): placing start and end in steps, the
+"""The window every modifier shares (compressor.core.modifier): placing start and end in steps, the
 active steps [start, end), the update steps start, start + every, ..., end, and resuming mid-window."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from pydantic import Field, ValidationError
 from torch import nn
 
-from compressor.errors import CompressorError
-from compressor.modifier import Modifier, StepPosition, WindowError, in_window, update_due
-from compressor.session import Session
+from compressor.core.errors import CompressorError
+from compressor.core.modifier import Modifier, StepPosition, WindowError, in_window, update_due
+from compressor.lifecycle.session import Session
 from modifiers.learning_rate import LearningRate
 from modifiers.magnitude import ConstantPruning, MagnitudePruning
 from modifiers.mfac_optimizer import MFACOptimizer

@@ -64,16 +64,20 @@ def test_ci_runs_the_readme_test_command():
     assert tests in ci
 
 
-def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """Every ```python block of the README runs, in order, in one namespace."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.+?)\n```", readme, flags=re.S)
+#: The docs pages whose ```python blocks run in one namespace, in this order.
+EXAMPLE_PAGES = ("training-loops.md", "mfac.md")
+
+
+def test_docs_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the docs' loop and M-FAC pages runs, in order, in one namespace."""
+    pages = "\n".join((ROOT / "docs" / page).read_text() for page in EXAMPLE_PAGES)
+    blocks = re.findall(r"```python\n(.+?)\n```", pages, flags=re.S)
     assert len(blocks) >= 3
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
+        exec(compile(block, "docs", "exec"), namespace)
     assert namespace["saliency"].shape == (100_000,) and bool(namespace["saliency"].isfinite().all())
     assert namespace["step"].shape == (100_000,)
     assert namespace["streamed"].num_grads == 1024 and bool(namespace["z"].isfinite().all())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.params import PatternError, match_params, normalize
+from compressor.core.params import PatternError, match_params, normalize
 
 NAMES = ["conv1.weight", "conv1.bias", "conv2.weight", "fc1.weight", "fc1.bias", "fc2.weight"]
 

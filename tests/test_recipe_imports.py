@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from compressor.cli import app
+from compressor.engine import run
 from compressor.recipe import RecipeError, load_recipe
-from compressor.trainer import run
 
 CLI = str(Path(sys.executable).with_name("compressor"))
 
@@ -22,7 +22,7 @@ import pathlib
 
 pathlib.Path(__file__).with_name("imported.txt").write_text("imported")
 
-from compressor.zoo import build_model
+from compressor.models import build_model
 
 
 def build(input_shape, num_classes):
@@ -89,7 +89,7 @@ def test_os_system_is_refused_by_the_cli_with_its_position(tmp_path: Path) -> No
 
 
 def test_an_allowed_factory_trains(tmp_path: Path, user_module: str) -> None:
-    from compressor.recipe import build_train
+    from compressor.builders import build_train
 
     recipe = _recipe(tmp_path, f"{user_module}:build")
     summary = run(recipe, tmp_path / "out", progress=False, allow_imports=[user_module])

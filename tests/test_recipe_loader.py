@@ -10,8 +10,8 @@ import pytest
 import torch
 from pydantic import Field
 
-from compressor import registry
-from compressor.modifier import Modifier, StepPosition
+from compressor.core import registry
+from compressor.core.modifier import Modifier, StepPosition
 from compressor.recipe import RecipeError, load_recipe, parse_recipe, resolved_yaml, validate_command
 from compressor.recipe.loader import optimizer_issues
 

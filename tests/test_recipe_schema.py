@@ -9,8 +9,8 @@ from typing import ClassVar, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from compressor import registry
-from compressor.modifier import Modifier
+from compressor.core import registry
+from compressor.core.modifier import Modifier
 from compressor.recipe import RecipeError, load_recipe
 
 
@@ -21,7 +21,7 @@ class NMStructure(BaseModel):
 
 
 class FakePruning(Modifier):
-    """Has the fields the cross-field rules look for (duck typing), without compressor.pruning."""
+    """Has the fields the cross-field rules look for (duck typing), without compressor.sparsity.pruner."""
 
     prunes: ClassVar[bool] = True
     params: list[str] = Field(min_length=1)

@@ -10,9 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from compressor.cli import app
-from compressor.params import normalize
+from compressor.core.params import normalize
+from compressor.data import load_data
+from compressor.models import build_model
 from compressor.recipe import load_recipe
-from compressor.zoo import build_model, load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from compressor import report
+from compressor.engine import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,5 @@
-"""compressor.retrieval against brute-force loops: loss, ranks, recall@k, MRR@k, mean cosine, pooling."""
+"""compressor.tasks.retrieval against brute-force loops: loss, ranks, recall@k, MRR@k, mean cosine,
+pooling."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.errors import CompressorError
-from compressor.retrieval import (
+from compressor.core.errors import CompressorError
+from compressor.tasks.retrieval import (
     DEFAULT_SCALE,
     RetrievalError,
     cosine_matrix,
@@ -172,7 +173,7 @@ class Block:
             raise ImportError("blocked: " + name)
         return None
 sys.meta_path.insert(0, Block())
-import compressor.retrieval, compressor.data
+import compressor.tasks.retrieval, compressor.data
 print("ok")
 """
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compressor.checkpoint import CheckpointError, load_checkpoint
 from compressor.cli import app
+from compressor.core.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits_magnitude.yaml"
@@ -24,7 +24,7 @@ CLI = str(Path(sys.executable).with_name("compressor"))
 
 SLOW_MODEL = '''
 import time
-from compressor.zoo import build_model
+from compressor.models import build_model
 
 def factory(input_shape, num_classes):
     """digits-mlp whose forward sleeps a little, so a run can be killed in the middle."""
@@ -179,7 +179,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 GREEDY = '''
 from typing import Literal
-from compressor.modifier import Modifier
+from compressor.core.modifier import Modifier
 
 class Greedy(Modifier):
     """Claims to need a petabyte of gradients."""
@@ -194,8 +194,8 @@ class Greedy(Modifier):
 
 
 def test_memory_preflight_stops_before_training(tmp_path, monkeypatch):
-    from compressor import registry
-    from compressor.trainer import run
+    from compressor.core import registry
+    from compressor.engine import run
 
     (tmp_path / "greedy.py").write_text(GREEDY)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from compressor import distributed, sampling
-from compressor.preflight import PreflightError, preflight
-from compressor.sampling import GradientSampler, shard
+from compressor.core import distributed
+from compressor.core.preflight import PreflightError, preflight
+from compressor.lifecycle import sampling
+from compressor.lifecycle.sampling import GradientSampler, shard
 
 
 @pytest.mark.parametrize(("m", "world"), [(7, 2), (8, 2), (5, 3), (2, 4), (1, 1), (64, 5)])

@@ -7,7 +7,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from compressor.schedules import sparsity_at, update_steps
+from compressor.core.schedules import sparsity_at, update_steps
 
 
 def _window(gen: torch.Generator) -> tuple[int, int, float, float]:

@@ -11,13 +11,13 @@ import torch
 from pydantic import Field
 from torch.utils.data import TensorDataset
 
-from compressor import registry
-from compressor.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from compressor.masks import MaskSet
-from compressor.modifier import Modifier
-from compressor.preflight import PreflightError, preflight
-from compressor.sampling import GradientSampler
-from compressor.session import LifecycleError, Session
+from compressor.core import registry
+from compressor.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from compressor.core.masks import MaskSet
+from compressor.core.modifier import Modifier
+from compressor.core.preflight import PreflightError, preflight
+from compressor.lifecycle.sampling import GradientSampler
+from compressor.lifecycle.session import LifecycleError, Session
 from modifiers.magnitude import ConstantPruning, MagnitudePruning
 
 

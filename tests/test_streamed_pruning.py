@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from compressor.lifecycle.session import Session
 from compressor.mfac import BlockFisherInverse
-from compressor.session import Session
 from modifiers.mfac_pruning import MFACPruning
 
 NAMES = ["0.weight", "2.weight"]

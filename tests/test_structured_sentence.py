@@ -15,13 +15,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from compressor import trainer
-from compressor.channel_surgery import match_shapes
-from compressor.checkpoint import load_checkpoint
+from compressor import engine
 from compressor.cli import app
+from compressor.core.checkpoint import load_checkpoint
 from compressor.data import CodePairs
-from compressor.hf_models import load_pretrained
-from compressor.transformer_surgery import encoder_layers, encoder_macs
+from compressor.engine import checkpoints
+from compressor.models.pretrained import load_pretrained
+from compressor.surgery.channels import match_shapes
+from compressor.surgery.encoder import encoder_layers, encoder_macs
 from exporters.numerics import session
 
 MODULE = __name__
@@ -140,7 +141,7 @@ def test_export_gives_the_smaller_encoder_verified_by_onnxruntime(ran: Path, enc
 
 
 def test_a_structured_run_resumes_to_the_same_weights(recipe: Path, ran: Path, monkeypatch) -> None:
-    save = trainer._checkpoint
+    save = checkpoints.save
 
     class KilledError(Exception):
         pass
@@ -151,13 +152,13 @@ def test_a_structured_run_resumes_to_the_same_weights(recipe: Path, ran: Path, m
             raise KilledError
 
     cut = recipe.parent / "cut"
-    monkeypatch.setattr(trainer, "_checkpoint", killed_after_epoch_1)
+    monkeypatch.setattr(checkpoints, "save", killed_after_epoch_1)
     with pytest.raises(KilledError):
-        trainer.run(recipe, cut, progress=False, allow_imports=[MODULE])
-    monkeypatch.setattr(trainer, "_checkpoint", save)
+        engine.run(recipe, cut, progress=False, allow_imports=[MODULE])
+    monkeypatch.setattr(checkpoints, "save", save)
     half = load_checkpoint(cut / "checkpoint.pt")["model"]
     assert _heads_and_neurons(half) == _heads_and_neurons(load_checkpoint(ran / "checkpoint.pt")["model"])
-    trainer.run(None, cut, resume=True, progress=False, allow_imports=[MODULE])
+    engine.run(None, cut, resume=True, progress=False, allow_imports=[MODULE])
     a = load_checkpoint(ran / "checkpoint.pt")["model"]
     b = load_checkpoint(cut / "checkpoint.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,10 +16,12 @@ from conftest import DictData
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from compressor.engine import evaluate, run
+from compressor.engine.loop import train_epoch
+from compressor.lifecycle.sampling import GradientSampler
+from compressor.lifecycle.session import Session
 from compressor.recipe import RecipeError
-from compressor.sampling import GradientSampler
-from compressor.session import Session
-from compressor.task import (
+from compressor.tasks import (
     ClassificationTask,
     ModelLossTask,
     Task,
@@ -28,7 +30,6 @@ from compressor.task import (
     build_task,
     move_to,
 )
-from compressor.trainer import _train_epoch, evaluate, run
 from modifiers.mfac_pruning import MFACPruning
 
 Pair = namedtuple("Pair", "x y")
@@ -211,7 +212,7 @@ def test_gradient_accumulation_of_uneven_batches_is_the_full_batch_gradient() ->
     rows: list[tuple[str, float]] = []
     log = SimpleNamespace(log=lambda step, epoch, split, name, value: rows.append((name, value)))
     bar = SimpleNamespace(update=lambda *a, **k: None)
-    _train_epoch(session, SimpleNamespace(train=data), train, 0, ModelLossTask(), log, bar)
+    train_epoch(session, SimpleNamespace(train=data), train, 0, ModelLossTask(), log, bar)
     model.zero_grad()
     full = model(features=data.features, labels=data.labels).loss
     full.backward()
@@ -222,8 +223,8 @@ def test_gradient_accumulation_of_uneven_batches_is_the_full_batch_gradient() ->
 
 USER_MODULE = """
 import torch
-from compressor.task import ModelLossTask
-from compressor.zoo import DataBundle
+from compressor.tasks import ModelLossTask
+from compressor.data import DataBundle
 from test_task import DictData, OwnLoss
 
 made = []
@@ -362,7 +363,7 @@ def test_a_dataloader_gives_its_dataset_and_collate_to_the_sampler_and_the_train
     log = SimpleNamespace(log=lambda step, epoch, split, name, value: losses.append(value))
     train = SimpleNamespace(seed=0, batch_size=4, grad_accum=2)  # batches 4, 4 | 4: two steps
     bar = SimpleNamespace(update=lambda *a, **k: None)
-    _train_epoch(session, SimpleNamespace(train=loader), train, 0, ModelLossTask(), log, bar)
+    train_epoch(session, SimpleNamespace(train=loader), train, 0, ModelLossTask(), log, bar)
     assert session.step == 2 and len(losses) == 2 and model.calls == 3 + 3 + 3
     with torch.no_grad():
         everything = float(model(features=plain.features, labels=plain.labels).loss)

@@ -8,9 +8,9 @@ from conftest import DictData
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from compressor.channel_surgery import example_inputs_of
-from compressor.session import Session
-from compressor.task import ModelLossTask, Task, TaskError
+from compressor.lifecycle.session import Session
+from compressor.surgery.channels import example_inputs_of
+from compressor.tasks import ModelLossTask, Task, TaskError
 from modifiers.channel_pruning import StructuredPruning
 
 

@@ -1,5 +1,5 @@
 """StructuredPruning with units: attention heads and FFN neurons of a BERT encoder removed together to
-a MAC target (compressor.transformer_surgery), on a tiny BertForSequenceClassification (no download)."""
+a MAC target (compressor.surgery.encoder), on a tiny BertForSequenceClassification (no download)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 
-from compressor.channel_surgery import match_shapes
-from compressor.session import Session
-from compressor.task import ModelLossTask
-from compressor.transformer_surgery import encoder_layers, encoder_macs, unit_macs
+from compressor.lifecycle.session import Session
+from compressor.surgery.channels import match_shapes
+from compressor.surgery.encoder import encoder_layers, encoder_macs, unit_macs
+from compressor.tasks import ModelLossTask
 from modifiers.channel_pruning import StructuredPruning
 
 LINEARS = hf_tiny.ENCODER_LINEARS
@@ -236,7 +236,7 @@ class FixedGradients:
 
 
 def model_params(model):
-    from compressor.params import normalize
+    from compressor.core.params import normalize
 
     return [(normalize(n), p) for n, p in model.named_parameters()]
 
@@ -245,7 +245,7 @@ def model_params(model):
 def test_unit_saliencies_and_the_obs_update_are_the_dense_group_obs_per_block(scope):
     """rho_Q = w_Q^T ([F^-1]_QQ)^-1 w_Q / 2 summed over blocks, and dw = -F^-1 e_Q ([F^-1]_QQ)^-1 w_Q,
     with F = lambda*I + G^T G / m per tensor, computed densely (columns owned by units included)."""
-    from modifiers.channel_pruning import UnitOBSImportance, unit_coordinates
+    from compressor.surgery.importance import UnitOBSImportance, unit_coordinates
 
     model = _model()
     layers = {f"bert.encoder.layer.{i}": x for i, x in enumerate(encoder_layers(model))}
@@ -290,7 +290,7 @@ def _names(model, coords):
 def test_unit_scope_is_the_dense_fisher_block_of_each_unit_and_moves_nothing():
     """scope: unit: F block-diagonal with one block per unit (all its weights, across tensors), so
     rho_Q = w_Q^T F_QQ w_Q / 2 with F_QQ = lambda*I + G_Q^T G_Q / m built densely; no OBS update."""
-    from modifiers.channel_pruning import UnitOBSImportance, unit_coordinates
+    from compressor.surgery.importance import UnitOBSImportance, unit_coordinates
 
     model = _model()
     layers = {f"bert.encoder.layer.{i}": x for i, x in enumerate(encoder_layers(model))}

@@ -13,7 +13,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from compressor import zoo
+from compressor.core.factories import ZooError
+from compressor.data import builtin as datasets
+from compressor.models import builtin as models
 
 DATA = {
     # name: (n_train, n_test, input_shape, test count per class, value range)
@@ -26,7 +28,7 @@ MODELS = {"digits-mlp": "digits", "digits-cnn": "digits", "mnist-mlp": "mnist", 
 @pytest.mark.parametrize("name", sorted(DATA))
 def test_builtin_data_shapes_dtypes_ranges_balance(name: str) -> None:
     n_train, n_test, shape, per_class, (lo, hi) = DATA[name]
-    b = zoo.load_data(name)
+    b = datasets.load_data(name)
     (xtr, ytr), (xte, yte) = b.train.tensors, b.test.tensors
     assert (b.name, b.input_shape, b.num_classes) == (name, shape, 10)
     assert xtr.shape == (n_train, *shape) and xte.shape == (n_test, *shape)
@@ -42,30 +44,33 @@ def test_builtin_data_shapes_dtypes_ranges_balance(name: str) -> None:
 
 
 def test_split_is_fixed_and_ignores_seed() -> None:
-    a, b = zoo.load_data("digits", seed=0), zoo.load_data("digits", seed=123)
+    a, b = datasets.load_data("digits", seed=0), datasets.load_data("digits", seed=123)
     for part in ("train", "test"):
         for ta, tb in zip(getattr(a, part).tensors, getattr(b, part).tensors, strict=True):
             assert torch.equal(ta, tb)
     # Loads hand out copies: changing one bundle leaves the per-process cache intact.
     a.train.tensors[0].zero_()
-    assert zoo.load_data("digits").train.tensors[0].max() == 1.0
+    assert datasets.load_data("digits").train.tensors[0].max() == 1.0
 
 
 def test_split_matches_pinned_fingerprint() -> None:
     """The test indices are pinned: a change in the split procedure (or NumPy's RandomState) fails here."""
     labels = np.repeat(np.arange(3), [5, 7, 9])
-    train, test = zoo.stratified_split(labels)
+    train, test = datasets.stratified_split(labels)
     assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(21))
     assert np.bincount(labels[test]).tolist() == [1, 1, 2]
-    for arrays, pinned in ((zoo._digits_arrays, "3530be80b9605f4c"), (zoo._mnist_arrays, "45579736574882cc")):
-        test_idx = zoo.stratified_split(arrays()[1])[1]
+    for arrays, pinned in (
+        (datasets._digits_arrays, "3530be80b9605f4c"),
+        (datasets._mnist_arrays, "45579736574882cc"),
+    ):
+        test_idx = datasets.stratified_split(arrays()[1])[1]
         assert hashlib.sha256(test_idx.astype("<i8").tobytes()).hexdigest()[:16] == pinned
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_builtin_models_run_on_their_data(model: str) -> None:
-    b = zoo.load_data(MODELS[model])
-    net = zoo.build_model(model, b.input_shape, b.num_classes).eval()
+    b = datasets.load_data(MODELS[model])
+    net = models.build_model(model, b.input_shape, b.num_classes).eval()
     x = b.test.tensors[0][:7]
     assert net(x).shape == (7, b.num_classes)
     names = {n.split(".")[0] for n, _ in net.named_parameters()}
@@ -77,13 +82,13 @@ def test_builtin_models_run_on_their_data(model: str) -> None:
 
 def test_model_init_is_seeded_and_leaves_global_rng_alone() -> None:
     state = torch.random.get_rng_state()
-    a = zoo.build_model("mnist-cnn", (1, 28, 28), 10, seed=1)
+    a = models.build_model("mnist-cnn", (1, 28, 28), 10, seed=1)
     assert torch.equal(torch.random.get_rng_state(), state)
-    b = zoo.build_model("mnist-cnn", (1, 28, 28), 10, seed=1)
-    c = zoo.build_model("mnist-cnn", (1, 28, 28), 10, seed=2)
+    b = models.build_model("mnist-cnn", (1, 28, 28), 10, seed=1)
+    c = models.build_model("mnist-cnn", (1, 28, 28), 10, seed=2)
     assert torch.equal(a.conv1.weight, b.conv1.weight)
     assert not torch.equal(a.conv1.weight, c.conv1.weight)
-    assert zoo.build_model("mnist-mlp", (1, 28, 28), 10).fc1.in_features == 784
+    assert models.build_model("mnist-mlp", (1, 28, 28), 10).fc1.in_features == 784
 
 
 FACTORY_MODULE = """
@@ -125,17 +130,19 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
 
 
 def test_factory_strings(user_module: str) -> None:
-    b = zoo.load_data(f"{user_module}:data", seed=3)
+    b = datasets.load_data(f"{user_module}:data", seed=3)
     assert (b.input_shape, b.num_classes, len(b.train), len(b.test)) == ((2, 3), 4, 15, 5)
     assert isinstance(b.train, TensorDataset)
-    assert torch.equal(zoo.load_data(f"{user_module}:data", seed=3).test.tensors[0], b.test.tensors[0])
-    assert not torch.equal(zoo.load_data(f"{user_module}:data", seed=4).test.tensors[0], b.test.tensors[0])
+    assert torch.equal(datasets.load_data(f"{user_module}:data", seed=3).test.tensors[0], b.test.tensors[0])
+    assert not torch.equal(
+        datasets.load_data(f"{user_module}:data", seed=4).test.tensors[0], b.test.tensors[0]
+    )
 
-    net = zoo.build_model(f"{user_module}:model", b.input_shape, b.num_classes, seed=5)
+    net = models.build_model(f"{user_module}:model", b.input_shape, b.num_classes, seed=5)
     assert net(b.test.tensors[0]).shape == (5, 4)
-    again = zoo.build_model(f"{user_module}:model", b.input_shape, b.num_classes, seed=5)
+    again = models.build_model(f"{user_module}:model", b.input_shape, b.num_classes, seed=5)
     assert torch.equal(net[1].weight, again[1].weight)
-    assert isinstance(zoo.build_model(f"{user_module}:bare_model", (3,), 2), torch.nn.Linear)
+    assert isinstance(models.build_model(f"{user_module}:bare_model", (3,), 2), torch.nn.Linear)
 
 
 @pytest.mark.parametrize(
@@ -153,17 +160,17 @@ def test_factory_strings(user_module: str) -> None:
     ],
 )
 def test_model_name_errors(user_module: str, spec: str, message: str) -> None:
-    with pytest.raises(zoo.ZooError, match=message.format(mod=user_module)):
-        zoo.build_model(spec.format(mod=user_module), (1, 28, 28), 10)
+    with pytest.raises(ZooError, match=message.format(mod=user_module)):
+        models.build_model(spec.format(mod=user_module), (1, 28, 28), 10)
 
 
 def test_data_name_errors(user_module: str) -> None:
     with pytest.raises(
-        zoo.ZooError,
+        ZooError,
         match=r"unknown dataset 'digit'; did you mean 'digits'\? \(built-ins: code_pairs, digits, mnist;",
     ):
-        zoo.load_data("digit")
-    with pytest.raises(zoo.ZooError, match=r"returned Linear; expected a DataBundle"):
-        zoo.load_data(f"{user_module}:bare_model")
-    with pytest.raises(zoo.ZooError, match=rf"dataset factory '{user_module}:raising' raised TypeError: "):
-        zoo.load_data(f"{user_module}:raising")  # called without its input_shape
+        datasets.load_data("digit")
+    with pytest.raises(ZooError, match=r"returned Linear; expected a DataBundle"):
+        datasets.load_data(f"{user_module}:bare_model")
+    with pytest.raises(ZooError, match=rf"dataset factory '{user_module}:raising' raised TypeError: "):
+        datasets.load_data(f"{user_module}:raising")  # called without its input_shape

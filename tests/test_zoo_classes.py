@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from compressor import zoo
-from compressor.errors import CompressorError
+from compressor.core.errors import CompressorError
+from compressor.data import builtin as datasets
 
 LOADS = {"count": 0}
 
@@ -49,22 +49,22 @@ def _zero() -> None:
     ],
 )
 def test_declared_classes_are_read_without_loading_a_sample(declares, expected):
-    assert zoo.infer_num_classes(Counted(**declares), Counted()) == expected
+    assert datasets.infer_num_classes(Counted(**declares), Counted()) == expected
     assert LOADS["count"] == 0
 
 
 def test_labels_held_by_both_datasets_count_and_subsets_are_looked_through():
     train = TensorDataset(torch.randn(5, 2), torch.tensor([0, 1, 1, 2, 0]))
     test = Counted(targets=torch.tensor([0, 4]))
-    assert zoo.infer_num_classes(train, test) == 5
-    assert zoo.infer_num_classes(Subset(Counted(num_classes=8), [0, 1]), Counted()) == 8
-    assert zoo.infer_num_classes(Subset(Counted(targets=torch.arange(20)), [1, 3]), Counted()) == 4
+    assert datasets.infer_num_classes(train, test) == 5
+    assert datasets.infer_num_classes(Subset(Counted(num_classes=8), [0, 1]), Counted()) == 8
+    assert datasets.infer_num_classes(Subset(Counted(targets=torch.arange(20)), [1, 3]), Counted()) == 4
     assert LOADS["count"] == 0
 
 
 def test_a_dataset_that_declares_nothing_is_refused_with_what_to_add():
     with pytest.raises(CompressorError, match=r"pkg:data: cannot tell how many classes.*`num_classes`"):
-        zoo.infer_num_classes(Counted(), Counted(), "pkg:data")
+        datasets.infer_num_classes(Counted(), Counted(), "pkg:data")
     assert LOADS["count"] == 0
 
 
@@ -87,6 +87,6 @@ def factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def test_load_data_of_a_factory_loads_one_sample(factory):
     """One sample tells the input shape; the classes come from the declaration."""
-    bundle = zoo.load_data(factory)
+    bundle = datasets.load_data(factory)
     assert (bundle.input_shape, bundle.num_classes) == ((2,), 4)
     assert LOADS["count"] == 1

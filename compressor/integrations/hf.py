@@ -20,7 +20,7 @@ Steps and epochs. One session step is one optimizer step of the Trainer (``state
 Trainer events used (transformers >= 4.44 has them all):
 
 - ``on_init_end`` (the Trainer is built): the recipe is checked against the model's parameter names
-  and the pruned parameters get their mask buffers (``<param>_mask``, ``compressor.masks``) now, so
+  and the pruned parameters get their mask buffers (``<param>_mask``, ``compressor.core.masks``) now, so
   that a checkpoint the Trainer loads when resuming fills them.
 - ``on_train_begin`` (optimizer, scheduler and train dataloader exist; a resumed checkpoint is
   loaded): the session is built and initialized; resuming, its state is restored.
@@ -71,14 +71,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CompressorError
-from ..hf_models import INSTALL_HINT, MissingExtraError
-from ..masks import MASK_SUFFIX
-from ..modifier import Modifier
-from ..params import match_params, normalize
-from ..recipe import Recipe, load_recipe, parse_recipe
-from ..session import Session
-from ..task import ModelLossTask, Task
+from compressor.core.errors import CompressorError
+from compressor.core.masks import MASK_SUFFIX
+from compressor.core.modifier import Modifier
+from compressor.core.params import match_params, normalize
+from compressor.lifecycle.session import Session
+from compressor.models.pretrained import INSTALL_HINT, MissingExtraError
+from compressor.recipe import Recipe, load_recipe, parse_recipe
+from compressor.tasks import ModelLossTask, Task
 
 try:
     from transformers import TrainerCallback
@@ -188,7 +188,7 @@ class CompressionCallback(TrainerCallback, ExportableState):
         recipe: a recipe file (path), recipe YAML text (a ``str`` with a newline) or a
             ``compressor.recipe.Recipe``; only its ``modifiers`` are used.
         task: how the gradient sampler feeds batches of the train dataloader to the model and takes
-            their mean loss (``compressor.task.Task``); default ``ModelLossTask``
+            their mean loss (``compressor.tasks.Task``); default ``ModelLossTask``
             (``model(**batch).loss``).
         overrides: recipe variables to replace (``{"target": "0.8"}``, as ``--set``), for a file or text.
         metrics: optional callback(step, name, value) receiving what the modifiers log (sparsity ...).
@@ -224,7 +224,7 @@ class CompressionCallback(TrainerCallback, ExportableState):
         if problems:
             raise UnsupportedModifierError("\n".join(problems))
         if task is not None and not isinstance(task, Task):
-            raise TypeError(f"task must be a compressor.task.Task, got {type(task).__name__}")
+            raise TypeError(f"task must be a compressor.tasks.Task, got {type(task).__name__}")
         if self._recipe.train is not None:
             warnings.warn(
                 "CompressionCallback: the recipe's train section is ignored (the TrainingArguments say "

@@ -19,10 +19,11 @@ import torch
 
 from . import _checks, kernels
 from ._pages import Segment, locate, segments
+from .kernels import reference
 
 #: Bytes of float64 temporaries per page of blocks (the converted rows in ``add``, the Cholesky
 #: factor and inverse when factoring): keeps them in cache and bounds the memory beyond d * B.
-PAGE_BYTES = 8 << 20
+PAGE_BYTES = reference.PAGE_BYTES
 
 _CHUNK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -131,33 +132,16 @@ class BlockFisherInverse:
                 raise ValueError(
                     f"gradient rows {bad[:10]} (counting from the first added) contain NaN or Inf"
                 )
-        acc = self.accumulate
-        esize = torch.empty((), dtype=acc).element_size()
         for seg, sums in zip(self._segments, self._blocks, strict=True):
-            # Compiled kernel (kernels.py) where it applies: the upper triangles, float64 sums of the
-            # exact products of float32 rows, without a float64 copy of them. False: PyTorch below.
-            if kernels.accumulate_blocks(chunk, seg.start, sums):
-                continue
-            # blocks per page: the converted rows are a temporary of one page; without a conversion
-            # there is none, and one product over all blocks is the fastest
-            per = max(1, PAGE_BYTES // (k * seg.size * esize)) if chunk.dtype != acc else seg.blocks
-            work = None
-            for b0 in range(0, seg.blocks, per):
-                b1 = min(b0 + per, seg.blocks)
-                cols = chunk[:, seg.start + b0 * seg.size : seg.start + b1 * seg.size]
-                rows = cols.unflatten(1, (b1 - b0, seg.size)).transpose(0, 1)  # (blocks, k, size) view
-                if chunk.dtype != acc:  # one pass: converts and lays each block's rows out contiguously
-                    if work is None or work.shape[0] != b1 - b0:
-                        work = torch.empty(b1 - b0, k, seg.size, dtype=acc, device=self.device)
-                    rows = work.copy_(rows)
-                # else the strided view itself: each block's k x size rows have a leading dimension d,
-                # which BLAS takes as it is (measured 2x faster than copying them first)
-                sums[b0:b1].baddbmm_(rows.mT, rows)  # S_b += G_b^T G_b
+            # Compiled kernel (kernels/) where it applies: the upper triangles, float64 sums of the
+            # exact products of float32 rows, without a float64 copy of them. False: the PyTorch path.
+            if not kernels.accumulate_blocks(chunk, seg.start, sums):
+                reference.accumulate_blocks(chunk, seg.start, sums, PAGE_BYTES)  # S_b += G_b^T G_b
         trace = float(sum(b.diagonal(dim1=-2, dim2=-1).sum(dtype=torch.float64) for b in self._blocks))
         if not math.isfinite(trace):
             self._state = "failed"
             raise ValueError(
-                f"the Fisher sums overflowed {acc} (gradient values too large to square); this "
+                f"the Fisher sums overflowed {self.accumulate} (gradient values too large to square); this "
                 "BlockFisherInverse is unusable, use accumulate=torch.float64 or rescale the gradients"
             )
         self._trace = trace

@@ -22,9 +22,10 @@ import torch
 
 from . import _checks, kernels
 from ._pages import Page, Segment, groups, locate, page_of_factor, page_of_rows, segments
+from .kernels import reference
 
 #: Default page size for work on the device that holds the factor: keeps temporaries in cache.
-LOCAL_PAGE_BYTES = 8 << 20
+LOCAL_PAGE_BYTES = reference.PAGE_BYTES
 #: Default page size when streaming pages from host memory to an accelerator.
 STREAM_PAGE_BYTES = 256 << 20
 
@@ -139,7 +140,7 @@ class FisherInverse:
     def _factor_segment(self, grads: torch.Tensor, seg: Segment) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W = L^-1 G for every block of the segment (and its row scales when reduced), filling the
         diagonal on the way."""
-        # Compiled kernel (kernels.py) where it applies; None: the PyTorch path below.
+        # Compiled kernel (kernels/) where it applies; None: the PyTorch path below (kernels.reference).
         if self.storage == self.device == grads.device and not self._reduced:
             fused = kernels.factor_blocks(grads, seg.start, seg.blocks, seg.size, self.damp, self._diag)
             if fused is not None:
@@ -154,12 +155,11 @@ class FisherInverse:
         work: torch.Tensor | None = None  # one page of W on the compute device, reused
         for group in groups(seg, self._page_cols):
             pages = [self._rows(grads, seg, p) for p in group] if len(group) == 1 else None
-            gram = torch.zeros(group[0].b1 - group[0].b0, m, m, dtype=torch.float64, device=self.device)
-            for k, page in enumerate(group):
-                g = pages[k] if pages else self._rows(grads, seg, page)
-                gram += (g @ g.mT).to(torch.float64)
+            gram = reference.woodbury_gram(  # G G^T, summed over the group's pages
+                pages[k] if pages else self._rows(grads, seg, page) for k, page in enumerate(group)
+            )
             self._check_finite(gram, seg, group[0])
-            linv64 = self._inverse_cholesky(gram)
+            linv64 = reference.inverse_cholesky(gram, self.damp)  # L^-1, K = m*damp*I + G G^T = L L^T
             linv = linv64.to(self.dtype)
             row_scale = None
             if scales is not None:
@@ -176,17 +176,16 @@ class FisherInverse:
                 if row_scale is not None:
                     if work is None or work.shape != g.shape:
                         work = torch.empty(g.shape, dtype=self.dtype, device=self.device)
-                    w = torch.matmul(linv, g, out=work)
+                    w = reference.woodbury_factor(linv, g, out=work)  # W = L^-1 G
                     dest.copy_(w / row_scale)
                 elif not dest.is_contiguous() or dest.device != self.device:
                     if work is None or work.shape != g.shape:
                         work = torch.empty(g.shape, dtype=self.dtype, device=self.device)
-                    w = torch.matmul(linv, g, out=work)
+                    w = reference.woodbury_factor(linv, g, out=work)
                     dest.copy_(w)
                 else:
-                    w = torch.matmul(linv, g, out=dest)
-                colsum = _column_sum_of_squares(w)
-                self._diag[page.columns(seg)] = ((1.0 - colsum) / self.damp).flatten().to(self._diag)
+                    w = reference.woodbury_factor(linv, g, out=dest)
+                self._diag[page.columns(seg)] = reference.woodbury_diagonal(w, self.damp).to(self._diag)
         return factor, scales
 
     def _fused_pages(
@@ -210,8 +209,7 @@ class FisherInverse:
     def _direct_segment(self, grads: torch.Tensor, seg: Segment) -> tuple[torch.Tensor, torch.Tensor | None]:
         """P = damp * F_b^-1 (blocks, size, size) for blocks narrower than m (and its row scales when
         reduced), filling the diagonal."""
-        m = self.num_grads
-        # Compiled kernel (kernels.py) where it applies; None: the PyTorch path below.
+        # Compiled kernel (kernels/) where it applies; None: the PyTorch path below (kernels.reference).
         if self.storage == self.device == grads.device and not self._reduced:
             fused = kernels.direct_blocks(grads, seg.start, seg.blocks, seg.size, self.damp, self._diag)
             if fused is not None:
@@ -223,37 +221,16 @@ class FisherInverse:
         for group in groups(seg, max(self._page_cols, seg.size)):  # whole blocks only
             page = group[0]
             g = self._rows(grads, seg, page)  # (blocks, m, size)
-            finite = g.square().sum(dim=-1).isfinite().all(dim=0)  # per gradient row
-            self._raise_nonfinite(_checks.nonfinite_rows(finite), seg, page)
-            g64 = g.to(torch.float64)  # B < m: the B x B Gram is small, accumulate it in float64
-            fisher = (g64.mT @ g64).div_(m)
-            fisher.diagonal(dim1=-2, dim2=-1).add_(self.damp)
-            chol, info = torch.linalg.cholesky_ex(fisher)
-            if bool((info != 0).any()):
-                raise ValueError(
-                    f"damp*I + G^T G / m is not positive definite in float64 (damp={self.damp:g})"
-                )
-            inverse = torch.cholesky_inverse(chol)
+            self._raise_nonfinite(_checks.nonfinite_rows(reference.finite_rows(g)), seg, page)
+            p, inverse_diag = reference.direct_factor(g, self.damp)  # P = damp * F_b^-1, diag(F_b^-1)
             if scales is None:
-                page_of_factor(factor, page).copy_(inverse * self.damp)
+                page_of_factor(factor, page).copy_(p)
             else:
-                q, row_scale = _checks.quantize_rows((inverse * self.damp).to(self.dtype), self.storage_dtype)
+                q, row_scale = _checks.quantize_rows(p.to(self.dtype), self.storage_dtype)
                 page_of_factor(factor, page).copy_(q)
                 scales[page.b0 : page.b1] = row_scale.to(self.storage)
-            self._diag[page.columns(seg)] = inverse.diagonal(dim1=-2, dim2=-1).flatten().to(self._diag)
+            self._diag[page.columns(seg)] = inverse_diag.to(self._diag)
         return factor, scales
-
-    def _inverse_cholesky(self, gram: torch.Tensor) -> torch.Tensor:
-        """L^-1 for K = m*damp*I + G G^T = L L^T, batched over blocks, in float64."""
-        gram.diagonal(dim1=-2, dim2=-1).add_(self.num_grads * self.damp)
-        chol, info = torch.linalg.cholesky_ex(gram)
-        if bool((info != 0).any()):
-            raise ValueError(
-                f"m*damp*I + G G^T is not positive definite in float64 (damp={self.damp:g} is too small "
-                "for the scale of the gradients); increase damp"
-            )
-        eye = torch.eye(self.num_grads, dtype=torch.float64, device=gram.device).expand_as(chol)
-        return torch.linalg.solve_triangular(chol, eye, upper=False)
 
     def _check_finite(self, gram: torch.Tensor, seg: Segment, page: Page) -> None:
         """Raise if a row of G holds NaN or Inf: its squared norm, on the Gram diagonal, is not finite."""
@@ -287,7 +264,7 @@ class FisherInverse:
                         y.mul_(self._scale_page(s, page))
                     out[:, page.columns(seg)] = y.permute(2, 0, 1).flatten(1)
                 continue
-            # Compiled kernel (kernels.py) where it applies; False: the PyTorch path below.
+            # Compiled kernel (kernels/) where it applies; False: the PyTorch path below (kernels.reference).
             if (
                 self.storage == self.device
                 and not self._reduced
@@ -305,15 +282,14 @@ class FisherInverse:
                 coef = None
                 for k, page in enumerate(group):
                     w = ws[k] if ws else self._load(s, page)
-                    term = w @ page_of_rows(xs, seg, page).mT  # (blocks, m, k): W x
+                    term = reference.woodbury_coefficients(w, page_of_rows(xs, seg, page))  # W x
                     coef = term if coef is None else coef.add_(term)
                 if self._scales[s] is not None:  # W = diag(s) W_stored: W^T W x = W_s^T (s^2 (W_s x))
                     coef.mul_(self._scale_page(s, group[0]).square())
                 for k, page in enumerate(group):
                     w = ws[k] if ws else self._load(s, page)
-                    xp = page_of_rows(xs, seg, page).mT
-                    y = torch.baddbmm(xp, w.mT, coef, alpha=-1.0)  # x - W^T (W x)
-                    out[:, page.columns(seg)] = y.permute(2, 0, 1).flatten(1)
+                    x_page = page_of_rows(xs, seg, page)
+                    out[:, page.columns(seg)] = reference.woodbury_residual(w, x_page, coef)  # x - W^T (W x)
         out.div_(self.damp)
         return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
 
@@ -416,17 +392,3 @@ class FisherInverse:
             f"block_size={self.block_size}, dtype={self.dtype}, storage_dtype={self.storage_dtype}, "
             f"device={self.device})"
         )
-
-
-def _column_sum_of_squares(w: torch.Tensor) -> torch.Tensor:
-    """sum_i w[..., i, c]^2 over the m rows of w (b, m, c), accumulated in float64, shape (b, c).
-
-    float32 rows are summed in float32 in runs of at most 32, then the partial sums in float64:
-    as accurate as a float64 sum for practical purposes, without a float64 copy of the page.
-    """
-    b, m, c = w.shape
-    squares = w.square()
-    if w.dtype == torch.float64:
-        return squares.sum(dim=-2)
-    run = max(r for r in range(1, min(m, 32) + 1) if m % r == 0)
-    return squares.view(b, m // run, run, c).sum(dim=-2).to(torch.float64).sum(dim=-2)

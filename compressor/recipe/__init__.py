@@ -26,10 +26,17 @@ called only when the person running the recipe allows it (``--allow-import MODUL
 ``--trust-recipe-code``; ``allow_imports=`` in Python): see ``compressor.recipe.imports``.
 """
 
-from .errors import RecipeError, RecipeIssue
-from .imports import AllowImports, build_task, build_train, check_imports, factory_imports
-from .loader import SetError, load_recipe, parse_recipe, parse_sets, resolved_yaml, validate_command
-from .schema import OptimizerSection, Recipe, TrainSection
+from compressor.recipe.errors import RecipeError, RecipeIssue
+from compressor.recipe.imports import AllowImports, check_imports, factory_imports
+from compressor.recipe.loader import (
+    SetError,
+    load_recipe,
+    parse_recipe,
+    parse_sets,
+    resolved_yaml,
+    validate_command,
+)
+from compressor.recipe.schema import OptimizerSection, Recipe, TrainSection
 
 __all__ = [
     "AllowImports",
@@ -39,8 +46,6 @@ __all__ = [
     "RecipeIssue",
     "SetError",
     "TrainSection",
-    "build_task",
-    "build_train",
     "check_imports",
     "factory_imports",
     "load_recipe",

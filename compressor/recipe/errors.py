@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..errors import CompressorError
+from compressor.core.errors import CompressorError
 
 #: A path into the recipe data: mapping keys (str) and list indices (int), e.g. ("modifiers", 0, "end").
 Path = tuple[str | int, ...]

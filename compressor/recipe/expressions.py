@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import CompressorError
+from compressor.core.errors import CompressorError
 
 #: Longest accepted expression, in characters.
 MAX_LENGTH = 500

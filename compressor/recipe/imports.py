@@ -6,7 +6,7 @@ choice of the person who runs it, never of the recipe (as ``trust_remote_code`` 
 
     compressor run|export ... --allow-import MODULE      (repeatable) MODULE and its submodules
     compressor run|export ... --trust-recipe-code        any module the recipe names
-    trainer.run(..., allow_imports=["mypkg"])            the same in Python (True: any module)
+    engine.run(..., allow_imports=["mypkg"])             the same in Python (True: any module)
 
 Built-in names (``digits-mlp``, ``mnist``, ...) need no opt-in. A refused import is a RecipeError at
 the field's FILE:LINE:COL, raised before anything is imported; ``compressor validate`` lists the
@@ -15,21 +15,15 @@ imports a recipe would need.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import Path, RecipeError, RecipeIssue, format_path
-from .source import Source
+from compressor.core.factories import PRETRAINED_PREFIX, is_factory, pretrained_problem, split_factory
+from compressor.recipe.errors import Path, RecipeError, RecipeIssue, format_path
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from ..task import Task
-    from ..zoo import DataBundle
-    from .schema import Recipe
+    from compressor.recipe.schema import Recipe
 
 #: The recipe fields that may name a factory.
 FACTORY_FIELDS: tuple[Path, ...] = (("train", "model"), ("train", "data"), ("train", "task"))
@@ -37,49 +31,6 @@ FACTORY_FIELDS: tuple[Path, ...] = (("train", "model"), ("train", "data"), ("tra
 #: Which imports a recipe may make: True (any), False or () (none), or module names, each allowing
 #: itself and its submodules ("mypkg" allows "mypkg.models"; "mypkg.models:build" allows that one factory).
 AllowImports = bool | Iterable[str]
-
-_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
-_SPEC = re.compile(rf"^({_DOTTED}):({_DOTTED})$")
-SPEC_FORM = "'package.module:factory'"
-
-
-#: The prefix of a pretrained transformers model (``hf:DIRECTORY`` or ``hf:installed_package``); it is
-#: reserved, never read as a factory, and names data to read, not code to run (see compressor.hf_models).
-PRETRAINED_PREFIX = "hf:"
-
-
-def is_factory(name: str) -> bool:
-    """Whether a model, data or task name is a factory string (it has a ':'), rather than a built-in name.
-
-    ``hf:...`` names a pretrained model, not a factory.
-    """
-    return ":" in name and not name.startswith(PRETRAINED_PREFIX)
-
-
-def is_path_source(source: str) -> bool:
-    """Whether the SOURCE of ``hf:SOURCE`` is a path (a separator, or a leading '.' or '~'), not a package."""
-    return "/" in source or "\\" in source or source.startswith((".", "~"))
-
-
-def pretrained_problem(name: str) -> str | None:
-    """Why ``hf:SOURCE`` is malformed (checked without touching the disk), or None when well formed."""
-    source = name[len(PRETRAINED_PREFIX) :]
-    if not source.strip():
-        return f"{name!r} names no model; expected 'hf:DIRECTORY' or 'hf:installed_package'"
-    if not is_path_source(source) and not re.fullmatch(_DOTTED, source):
-        return (
-            f"{name!r}: {source!r} is neither a directory (write 'hf:./{source}' for one in the current "
-            "directory) nor an installed package name"
-        )
-    return None
-
-
-def split_factory(spec: str) -> tuple[str, str]:
-    """``"package.module:attr[.attr]"`` -> (module, attribute path); ValueError for any other text."""
-    match = _SPEC.match(spec)
-    if match is None:
-        raise ValueError(f"{spec!r} is not a built-in name or {SPEC_FORM}")
-    return match.group(1), match.group(2)
 
 
 @dataclass(frozen=True)
@@ -104,11 +55,6 @@ class FactoryImport:
 
     def __str__(self) -> str:
         return f"{self.spec} ({self.field}, line {self.line})"
-
-
-def _source(recipe: Recipe) -> Source:
-    """Where the recipe's values came from (a placeholder for a recipe built in Python)."""
-    return recipe._source or Source(file="<recipe>", data=None)
 
 
 def _factory_values(train: Any) -> Iterator[tuple[Path, str]]:
@@ -143,7 +89,7 @@ def spec_problems(data: Any) -> list[tuple[Path, str]]:
 
 def factory_imports(recipe: Recipe) -> list[FactoryImport]:
     """The factories the recipe names, in file order, with their positions (nothing is imported)."""
-    src = _source(recipe)
+    src = recipe.source
     out = []
     for path, value in _factory_values(recipe.train):
         line, col = src.position(path)
@@ -195,82 +141,3 @@ def check_imports(recipe: Recipe, allow_imports: AllowImports = ()) -> None:
         for item in refused
     ]
     raise RecipeError(issues)
-
-
-@contextmanager
-def reported_at(recipe: Recipe, path: Path) -> Iterator[None]:
-    """Turn a ZooError (unknown name, failed import, factory that raised) into a RecipeError at ``path``."""
-    from ..zoo import ZooError
-
-    try:
-        yield
-    except ZooError as err:
-        raise RecipeError([_source(recipe).issue(path, str(err))]) from err
-
-
-def build_train(recipe: Recipe, allow_imports: AllowImports = ()) -> tuple[DataBundle, nn.Module]:
-    """The data and the freshly built model of ``recipe.train``, seeded by ``train.seed``.
-
-    Factories are imported only when ``allow_imports`` permits them (``check_imports``, before any
-    import); every failure is a RecipeError at the field's FILE:LINE:COL, never a traceback.
-    """
-    from .. import zoo
-
-    train = recipe.train
-    if train is None:
-        raise RecipeError(
-            [_source(recipe).issue((), "the recipe has no 'train' section naming model and data")]
-        )
-    check_imports(recipe, allow_imports)
-    with reported_at(recipe, ("train", "data")):
-        bundle = zoo.load_data(train.data, seed=train.seed)
-    with reported_at(recipe, ("train", "model")):
-        model = zoo.build_model(train.model, bundle.input_shape, bundle.num_classes, seed=train.seed)
-    return bundle, model
-
-
-def build_task(recipe: Recipe, allow_imports: AllowImports = ()) -> Task:
-    """The task of ``recipe.train`` (``compressor.task``): a built-in by name, or a factory's.
-
-    A ``"package.module:factory"`` is imported only when ``allow_imports`` permits it and called as
-    ``factory(loss=train.loss)`` if it takes ``loss``, else ``factory()``; it must return a
-    ``compressor.task.Task``. Every failure is a RecipeError at ``train.task`` (or ``train.loss``).
-    """
-    from .. import zoo
-    from ..task import Task, TaskError
-    from ..task import build_task as builtin_task
-
-    train = recipe.train
-    if train is None:
-        raise RecipeError([_source(recipe).issue((), "the recipe has no 'train' section")])
-    check_imports(recipe, allow_imports)
-    if not is_factory(train.task):
-        field = ("train", "loss") if train.task == "classification" else ("train", "task")
-        try:
-            return builtin_task(train.task, train.loss, train.task_options)
-        except TaskError as err:
-            raise RecipeError([_source(recipe).issue(field, str(err))]) from None
-    with reported_at(recipe, ("train", "task")):
-        unknown = _unaccepted(zoo._import_factory(train.task, "task"), train.task_options)
-        if unknown:
-            raise zoo.ZooError(f"task factory {train.task!r} takes no option {', '.join(map(repr, unknown))}")
-        task = zoo._call_factory(train.task, "task", {"loss": train.loss, **train.task_options})
-    if not isinstance(task, Task):
-        message = f"task factory {train.task!r} returned {type(task).__name__}, not a compressor.task.Task"
-        raise RecipeError([_source(recipe).issue(("train", "task"), message)])
-    return task
-
-
-def _unaccepted(factory: Any, options: dict[str, Any]) -> list[str]:
-    """The names in ``options`` that ``factory``'s signature does not take (none when it takes
-    ``**kwargs`` or has no signature)."""
-    import inspect
-
-    try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return []
-    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return [name for name in options if name not in named]

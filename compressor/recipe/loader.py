@@ -16,14 +16,21 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from .. import registry
-from ..errors import CompressorError
-from ..modifier import Modifier
-from .errors import Path, RecipeError, RecipeIssue, format_path
-from .expressions import FUNCTIONS, ExpressionError, Variables, escape, has_expression, render
-from .imports import factory_imports, how_to_allow, spec_problems
-from .schema import Recipe, cross_field_problems, validate_modifier
-from .source import Source, dump_yaml, load_scalar, load_source
+from compressor.core import registry
+from compressor.core.errors import CompressorError
+from compressor.core.modifier import Modifier
+from compressor.recipe.errors import Path, RecipeError, RecipeIssue, format_path
+from compressor.recipe.expressions import (
+    FUNCTIONS,
+    ExpressionError,
+    Variables,
+    escape,
+    has_expression,
+    render,
+)
+from compressor.recipe.imports import factory_imports, how_to_allow, spec_problems
+from compressor.recipe.schema import Recipe, cross_field_problems, validate_modifier
+from compressor.recipe.source import Source, dump_yaml, load_scalar, load_source
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -103,7 +110,7 @@ def optimizer_issues(recipe: Recipe) -> list[RecipeIssue]:
     """Problems ``train.optimizer`` will hit when built (unknown class, unknown keyword arguments)."""
     if recipe.train is None:
         return []
-    src = recipe._source or Source(file="<recipe>", data=None)
+    src = recipe.source
     base: Path = ("train", "optimizer")
     optimizer = recipe.train.optimizer
     try:

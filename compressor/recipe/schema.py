@@ -31,8 +31,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .. import registry
-from ..modifier import Modifier, StepPosition, same_unit_le
+from compressor.core import registry
+from compressor.core.modifier import Modifier, StepPosition, same_unit_le
+from compressor.recipe.source import Source
 
 if TYPE_CHECKING:
     import torch
@@ -150,7 +151,7 @@ class TrainSection(BaseModel):
         "classification",
         min_length=1,
         description="what a batch is and how the model is scored: classification, model-loss or "
-        "'package.module:factory' (see compressor.task)",
+        "'package.module:factory' (see compressor.tasks)",
     )
     task_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -227,6 +228,12 @@ class Recipe(BaseModel):
     #: Where each value came from (a ``source.Source``) when loaded from YAML; None when built in Python.
     _source: Any = PrivateAttr(default=None)
 
+    @property
+    def source(self) -> Source:
+        """Where the recipe's values came from: ``_source``, or a placeholder ``<recipe>`` (no positions)
+        for a recipe built in Python."""
+        return self._source or Source(file="<recipe>", data=None)
+
     @field_validator("version", mode="before")
     @classmethod
     def _version(cls, value: Any) -> Any:
@@ -260,7 +267,7 @@ def cross_field_problems(
     """Rules across fields and modifiers, duck-typed on the fields a modifier has.
 
     Per modifier: start <= end (same unit); 0 <= init_sparsity <= final_sparsity < 1; for an N:M
-    ``structure``, ``compressor.mask_patterns.nm_problem`` (the rule the structure itself checks).
+    ``structure``, ``compressor.sparsity.patterns.nm_problem`` (the rule the structure itself checks).
     Across pruners (``prunes = True``): no
     parameter held by two in overlapping [start, end) windows; with ``param_names``, every pattern
     must match a parameter (without them, patterns are compared as strings).
@@ -292,7 +299,9 @@ def _window_and_sparsity(index: int, modifier: Modifier) -> list[Problem]:
         problems.append(((*base, "init_sparsity"), message))
     n, m = _n_m(getattr(modifier, "structure", None))
     if n is not None and m is not None:
-        from ..mask_patterns import nm_problem  # torch, only for recipes that have an N:M structure
+        from compressor.sparsity.patterns import (
+            nm_problem,  # torch, only for recipes that have an N:M structure
+        )
 
         problem = nm_problem(n, m, final)
         if problem is not None:
@@ -362,7 +371,7 @@ def _selections(
         if param_names is None:
             out.append((where, pattern, {pattern}))
             continue
-        from ..params import PatternError, match_params
+        from compressor.core.params import PatternError, match_params
 
         try:
             out.append((where, pattern, set(match_params([pattern], param_names))))

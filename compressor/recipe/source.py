@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .errors import Path, RecipeError, RecipeIssue, format_path
+from compressor.recipe.errors import Path, RecipeError, RecipeIssue, format_path
 
 _FLOAT = "tag:yaml.org,2002:float"
 _BOOL = "tag:yaml.org,2002:bool"

@@ -1,0 +1,8 @@
+"""Models: the built-in ones (``digits-mlp``, ``mnist-cnn``, ...; ``compressor.models.builtin``) and
+pretrained Hugging Face transformers loaded offline (``hf:DIRECTORY`` or ``hf:installed_package``;
+``compressor.models.pretrained``, which imports transformers only when used).
+"""
+
+from compressor.models.builtin import MLP, SmallCNN, build_model
+
+__all__ = ["MLP", "SmallCNN", "build_model"]
