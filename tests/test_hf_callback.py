@@ -25,6 +25,7 @@ from compressor.integrations.hf import (
     UnsupportedModifierError,
 )
 from compressor.lifecycle.sampling import GradientSampler
+from compressor.models.pretrained import MissingExtraError
 from compressor.recipe import RecipeError
 
 ENCODER_LINEARS = r"re:.*encoder\.layer\.\d+\..*(query|key|value|dense)\.weight"
@@ -300,6 +301,14 @@ def test_modifiers_the_trainer_cannot_host(modifier, words):
     with pytest.raises(UnsupportedModifierError, match=words) as err:
         CompressionCallback(recipe)
     assert "compressor run" in str(err.value)
+
+
+def test_a_transformers_without_the_optimizer_step_events_is_refused_by_name(monkeypatch):
+    """transformers < 4.45 has no on_pre_optimizer_step: a clear error naming it and the version."""
+    monkeypatch.delattr(TrainerCallback, "on_pre_optimizer_step")
+    recipe = "version: 1\nmodifiers:\n- {type: MagnitudePruning, params: [x], final_sparsity: 0.5}"
+    with pytest.raises(MissingExtraError, match=r"on_pre_optimizer_step events \(transformers >= 4\.45\)"):
+        CompressionCallback(recipe)
 
 
 def test_bad_recipes_get_the_recipe_message(tmp_path):

@@ -17,7 +17,7 @@ Steps and epochs. One session step is one optimizer step of the Trainer (``state
 ``num_update_steps_per_epoch``; ``max_steps`` when the data has no length), and a modifier whose
 ``end`` is omitted ends at ``max_steps``.
 
-Trainer events used (transformers >= 4.44 has them all):
+Trainer events used (transformers >= 4.45 has them all; 4.44 lacks on_pre_optimizer_step):
 
 - ``on_init_end`` (the Trainer is built): the recipe is checked against the model's parameter names
   and the pruned parameters get their mask buffers (``<param>_mask``, ``compressor.core.masks``) now, so
@@ -217,7 +217,7 @@ class CompressionCallback(TrainerCallback, ExportableState):
         if missing:
             raise MissingExtraError(
                 f"CompressionCallback needs a transformers Trainer with the {' and '.join(missing)} "
-                f"events (tested with transformers 5.24): {INSTALL_HINT} --upgrade"
+                f"events (transformers >= 4.45): {INSTALL_HINT} --upgrade"
             )
         self._recipe, self._reread = _read_recipe(recipe, overrides)
         problems = [p for i, m in enumerate(self._recipe.modifiers) if (p := _unsupported(m, i))]
