@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch import Tensor
 
 #: Bytes of temporaries per page of whole blocks: keeps them in cache (static.py's LOCAL_PAGE_BYTES,
 #: block_fisher.py's PAGE_BYTES).
@@ -137,18 +138,18 @@ def _pages(
 
 
 def factor_blocks(
-    grads: torch.Tensor, start: int, blocks: int, size: int, damp: float, diag: torch.Tensor
-) -> torch.Tensor:
+    grads: Tensor, start: int, blocks: int, size: int, damp: float, diag: Tensor, page_bytes: int = PAGE_BYTES
+) -> Tensor:
     """W (blocks, m, size) for the blocks of ``grads[:, start:start + blocks*size]`` (size >= m); writes
     ``diag[start:start + blocks*size]``: the work of the ``factor_blocks`` kernel.
 
-    ``grads`` (m, d) float32/float64, ``diag`` (d,); pages of whole blocks of ``PAGE_BYTES`` of rows,
+    ``grads`` (m, d) float32/float64, ``diag`` (d,); pages of whole blocks of ``page_bytes`` of rows,
     as FisherInverse's local pages. ValueError for a row holding NaN/Inf or a K that is not positive
     definite.
     """
     m = grads.shape[0]
     factor = torch.empty(blocks, m, size, dtype=grads.dtype, device=grads.device)
-    for b0, b1, cols, rows in _pages(grads, start, blocks, size, PAGE_BYTES):
+    for b0, b1, cols, rows in _pages(grads, start, blocks, size, page_bytes):
         gram = woodbury_gram([rows])
         if not bool(gram.diagonal(dim1=-2, dim2=-1).isfinite().all()):
             raise ValueError("grads rows contain NaN or Inf")
@@ -159,15 +160,15 @@ def factor_blocks(
 
 
 def direct_blocks(
-    grads: torch.Tensor, start: int, blocks: int, size: int, damp: float, diag: torch.Tensor
-) -> torch.Tensor:
+    grads: Tensor, start: int, blocks: int, size: int, damp: float, diag: Tensor, page_bytes: int = PAGE_BYTES
+) -> Tensor:
     """P = damp * F_b^-1 (blocks, size, size) for the blocks of ``grads[:, start:start + blocks*size]``
     (size < m), in grads' dtype; writes their ``diag``: the work of the ``direct_blocks`` kernel.
 
     Arguments and errors as for ``factor_blocks``.
     """
     factor = torch.empty(blocks, size, size, dtype=grads.dtype, device=grads.device)
-    for b0, b1, cols, rows in _pages(grads, start, blocks, size, PAGE_BYTES):
+    for b0, b1, cols, rows in _pages(grads, start, blocks, size, page_bytes):
         if not bool(finite_rows(rows).all()):
             raise ValueError("grads rows contain NaN or Inf")
         p, inverse_diag = direct_factor(rows, damp)
