@@ -14,7 +14,7 @@
 //                   stays in cache between the two products). The caller divides by damp.
 //
 // The per-block math is in mfac_cpu_kernels.h; here blocks run in parallel (at::parallel_for).
-// Built on first use by compressor/mfac/kernels.py (torch.utils.cpp_extension.load).
+// Built on first use by compressor/mfac/kernels/build.py (torch.utils.cpp_extension.load).
 
 #include <torch/extension.h>
 

@@ -7,7 +7,7 @@
 // The inner loops use GCC/Clang vector extensions as wide as the target's registers (64 bytes with
 // AVX-512, 32 with AVX/AVX2, 16 otherwise: SSE, NEON), so the same source vectorises for each; the
 // register tiles are sized from the target's number of vector registers (32 with AVX-512 and on
-// AArch64, else 16) so that the accumulators never spill. compressor/mfac/kernels.py picks the
+// AArch64, else 16) so that the accumulators never spill. compressor/mfac/kernels/build.py picks the
 // target (COMPRESSOR_KERNELS_ISA) and compiles one build per target.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Torch binding of the CUDA kernels (mfac_cuda_kernels.cu): checks the tensors, allocates outputs
 // and workspaces with the caching allocator, and launches on the current stream. Compiled only
-// where torch has CUDA (compressor/mfac/kernels.py). Same functions and signatures as the CPU
+// where torch has CUDA (compressor/mfac/kernels/). Same functions and signatures as the CPU
 // module (mfac_cpu.cpp), so that the Python side calls either one.
 //
 // GPU-unverified at the time of writing: csrc/gpu_check.sh tests and times it on a GPU.
