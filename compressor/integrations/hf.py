@@ -17,7 +17,7 @@ Steps and epochs. One session step is one optimizer step of the Trainer (``state
 ``num_update_steps_per_epoch``; ``max_steps`` when the data has no length), and a modifier whose
 ``end`` is omitted ends at ``max_steps``.
 
-Trainer events used (transformers >= 4.45 has them all; 4.44 lacks on_pre_optimizer_step):
+Trainer events used (transformers >= 4.45 has them all; this package asks for >= 4.47):
 
 - ``on_init_end`` (the Trainer is built): the recipe is checked against the model's parameter names
   and the pruned parameters get their mask buffers (``<param>_mask``, ``compressor.core.masks``) now, so
