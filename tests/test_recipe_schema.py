@@ -111,8 +111,8 @@ def test_top_level_rules(text: str, line: str) -> None:
     ("change", "line"),
     [
         (
-            ("  epochs: 4\n", "  epochs: 0\n"),
-            "r.yaml:5:11: train.epochs: Input should be greater than 0, got 0",
+            ("  epochs: 4\n", "  epochs: -1\n"),
+            "r.yaml:5:11: train.epochs: Input should be greater than or equal to 0, got -1",
         ),
         (("  epochs: 4\n", "  epochs: four\n"), "r.yaml:5:11: train.epochs: expected a number, got 'four'"),
         (

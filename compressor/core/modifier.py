@@ -245,6 +245,15 @@ class Modifier(BaseModel):
         """The patterns of the parameters this modifier acts on (empty: none or all)."""
         return []
 
+    def model_buffers(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Buffers this modifier keeps in the model, full name -> initial tensor (default none).
+
+        ``params`` are the model's parameters by normalized name. The session registers them when
+        it is built (``compressor.core.quantized.attach``), before a checkpoint is loaded into the
+        model, so that the checkpoint fills them.
+        """
+        return {}
+
     def gradient_bytes(self, num_params: int) -> int:
         """Bytes of gradients it will hold at once for ``num_params`` selected weights (preflight)."""
         return 0

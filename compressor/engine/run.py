@@ -119,6 +119,11 @@ def _train(state: RunState, ctx: distributed.Context, progress: bool) -> dict[st
             if last:
                 break
     session.finalize()
+    # what modifiers did in finalize (a last pruning update, quantization at the end of training,
+    # every one-shot step of an `epochs: 0` run) belongs in the checkpoint that export reads
+    done = max(state.start_epoch, min(epochs, math.ceil(session.epoch)))
+    elapsed = time.perf_counter() - began
+    checkpoints.save(state.files, session, model, done, elapsed, state.raw_text, state.recipe)
     final = evaluate_sharded(model, bundle.test, state.task, ctx)
     wall = time.perf_counter() - began
     world = ctx.world_size

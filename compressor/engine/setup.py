@@ -102,8 +102,8 @@ def build_run(
     model.to(device)
     task = build_task(first, allow_imports)
     probe_task(first, task, model, bundle.train, device)
-    names = [normalize(n) for n, _ in model.named_parameters()]
-    recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=names)
+    shapes = {normalize(n): tuple(p.shape) for n, p in model.named_parameters()}
+    recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=shapes)
     check_world(recipe, train.batch_size, ctx.world_size)
     optimizer = build_optimizer(train.optimizer, model.parameters())
     if any(m.restructures for m in recipe.modifiers):

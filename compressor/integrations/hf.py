@@ -75,6 +75,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.masks import MASK_SUFFIX
 from compressor.core.modifier import Modifier
 from compressor.core.params import match_params, normalize
+from compressor.core.quantized import attach
 from compressor.lifecycle.session import Session
 from compressor.models.pretrained import INSTALL_HINT, MissingExtraError
 from compressor.recipe import Recipe, load_recipe, parse_recipe
@@ -394,8 +395,11 @@ class CompressionCallback(TrainerCallback, ExportableState):
         if not isinstance(model, torch.nn.Module):
             raise CallbackError(f"the Trainer's model is a {type(model).__name__}, not a torch.nn.Module")
         if self._reread is not None:
-            self._recipe = self._reread([normalize(n) for n, _ in model.named_parameters()])
+            self._recipe = self._reread({normalize(n): tuple(p.shape) for n, p in model.named_parameters()})
         _add_mask_buffers(model, self._pruned_names(model))
+        params = {normalize(n): p for n, p in model.named_parameters()}
+        for modifier in self._recipe.modifiers:  # quantization buffers, for the same reason
+            attach(model, modifier.model_buffers(params))
         self._prepared = model
 
     def _live(self) -> Session | None:

@@ -29,6 +29,7 @@ from compressor.core.errors import CompressorError
 from compressor.core.masks import MaskSet
 from compressor.core.modifier import Modifier, to_step
 from compressor.core.params import match_params, normalize
+from compressor.core.quantized import attach
 from compressor.lifecycle.sampling import GradientSampler
 from compressor.tasks import Task, as_task
 
@@ -85,6 +86,8 @@ class Session:
         self.task = as_task(task, loss_fn)
         self.task.prepare(model)  # before masks: a task's reference copy of the model stays plain
         self.masks = MaskSet(model, self._pruned_names())
+        for modifier in self.modifiers:  # before a checkpoint is loaded: it fills them
+            attach(model, modifier.model_buffers(self.params))
         self.sampler = GradientSampler(model, data, task=self.task) if data is not None else None
         self.step = 0
         self._metrics = metrics
@@ -104,8 +107,8 @@ class Session:
         """Load and validate a recipe file against ``model``'s parameter names, then build a session."""
         from compressor.recipe import load_recipe
 
-        names = [normalize(n) for n, _ in model.named_parameters()]
-        return cls(load_recipe(path, overrides=overrides, param_names=names), model, optimizer, **kwargs)
+        shapes = {normalize(n): tuple(p.shape) for n, p in model.named_parameters()}
+        return cls(load_recipe(path, overrides=overrides, param_names=shapes), model, optimizer, **kwargs)
 
     # ------------------------------------------------------------------ positions
 

@@ -38,12 +38,14 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 def load_recipe(
     path: str | os.PathLike[str],
     overrides: dict[str, str] | None = None,
-    param_names: list[str] | None = None,
+    param_names: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
 ) -> Recipe:
     """Read and validate the recipe FILE at ``path`` (never YAML text: see ``parse_recipe``).
 
     ``overrides`` (``--set name=value``) replace variables before substitution; ``param_names`` (the
-    model's ``named_parameters`` names) turn on the checks that every ``params`` pattern matches.
+    model's ``named_parameters`` names) turn on the checks that every ``params`` pattern matches;
+    given as a mapping of names to shapes, also the modifiers' checks of the selected shapes (a
+    quantizer's group size that does not divide a row).
     """
     file = str(path)
     where = FilePath(path)
@@ -66,7 +68,7 @@ def parse_recipe(
     text: str,
     file: str = "<string>",
     overrides: dict[str, str] | None = None,
-    param_names: list[str] | None = None,
+    param_names: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
 ) -> Recipe:
     """Validate recipe YAML ``text``; ``file`` names it in error messages. See ``load_recipe``."""
     src = load_source(text, file)

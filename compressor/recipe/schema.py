@@ -12,7 +12,7 @@ import difflib
 import inspect
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -142,7 +142,10 @@ class TrainSection(BaseModel):
 
     model: str = Field(min_length=1, description="built-in model name or 'package.module:factory'")
     data: str = Field(min_length=1, description="built-in data set name or 'package.module:factory'")
-    epochs: Float = Field(gt=0, description="training length in epochs (fractions allowed)")
+    epochs: Float = Field(
+        ge=0,
+        description="training length in epochs (fractions allowed; 0: no training, only the one-shot steps)",
+    )
     batch_size: Int = Field(64, ge=1)
     seed: Int = 0
     optimizer: OptimizerSection
@@ -262,7 +265,8 @@ Problem = tuple[tuple[str | int, ...], str]
 
 
 def cross_field_problems(
-    items: list[tuple[int, Modifier]], param_names: list[str] | None = None
+    items: list[tuple[int, Modifier]],
+    param_names: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
 ) -> list[Problem]:
     """Rules across fields and modifiers, duck-typed on the fields a modifier has.
 
@@ -270,12 +274,34 @@ def cross_field_problems(
     ``structure``, ``compressor.sparsity.patterns.nm_problem`` (the rule the structure itself checks).
     Across pruners (``prunes = True``): no
     parameter held by two in overlapping [start, end) windows; with ``param_names``, every pattern
-    must match a parameter (without them, patterns are compared as strings).
+    must match a parameter (without them, patterns are compared as strings). When ``param_names``
+    maps names to shapes, a modifier's ``shape_problems(shapes)`` (if it has one) checks them too.
     """
     problems: list[Problem] = []
     for index, modifier in items:
         problems += _window_and_sparsity(index, modifier)
-    return problems + _pruner_overlaps(items, param_names)
+        if isinstance(param_names, Mapping):
+            problems += _shape_problems(index, modifier, param_names)
+    return problems + _pruner_overlaps(items, list(param_names) if param_names is not None else None)
+
+
+def _shape_problems(index: int, modifier: Modifier, shapes: Mapping[str, tuple[int, ...]]) -> list[Problem]:
+    """A modifier's ``shape_problems`` on the shapes of the weights its patterns select (a pattern
+    that selects nothing is reported by the pattern check)."""
+    check = getattr(modifier, "shape_problems", None)
+    if check is None:
+        return []
+    from compressor.core.params import PatternError, match_params
+
+    selected: dict[str, tuple[int, ...]] = {}
+    problems: list[Problem] = []
+    for i, pattern in enumerate(modifier.parameter_patterns()):
+        try:
+            selected.update({n: shapes[n] for n in match_params([pattern], list(shapes))})
+        except PatternError as err:  # a pruner's patterns are reported by the overlap check
+            if not getattr(type(modifier), "prunes", False):
+                problems.append((("modifiers", index, "params", i), str(err)))
+    return problems + [(("modifiers", index, field), message) for field, message in check(selected)]
 
 
 def _number(value: Any) -> float | None:
