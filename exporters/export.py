@@ -1,6 +1,9 @@
 """``export_checkpoint``: checkpoint -> verified, reported (optionally compact) ONNX file.
 
-Registered as the ``onnx`` exporter (entry point group ``compressor.exporters``).
+A checkpoint with quantized weights (``Prepared.quantized``) is exported in float, verified, then
+rewritten on its integers (``exporters.quantized``) and verified again (``exporters.quant_verify``);
+the file written is the integer graph. Registered as the ``onnx`` exporter (entry point group
+``compressor.exporters``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from .convert import Exporter, to_onnx, to_onnx_named
 from .errors import ExportError, VerificationError
 from .named import KeywordModel, NamedInputs, output_names
 from .prepare import prepare
+from .quant_verify import QuantVerification, verify_quantized
+from .quantized import Int8Weights, QuantRow, quantize_graph
 from .report import REPORT_NAME, ExportReport
 from .verify import verify
 
@@ -40,6 +45,8 @@ def export_checkpoint(
     samples: int = DEFAULT_SAMPLES,
     exporter: Exporter = "legacy",
     allow_imports: AllowImports = (),
+    accuracy_level: int = 4,
+    int8_weights: Int8Weights = "int8",
 ) -> ExportReport:
     """Export ``checkpoint`` to ONNX, verify it against onnxruntime and write it with a JSON report.
 
@@ -58,6 +65,11 @@ def export_checkpoint(
         exporter: "legacy" (TorchScript) or "dynamo".
         allow_imports: the modules whose "package.module:factory" the checkpoint's recipe may import
             and call to rebuild its model and data (True: any); by default none (a RecipeError says so).
+        accuracy_level: MatMulNBits' (4-bit, and 8-bit in groups): 4 quantizes its input to int8 per
+            block (onnxruntime's fast path), 0 keeps it float.
+        int8_weights: per-row 8-bit Linear weights as "int8" (U8S8 kernels, what onnxruntime's
+            quantize_dynamic runs; on x86 without VNNI their int16 pair sums saturate) or "uint8"
+            (codes + 128, U8U8 kernels: exact everywhere, slower on AVX2). See ``exporters.emulate``.
 
     Raises:
         CheckpointError: a missing, truncated or tampered checkpoint.
@@ -91,14 +103,44 @@ def export_checkpoint(
         raise ExportError(f"asked for opset {opset}, the {exporter} exporter produced {_opset(dense)}{hint}")
     dense_bytes = dense.SerializeToString()
     checks = verify(dense, prepared, batch=fixed, atol=atol, rtol=rtol, runner=runner)
-    final, payload, moved, compressed_numerics = dense, dense_bytes, [], None
-    failures = list(checks.failures)
+    final, moved, compressed_numerics, quantization = dense, [], None, None
+    failures, tensors = list(checks.failures), checks.tensors
+    rows: list[QuantRow] = []
+
+    def check_quantized(model: onnx.ModelProto) -> QuantVerification:
+        return verify_quantized(
+            model,
+            prepared,
+            rows,
+            batch=fixed,
+            atol=atol,
+            rtol=rtol,
+            runner=runner,
+            int8_weights=int8_weights,
+            accuracy_level=accuracy_level,
+        )
+
+    if prepared.quantized:
+        final, rows = quantize_graph(
+            dense,
+            prepared.quantized,
+            prepared.weights,
+            accuracy_level=accuracy_level,
+            int8_weights=int8_weights,
+        )
+        checked = check_quantized(final)
+        failures += [f"quantized model: {f}" for f in checked.failures]
+        tensors, quantization = checked.tensors, checked.summary
     if compress:
-        final, moved = to_sparse(dense)
-        payload = final.SerializeToString()
-        again = verify(final, prepared, batch=fixed, atol=atol, rtol=rtol, runner=runner)
-        compressed_numerics = again.numerics
-        failures += [f"compressed model: {f}" for f in again.failures]
+        final, moved = to_sparse(final)
+        if prepared.quantized:
+            again_q = check_quantized(final)
+            compressed_numerics, again_failures = again_q.summary.numerics, again_q.failures
+        else:
+            again = verify(final, prepared, batch=fixed, atol=atol, rtol=rtol, runner=runner)
+            compressed_numerics, again_failures = again.numerics, again.failures
+        failures += [f"compressed model: {f}" for f in again_failures]
+    payload = final.SerializeToString() if final is not dense else dense_bytes
     report = ExportReport(
         checkpoint=str(source),
         output=str(target),
@@ -110,13 +152,14 @@ def export_checkpoint(
         inputs=_signature(final.graph.input),
         outputs=_signature(final.graph.output),
         numerics=checks.numerics,
-        tensors=checks.tensors,
+        tensors=tensors,
         dense_bytes=len(dense_bytes),
         file_bytes=len(payload),
         compressed=compress,
         sparse_initializers=moved,
         compressed_numerics=compressed_numerics,
         failures=failures,
+        quantization=quantization,
     )
     if report.failures:
         report.write()

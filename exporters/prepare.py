@@ -1,7 +1,9 @@
 """A checkpoint made ready for export: its model rebuilt from its recipe, masks baked in, test inputs.
 
 Masks are baked (masked weights set to exact zero) and their buffers and hooks removed, so nothing
-of the masking machinery reaches the exported graph.
+of the masking machinery reaches the exported graph. Quantized weights come with their integer
+records (``Prepared.quantized``), read from the model's quantization buffers
+(``compressor.core.quantized``, removed from the state dict before loading).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from compressor.core.checkpoint import load_checkpoint
 from compressor.core.errors import CompressorError
 from compressor.core.masks import MASK_SUFFIX, MaskSet, mask_names
 from compressor.core.params import match_params, normalize
+from compressor.core.quantized import pop_records
+from compressor.mfac.grid import QuantizedWeight
 from compressor.recipe import AllowImports, parse_recipe
 from compressor.sparsity.patterns import as_structure
 from compressor.tasks import ClassificationTask, Task, TaskError, unpack_data
@@ -37,6 +41,8 @@ class Prepared:
     inputs: the model's inputs as the recipe's task reads them from the test split: real test
         samples (n, *input_shape), float32, for a model that takes one tensor; ``NamedInputs`` (batches
         of tensors by name, see ``exporters.named``) for one called as ``model(**inputs)``.
+    quantized: normalized name -> the integer record of each quantized weight (empty: none); the
+        weight in ``weights`` equals its ``dequantize()``.
     """
 
     path: Path
@@ -47,6 +53,7 @@ class Prepared:
     inputs: torch.Tensor | NamedInputs
     epoch: int | None = None
     notes: list[str] = field(default_factory=list)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
 
 
 def prepare(path: Path, samples: int, allow_imports: AllowImports = (), batch: int | None = None) -> Prepared:
@@ -77,7 +84,8 @@ def prepare(path: Path, samples: int, allow_imports: AllowImports = (), batch: i
     except CompressorError as exc:  # TaskError, or ZooError: no tokenizer saved beside the model
         raise ExportError(f"{path}: the task cannot collate the test data for this model: {exc}") from exc
     inputs = _test_inputs(bundle.test, samples, task, batch)
-    state_dict: dict[str, torch.Tensor] = state["model"]
+    state_dict: dict[str, torch.Tensor] = dict(state["model"])
+    quantized = pop_records(state_dict)
     example = inputs[:2] if isinstance(inputs, torch.Tensor) else inputs.batches[0]
     model = _match_shapes(model, state_dict, example)
     masked = mask_names(state_dict)
@@ -103,6 +111,7 @@ def prepare(path: Path, samples: int, allow_imports: AllowImports = (), batch: i
         structures=_structures(recipe.modifiers, list(params)),
         inputs=inputs,
         epoch=state.get("epoch"),
+        quantized=quantized,
     )
 
 

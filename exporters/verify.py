@@ -89,7 +89,7 @@ def tensor_rows(model: onnx.ModelProto, prepared: Prepared) -> list[TensorRow]:
             if row.onnx_zeros != row.checkpoint_zeros:
                 row.ok = False
                 row.note = f"{row.onnx_zeros} zeros in ONNX, {row.checkpoint_zeros} in the checkpoint"
-            _structure(row, found, array, prepared)
+            check_structure(row, found, array, prepared)
         rows.append(row)
     return rows
 
@@ -109,7 +109,9 @@ def _missing(row: TensorRow, array: np.ndarray, onnx_tensors: dict[str, np.ndarr
     row.note = f"no ONNX tensor carries its values or zero pattern ({row.checkpoint_zeros} zeros{hint})"
 
 
-def _structure(row: TensorRow, found: np.ndarray, original: np.ndarray, prepared: Prepared) -> None:
+def check_structure(row: TensorRow, found: np.ndarray, original: np.ndarray, prepared: Prepared) -> None:
+    """Fill the row's structure columns: ``found`` (the weight as in the file, the parameter's layout)
+    against the structure its pruner asked for (``original``: the checkpoint's, for the note)."""
     spec = prepared.structures.get(row.name)
     if spec is None:
         return

@@ -70,6 +70,9 @@ class Quantization(Modifier):
     params: list[str] = Field(min_length=1, description="exact names, globs or re: patterns")
     bits: Literal[4, 8] = 8
     symmetric: bool = True
+    reduce_range: bool = Field(
+        False, description="int8: codes in [-64, 64], which onnxruntime's u8s8 products never saturate"
+    )
     group_size: int | None = Field(None, ge=1, description="inputs per group; null: per output channel")
     method: Literal["rtn", "gptq"] = "gptq"
     curvature: Literal["activations", "fisher"] = "activations"
@@ -91,6 +94,8 @@ class Quantization(Modifier):
     def _fallback_is_int8(self) -> Quantization:
         if self.auto_fallback and self.bits != 8:
             raise ValueError("auto_fallback is for int8 (activations are quantized on that path only)")
+        if self.reduce_range and self.bits != 8:
+            raise ValueError("reduce_range is for int8 (bits: 8)")
         return self
 
     # ------------------------------------------------------------------ settings and shapes
@@ -129,7 +134,7 @@ class Quantization(Modifier):
         return problems
 
     def _formats(self) -> layers.Format:
-        return layers.Format(self.bits, self.symmetric, self.group_size)
+        return layers.Format(self.bits, self.symmetric, self.group_size, self.reduce_range)
 
     def model_buffers(self, params: dict[str, Any]) -> dict[str, Any]:
         """Codes, scales, zero points and format of every selected weight (and latent weights when
@@ -276,7 +281,8 @@ class Quantization(Modifier):
                 store.add_(param.detach().to(torch.float32) - current)
                 if name in session.masks:
                     store.mul_(session.masks.mask(name).to(store.dtype))
-                record.codes.copy_(quantize(store, scale, zero, self.bits, self.symmetric))
+                bits = self._formats().grid_bits
+                record.codes.copy_(quantize(store, scale, zero, bits, self.symmetric))
                 current = dequantize(record.codes, scale, zero)
             param.copy_(current.to(param.dtype))
 

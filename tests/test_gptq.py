@@ -303,7 +303,7 @@ def _bad_gptq_calls():
     return [
         ((w[0], h), ok, "shape \\(rows, cols\\)"),
         ((w, h[:4, :4]), ok, "hessian must have shape \\(8, 8\\)"),
-        ((w, h), {"bits": 3, "symmetric": True}, "bits must be 4 or 8"),
+        ((w, h), {"bits": 3, "symmetric": True}, "bits must be 4, 7 or 8"),
         ((w, h), {**ok, "group_size": 3}, "group_size 3 does not divide the 8 columns"),
         ((nan_w, h), ok, "w contains NaN or Inf"),
         ((w, inf_h), ok, "hessian contains NaN or Inf"),

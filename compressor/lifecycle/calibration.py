@@ -89,10 +89,21 @@ class Calibration:
             try:
                 inputs = self.task.example_inputs(batch)
             except TaskError:
+                self._mask = None
                 yield lambda batch=batch: self.task.forward(self.model, batch)
                 continue
             for x in inputs:
+                mask = x.get("attention_mask") if isinstance(x, dict) else None
+                self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
                 yield lambda x=x: _call(self.model, x)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Which rows of ``x`` (leading dims flattened) are real tokens: the call's attention mask
+        when x is (batch, sequence, features) of its shape; None (all rows) otherwise."""
+        mask = getattr(self, "_mask", None)
+        if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+            return None
+        return mask.reshape(-1).to(device=x.device) != 0
 
     # ------------------------------------------------------------------ stages
 
@@ -150,7 +161,8 @@ class Calibration:
         self, module: nn.Module, consume: Callable[[torch.Tensor], None], *, stop: bool = True
     ) -> int:
         """Run every calibration batch; each input of ``module`` goes to ``consume`` as (rows,
-        features), leading dimensions flattened. With ``stop`` the forward ends at ``module`` (use
+        features), leading dimensions flattened and padding tokens (the call's attention mask) left
+        out. With ``stop`` the forward ends at ``module`` (use
         ``stop=False`` for a module called several times per forward). Returns the rows consumed."""
         seen = 0
 
@@ -158,6 +170,9 @@ class Calibration:
             nonlocal seen
             x = args[0]
             rows = x.detach().reshape(-1, x.shape[-1])
+            keep = self._tokens(x)
+            if keep is not None:
+                rows = rows[keep]
             seen += rows.shape[0]
             consume(rows)
             if stop:
@@ -176,14 +191,17 @@ class Calibration:
         return seen
 
     @torch.no_grad()
-    def observe(self, consumers: dict[nn.Module, Callable[[torch.Tensor], None]]) -> None:
-        """Run every calibration call once, handing each input of each module to its consumer as
-        (rows, features): whole forward passes, nothing stopped (statistics of the unchanged model)."""
+    def observe(
+        self, consumers: dict[nn.Module, Callable[[torch.Tensor, torch.Tensor | None], None]]
+    ) -> None:
+        """Run every calibration call once, handing each whole input of each module to its consumer
+        as (rows, features) with the rows that are real tokens (None: all): whole forward passes,
+        nothing stopped (statistics of the unchanged model)."""
 
-        def take(consume: Callable[[torch.Tensor], None]) -> Callable[..., None]:
+        def take(consume: Callable[[torch.Tensor, torch.Tensor | None], None]) -> Callable[..., None]:
             def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0]
-                consume(x.detach().reshape(-1, x.shape[-1]))
+                consume(x.detach().reshape(-1, x.shape[-1]), self._tokens(x))
 
             return hook
 

@@ -20,7 +20,7 @@ takes H^-1's place in the same sequential step. Memory: d * B float64 values (d:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -37,11 +37,18 @@ from compressor.mfac.grid import QuantizedWeight, dynamic_quantize, quantize_rtn
 
 @dataclass(frozen=True)
 class Format:
-    """The grid of every weight: ``bits`` (4 or 8), ``symmetric``, ``group_size`` (None: per row)."""
+    """The grid of every weight: ``bits`` (4 or 8), ``symmetric``, ``group_size`` (None: per row),
+    ``reduce_range`` (int8 codes in the 7-bit range, ``compressor.mfac.grid``)."""
 
     bits: int
     symmetric: bool
     group_size: int | None
+    reduce_range: bool = False
+
+    @property
+    def grid_bits(self) -> int:
+        """The bits of the grid the math uses: 7 for reduced-range int8."""
+        return 7 if self.bits == 8 and self.reduce_range else self.bits
 
 
 def owner(model: nn.Module, name: str) -> nn.Module:
@@ -57,6 +64,8 @@ def is_embedding(model: nn.Module, name: str) -> bool:
 
 
 def _store(model: nn.Module, name: str, record: QuantizedWeight, out: dict[str, QuantizedWeight]) -> None:
+    if record.bits == 7:  # reduced-range int8: stored (and exported) as int8
+        record = replace(record, bits=8)
     write(model, name, record)
     out[name] = record
 
@@ -70,7 +79,7 @@ def rtn(
     out: dict[str, QuantizedWeight] = {}
     for name in names:
         w = _param(params, name)
-        record = quantize_rtn(w.detach(), fmt.bits, fmt.symmetric, fmt.group_size, masks.get(name))
+        record = quantize_rtn(w.detach(), fmt.grid_bits, fmt.symmetric, fmt.group_size, masks.get(name))
         _store(model, name, record, out)
     return out
 
@@ -113,7 +122,7 @@ def gptq_activations(
             result = gptq_quantize(
                 w,
                 hessian,
-                bits=fmt.bits,
+                bits=fmt.grid_bits,
                 symmetric=fmt.symmetric,
                 group_size=fmt.group_size,
                 damp=damp,
@@ -164,7 +173,7 @@ def gptq_fisher(
         result = fisher_quantize(
             w.detach(),
             blocks[start : start + count],
-            bits=fmt.bits,
+            bits=fmt.grid_bits,
             symmetric=fmt.symmetric,
             group_size=fmt.group_size,
             mask=masks.get(name),
@@ -177,7 +186,8 @@ def gptq_fisher(
 @torch.no_grad()
 def activation_errors(model: nn.Module, names: list[str], calibration: Calibration) -> dict[str, float]:
     """Per Linear weight of ``names``: ||(X - dq(X)) W^T||^2 / ||X W^T||^2 over the calibration
-    inputs X, where dq is onnxruntime's dynamic uint8 quantization of each input tensor: how much of
+    inputs X (real tokens), where dq is onnxruntime's dynamic uint8 quantization of each whole input
+    tensor (padding included, as deployed): how much of
     the layer's output the int8 activations lose (the layers to keep in float lose most)."""
     sums: dict[str, list[float]] = {}
     consumers = {}
@@ -187,10 +197,15 @@ def activation_errors(model: nn.Module, names: list[str], calibration: Calibrati
         module = owner(model, name)
         sums[name] = [0.0, 0.0]
 
-        def consume(x: torch.Tensor, name: str = name, module: nn.Module = module) -> None:
+        def consume(
+            x: torch.Tensor, keep: torch.Tensor | None, name: str = name, module: nn.Module = module
+        ) -> None:
             w = module.weight.detach().to(torch.float32)
-            y = x.to(torch.float32) @ w.T
-            e = (x.to(torch.float32) - dynamic_quantize(x)) @ w.T
+            x = x.to(torch.float32)
+            e = x - dynamic_quantize(x)  # one grid over the whole tensor, padding included, as deployed
+            if keep is not None:  # the error that matters: on real tokens
+                x, e = x[keep], e[keep]
+            y, e = x @ w.T, e @ w.T
             sums[name][0] += float(e.square().sum())
             sums[name][1] += float(y.square().sum())
 

@@ -183,7 +183,11 @@ def gptq_quantize(
     """GPTQ of ``w`` (rows, cols) under the layer Hessian ``hessian`` (cols, cols) (module doc).
 
     Args:
-        bits, symmetric, group_size: the grid (``compressor.mfac.grid``).
+        w: (rows, cols) weights (a Linear's layout).
+        hessian: (cols, cols) H = 2 X X^T / n of the layer's inputs.
+        bits: 4 or 8 (7: reduced-range int8), the grid (``compressor.mfac.grid``).
+        symmetric: symmetric grid (zero point fixed) or not.
+        group_size: inputs per grid; None: one grid per row.
         damp: lambda = damp * mean(diag H) is added to H's diagonal (after dead inputs get H_jj = 1).
         block_size: columns per lazy batch update (any size >= 1; the values do not depend on it).
         act_order: sweep columns in decreasing diag(H) (stable order); codes keep the original order.
@@ -291,10 +295,14 @@ def fisher_quantize(
     """OBS quantization of ``w`` (rows, cols) under a block-diagonal inverse Fisher (module doc).
 
     Args:
+        w: (rows, cols) weights.
         finv_blocks: (rows * cols / B, B, B) float64, F_b^-1 of every run of B consecutive
             coordinates of the row-major flattened w (``block_inverses``). B must divide cols, and
             B divide group_size or group_size divide B.
-        bits, symmetric, group_size, mask: as ``gptq_quantize``.
+        bits: as ``gptq_quantize``.
+        symmetric: as ``gptq_quantize``.
+        group_size: as ``gptq_quantize``.
+        mask: as ``gptq_quantize``.
 
     Each block is swept in natural order with U_b = upper Cholesky of F_b^-1; all blocks at once.
     Grids are fitted when the sweep reaches their first column: per row and groups spanning whole

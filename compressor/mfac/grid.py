@@ -12,12 +12,16 @@ Grids (``code_range``; the grid always holds 0 exactly: q = z):
 
     bits 8, symmetric    q in [-127, 127], z = 0,  s = max|w| / 127           (int8, as onnxruntime)
     bits 8, asymmetric   q in [-128, 127], s = (max - min) / 255, z = round(-128 - min / s)
+    bits 7, symmetric    q in [-64, 64],  z = 0,  s = max|w| / 64             (int8 storage, reduced
+    bits 7, asymmetric   q in [-64, 63],  s = (max - min) / 127, z = round(-64 - min / s)    range)
     bits 4, symmetric    q in [0, 15], z = 8,  s = max|w| / 7
     bits 4, asymmetric   q in [0, 15], s = (max - min) / 15, z = round(-min / s)
 
 with min = min(0, min w), max = max(0, max w) over the group's kept weights (a mask leaves pruned
 weights out). A group of zeros gets s = 1. Codes and zero points are int8 tensors (4-bit codes in
-[0, 15]). Needs torch alone.
+[0, 15]). The reduced int8 range (bits 7) exists for onnxruntime's u8s8 integer products: on CPUs
+without AVX-512 VNNI they add pairs of uint8 x int8 products into int16 with saturation, which
+codes in [-64, 64] can never reach (2 * 255 * 64 = 32640 <= 32767). Needs torch alone.
 """
 
 from __future__ import annotations
@@ -27,16 +31,18 @@ from typing import Any
 
 import torch
 
-BITS = (4, 8)
+BITS = (4, 7, 8)
 
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """(qmin, qmax) of the codes of a ``bits`` grid."""
     if bits == 8:
         return (-127, 127) if symmetric else (-128, 127)
+    if bits == 7:
+        return (-64, 64) if symmetric else (-64, 63)
     if bits == 4:
         return (0, 15)
-    raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    raise ValueError(f"bits must be 4, 7 or 8, got {bits!r}")
 
 
 def check_group_size(cols: int, group_size: int | None) -> int:
@@ -65,8 +71,8 @@ def fit_grid(
     high = x.amax(dim=1).clamp(min=0.0)
     if symmetric:
         top = torch.maximum(-low, high)
-        scale = top / (qmax if bits == 8 else 7)
-        zero = torch.full_like(scale, 0 if bits == 8 else 8)
+        scale = top / (7 if bits == 4 else qmax)
+        zero = torch.full_like(scale, 8 if bits == 4 else 0)
     else:
         scale = (high - low) / (qmax - qmin)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
