@@ -19,7 +19,11 @@ After ``start``, the weights stay on their grid: while the modifier is active (`
 on their quantized values (straight-through fake quantization, the grid fixed); after ``end`` (or
 right away when ``end`` equals ``start``) the quantized weights are held as they are.
 
-For int8 with dynamically quantized activations (onnxruntime's integer path): ``auto_fallback: k``
+int8 codes use the reduced range [-64, 64] by default (``reduce_range``): onnxruntime's integer
+products of uint8 activations and int8 weights add pairs of products into int16 with saturation on
+CPUs without AVX-512 VNNI, which full-range codes reach (measured on MiniLM: bench/quantization.py);
+GPTQ recovers most of the bit the smaller range costs. For int8 with dynamically quantized
+activations (onnxruntime's integer path): ``auto_fallback: k``
 keeps in float the k Linear layers whose outputs lose most to uint8 activations on the calibration
 data (measured, ``activation_errors``), ``float_fallback`` names layers to keep in float yourself.
 """
@@ -33,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from compressor.core.modifier import Modifier, update_due
 from compressor.core.params import match_params
-from compressor.core.quantized import buffer_shapes, latent, read
+from compressor.core.quantized import attach, buffer_shapes, latent, read
 from compressor.lifecycle import quantize_layers as layers
 from compressor.lifecycle.calibration import Calibration
 from compressor.mfac.grid import dequantize, quantize
@@ -70,8 +74,10 @@ class Quantization(Modifier):
     params: list[str] = Field(min_length=1, description="exact names, globs or re: patterns")
     bits: Literal[4, 8] = 8
     symmetric: bool = True
-    reduce_range: bool = Field(
-        False, description="int8: codes in [-64, 64], which onnxruntime's u8s8 products never saturate"
+    reduce_range: bool | None = Field(
+        None,
+        description="int8 codes in [-64, 64], which onnxruntime's u8s8 products never saturate "
+        "(null: true for bits 8)",
     )
     group_size: int | None = Field(None, ge=1, description="inputs per group; null: per output channel")
     method: Literal["rtn", "gptq"] = "gptq"
@@ -96,6 +102,8 @@ class Quantization(Modifier):
             raise ValueError("auto_fallback is for int8 (activations are quantized on that path only)")
         if self.reduce_range and self.bits != 8:
             raise ValueError("reduce_range is for int8 (bits: 8)")
+        if self.reduce_range is None:
+            self.reduce_range = self.bits == 8
         return self
 
     # ------------------------------------------------------------------ settings and shapes
@@ -201,6 +209,10 @@ class Quantization(Modifier):
     def _quantize(self, session: Session) -> None:
         model = _unwrapped(session.model)
         names = list(self._names)
+        problems = self.shape_problems({n: tuple(session.params[n].shape) for n in names})
+        if problems:  # the shapes now: a structured pruner may have shrunk them since initialize
+            raise ValueError(f"{self.type} at step {session.step}: {problems[0][1]}")
+        attach(model, self.model_buffers(session.params))
         masks = {n: session.masks.mask(n).to(torch.bool) for n in names if n in session.masks}
         calibration = None
         if self.method == "gptq" or self.auto_fallback:

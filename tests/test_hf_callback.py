@@ -407,3 +407,36 @@ def test_readme_trainer_example_runs(tmp_path):
     assert len(chosen) == 12
     zeros = sum(int((v == 0).sum()) for v in chosen) / sum(v.numel() for v in chosen)
     assert abs(zeros - 0.5) < 1e-3
+
+
+QUANTIZED = f"""
+version: 1
+modifiers:
+  - type: Quantization
+    params: ['{ENCODER_LINEARS}']
+    bits: 4
+    group_size: 16
+    calibration: {{samples: 16, batch_size: 8}}
+    start: {{step: 2}}
+"""
+
+
+def test_quantization_in_the_trainer_holds_the_grid_and_resumes(tmp_path):
+    """GPTQ at step 2 from the Trainer's own batches (model-loss task), fine-tuning on the grid after
+    it; the Trainer's checkpoint carries the codes and latent weights (buffers), and resuming from
+    it ends with the same tensors as the whole run."""
+    from compressor.core.quantized import pop_records
+
+    settings = {"max_steps": 6, "save_strategy": "steps", "save_steps": 4}
+    whole, callback, _ = _train(tmp_path / "whole", QUANTIZED, **settings)
+    records = pop_records(dict(whole.model.state_dict()))
+    assert len(records) == 12
+    params = dict(whole.model.named_parameters())
+    for name, record in records.items():
+        assert torch.equal(record.dequantize(), params[name].detach()), name
+    resumed, _, _ = _train(
+        tmp_path / "resumed", QUANTIZED, resume=str(tmp_path / "whole" / "checkpoint-4"), **settings
+    )
+    whole_state = whole.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, whole_state[name]), name

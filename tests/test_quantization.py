@@ -66,6 +66,7 @@ WEIGHTS = ["first.weight", "a.weight", "b.weight", "head.weight"]
     "settings",
     [
         {"bits": 8, "method": "rtn"},
+        {"bits": 8, "method": "rtn", "reduce_range": False},
         {"bits": 8, "symmetric": False, "method": "gptq"},
         {"bits": 4, "group_size": 16, "method": "gptq", "act_order": True},
         {
@@ -85,12 +86,19 @@ def test_one_shot_weights_are_their_codes(settings: dict) -> None:
     )
     session.before_step()
     session.after_step()
-    lo, hi = (-128, 127) if settings["bits"] == 8 else (0, 15)
+    full = settings.get("reduce_range") is False
+    lo, hi = ((-128, 127) if full else (-64, 64)) if settings["bits"] == 8 else (0, 15)
     for name in WEIGHTS[:3]:
         record = read(model, name, settings.get("group_size"))
         assert torch.equal(record.dequantize(), dict(model.named_parameters())[name].detach())
         assert lo <= int(record.codes.min()) and int(record.codes.max()) <= hi
         assert record.scales.gt(0).all()
+        if settings["bits"] == 8 and settings.get(
+            "symmetric", True
+        ):  # each row's largest |w| is the top code
+            assert torch.equal(
+                record.codes.abs().amax(dim=1), torch.full((record.shape[0],), hi, dtype=torch.int8)
+            )
     untouched = read(model, "head.weight", None) if hasattr(model.head, "weight_qscale") else None
     assert untouched is None  # not selected: no buffers
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from compressor.core import distributed
+import torch
+
+from compressor.core import distributed, quantized
 from compressor.core.checkpoint import rng_state, save_checkpoint, set_rng_state
 from compressor.engine.files import RunFiles
 from compressor.lifecycle.session import Session
@@ -45,8 +47,13 @@ def restore(
     state: dict[str, Any], session: Session, model: Any, ctx: distributed.Context
 ) -> tuple[int, float]:
     """Load a checkpoint's state into a fresh model and session (any world size wrote it)."""
-    resume_shapes(session, state["model"])  # channel-pruned checkpoint: shrink the fresh model to it
-    model.load_state_dict(state["model"])
+    weights = dict(state["model"])
+    buffers = {k: v for k, v in weights.items() if k.endswith(quantized.SUFFIXES)}
+    # channel-pruned checkpoint: shrink the fresh model to it (on the weights; then the quantization
+    # buffers as the checkpoint has them: its shapes, latent weights only while fine-tuning ran)
+    resume_shapes(session, {k: v for k, v in weights.items() if k not in buffers})
+    quantized.attach(model, {k: torch.zeros_like(v) for k, v in buffers.items()})
+    model.load_state_dict(weights)
     session.base_optimizer.load_state_dict(state["optimizer"])
     session.load_state_dict(state["session"])
     ranks = state.get("rng_ranks")
