@@ -30,6 +30,7 @@ data (measured, ``activation_errors``), ``float_fallback`` names layers to keep 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -59,7 +60,7 @@ class FisherSettings(BaseModel):
     """The M-FAC block Fisher for ``curvature: fisher``."""
 
     model_config = ConfigDict(extra="forbid")
-    num_grads: int = Field(256, ge=1, description="m: sampled gradients")
+    num_grads: int = Field(64, ge=1, description="m: sampled gradients")
     grad_batch_size: int = Field(16, ge=1, description="samples per gradient")
     block_size: int = Field(
         32, ge=1, description="B: Fisher block along each row (divides it, aligned with groups)"
@@ -162,6 +163,21 @@ class Quantization(Modifier):
         if self.method == "gptq" and self.curvature == "fisher":
             return num_params * self.fisher.block_size * 8 + 16 * num_params * 4
         return 0
+
+    def memory_estimate(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, str]:
+        """(bytes, what they are) beyond the model, for the memory preflight: GPTQ from activations
+        holds one layer's H at a time (cols^2 float64, and as much again for its factor), plus one
+        calibration batch's activations; the Fisher curvature holds d * B float64 sums (the streamed
+        block Fisher) and a chunk of 16 gradient rows; rounding holds nothing."""
+        widths = [shape[-1] for shape in shapes.values() if len(shape) == 2]
+        if self.method == "rtn" or not widths:
+            return 0, "rounding to nearest"
+        if self.curvature == "fisher":
+            count = sum(math.prod(shape) for shape in shapes.values())
+            return self.gradient_bytes(
+                count
+            ), f"a block Fisher of {count:,} x {self.fisher.block_size} values"
+        return 2 * 8 * max(widths) ** 2, f"one layer's H at a time ({max(widths)} x {max(widths)} float64)"
 
     # ------------------------------------------------------------------ hooks
 

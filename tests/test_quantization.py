@@ -271,3 +271,29 @@ def test_session_refuses_what_it_cannot_quantize(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(ValueError, match="calibration data"):
         Session([Quantization(params=["a.weight"])], Net(), opt, steps_per_epoch=1).initialize()
+
+
+def test_the_memory_preflight_names_one_layers_curvature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQ holds one layer's H (widest input: 64 here) at a time; the Fisher curvature d * B sums;
+    the preflight says which, and stops a run that cannot fit."""
+    from compressor.core import preflight as memory
+    from compressor.core.preflight import PreflightError
+    from compressor.engine.setup import preflight_gradients
+
+    quant = Quantization(params=WEIGHTS[:3])
+    shapes = {n: tuple(p.shape) for n, p in Net().named_parameters() if n in WEIGHTS[:3]}
+    assert quant.memory_estimate(shapes) == (2 * 8 * 64 * 64, "one layer's H at a time (64 x 64 float64)")
+    fisher = Quantization(params=WEIGHTS[:3], curvature="fisher", fisher={"block_size": 16})
+    d = 32 * 64 + 2 * 64 * 32
+    assert fisher.memory_estimate(shapes)[0] == d * 16 * 8 + 16 * d * 4
+    assert Quantization(params=WEIGHTS[:3], method="rtn").memory_estimate(shapes)[0] == 0
+
+    class Recipe:
+        modifiers = [quant]
+
+    session = _session(Net(), [quant])
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    with pytest.raises(PreflightError, match=r"one layer's H at a time \(64 x 64 float64\), needs about"):
+        preflight_gradients(Recipe(), session)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
+    preflight_gradients(Recipe(), session)

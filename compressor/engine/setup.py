@@ -137,9 +137,18 @@ def preflight_gradients(recipe: Recipe, session: Session) -> None:
         patterns = modifier.parameter_patterns()
         selected = session.match(patterns) if patterns else list(session.params)
         count = sum(session.params[n].numel() for n in selected)
+        layerwise = getattr(modifier, "memory_estimate", None)  # (bytes, what they are) from the shapes
+        if layerwise is not None:
+            needed, held = layerwise({n: tuple(session.params[n].shape) for n in selected})
+            what = f"modifiers[{index}] ({modifier.type}) over {count:,} weights, {held},"
+        else:
+            needed, what = (
+                modifier.gradient_bytes(count),
+                f"modifiers[{index}] ({modifier.type}) over {count:,} weights",
+            )
         preflight(
-            f"modifiers[{index}] ({modifier.type}) over {count:,} weights",
-            modifier.gradient_bytes(count),
+            what,
+            needed,
             suggestion="lower num_grads, use block_size (below num_grads: the streamed Fisher), or "
             "select fewer parameters",
             gathered=getattr(modifier, "gathers_rows", lambda: True)(),  # streamed: all-reduced sums

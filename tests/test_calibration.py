@@ -1,0 +1,80 @@
+"""Calibration on a sentence encoder: both sides of each pair, padding tokens left out, query/key/value
+one stage, each layer's H equal to 2 X X^T / n of the real tokens' inputs recorded by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hf_tiny  # tests/ is on the path
+import pytest
+import torch
+
+from compressor.data import CodePairs
+from compressor.lifecycle import quantize_layers
+from compressor.lifecycle.calibration import Calibration
+from compressor.lifecycle.session import Session
+from compressor.mfac import gptq
+from compressor.models.pretrained import load_pretrained
+from compressor.tasks.contrastive import ContrastiveTask
+from modifiers.quantization import Quantization
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, CodePairs]:
+    train = CodePairs("train", limit=40)
+    texts = [p[side] for p in train.pairs for side in ("query", "document")]
+    directory: Path = hf_tiny.sentence_encoder_dir(tmp_path_factory.mktemp("tiny") / "encoder", texts)
+    return load_pretrained(f"hf:{directory}"), train
+
+
+def test_stages_group_query_key_value_and_every_layer_runs(encoder) -> None:
+    model, train = encoder
+    task = ContrastiveTask(max_length=32)
+    task.prepare(model)
+    calib = Calibration(model, train, task, samples=8, batch_size=4)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in n}
+    stages = calib.stages(linears)
+    assert [len(s) for s in stages] == [3, 1, 1, 1] * hf_tiny.LAYERS
+    assert [n.rsplit(".", 1)[-1] for n in stages[0]] == ["query", "key", "value"]
+
+
+def test_curvature_is_2xxt_of_real_tokens_of_both_sides(encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, train = encoder
+    task = ContrastiveTask(max_length=32)
+    seen: list[torch.Tensor] = []
+    real = gptq.gptq_quantize
+
+    def spy(w, hessian, **kw):
+        seen.append(hessian.clone())
+        return real(w, hessian, **kw)
+
+    monkeypatch.setattr(quantize_layers, "gptq_quantize", spy)
+    quant = Quantization(
+        params=[hf_tiny.ENCODER_LINEARS], bits=8, end=0, calibration={"samples": 12, "batch_size": 5}
+    )
+    session = Session(
+        [quant], model, torch.optim.SGD(model.parameters(), lr=0.0), steps_per_epoch=1, data=train, task=task
+    )
+    session.before_step()
+    session.after_step()
+    assert len(seen) == 6 * hf_tiny.LAYERS  # one H per linear (query, key, value share theirs)
+
+    # by hand, on the quantized model (a layer's inputs depend only on the layers before it, which
+    # were quantized when its H was taken): every query and document, padding rows dropped
+    calib = Calibration(model, train, task, samples=12, batch_size=5)
+    intermediate = next(m for n, m in model.named_modules() if n.endswith("layer.1.intermediate.dense"))
+    rows: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    handle = intermediate.register_forward_pre_hook(lambda _m, args: rows.append(args[0].detach()))
+    model.eval()  # as calibration runs it (no dropout)
+    with torch.no_grad():
+        for batch in calib.batches():
+            for side in ("query", "document"):
+                masks.append(batch[side]["attention_mask"].reshape(-1).bool())
+                model(**batch[side])
+    handle.remove()
+    assert any(not bool(m.all()) for m in masks)  # there was padding to leave out
+    x = torch.cat([r.reshape(-1, r.shape[-1])[m] for r, m in zip(rows, masks, strict=True)]).double()
+    by_hand = 2 * x.T @ x / x.shape[0]
+    index = 6 * 1 + 4  # layer 1: query, key, value, attention output, then intermediate
+    assert torch.allclose(seen[index], by_hand, rtol=1e-9, atol=1e-12)
