@@ -3,7 +3,8 @@
 Masks are baked (masked weights set to exact zero) and their buffers and hooks removed, so nothing
 of the masking machinery reaches the exported graph. Quantized weights come with their integer
 records (``Prepared.quantized``), read from the model's quantization buffers
-(``compressor.core.quantized``, removed from the state dict before loading).
+(``compressor.core.quantized``, removed from the state dict before loading); the input smoothing
+factors of SmoothQuant stay in the model (a forward pre-hook: a Mul before the layer's product).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from compressor.core.checkpoint import load_checkpoint
 from compressor.core.errors import CompressorError
 from compressor.core.masks import MASK_SUFFIX, MaskSet, mask_names
 from compressor.core.params import match_params, normalize
-from compressor.core.quantized import pop_records
+from compressor.core.quantized import attach, pop_records, smoothing_buffers
 from compressor.mfac.grid import QuantizedWeight
 from compressor.recipe import AllowImports, parse_recipe
 from compressor.sparsity.patterns import as_structure
@@ -88,6 +89,7 @@ def prepare(path: Path, samples: int, allow_imports: AllowImports = (), batch: i
     quantized = pop_records(state_dict)
     example = inputs[:2] if isinstance(inputs, torch.Tensor) else inputs.batches[0]
     model = _match_shapes(model, state_dict, example)
+    attach(model, smoothing_buffers(state_dict))  # SmoothQuant's input factors: a Mul in the graph
     masked = mask_names(state_dict)
     masks = MaskSet(model, masked)
     try:

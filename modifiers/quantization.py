@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
+from compressor.core import distributed
 from compressor.core.modifier import Modifier, update_due
-from compressor.core.params import match_params
+from compressor.core.params import match_params, normalize
 from compressor.core.quantized import attach, buffer_shapes, latent, read
 from compressor.lifecycle import quantize_layers as layers
 from compressor.lifecycle.calibration import Calibration
@@ -88,6 +89,9 @@ class Quantization(Modifier):
     act_order: bool = Field(False, description="GPTQ: columns in decreasing diag H")
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     fisher: FisherSettings = Field(default_factory=FisherSettings)
+    smoothing: float | None = Field(
+        None, gt=0, lt=1, description="int8: SmoothQuant's alpha (null: no smoothing)"
+    )
     float_fallback: list[str] = Field(default_factory=list, description="patterns of weights kept in float")
     auto_fallback: int = Field(
         0, ge=0, description="int8: keep the k Linear layers losing most to int8 activations"
@@ -103,6 +107,8 @@ class Quantization(Modifier):
             raise ValueError("auto_fallback is for int8 (activations are quantized on that path only)")
         if self.reduce_range and self.bits != 8:
             raise ValueError("reduce_range is for int8 (bits: 8)")
+        if self.smoothing is not None and self.bits != 8:
+            raise ValueError("smoothing is for int8 (activations are quantized on that path only)")
         if self.reduce_range is None:
             self.reduce_range = self.bits == 8
         return self
@@ -145,16 +151,22 @@ class Quantization(Modifier):
     def _formats(self) -> layers.Format:
         return layers.Format(self.bits, self.symmetric, self.group_size, self.reduce_range)
 
-    def model_buffers(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Codes, scales, zero points and format of every selected weight (and latent weights when
-        fine-tuning follows): ``compressor.core.quantized``."""
+    def model_buffers(self, model: Any) -> dict[str, Any]:
+        """Codes, scales, zero points and format of every selected weight, latent weights when
+        fine-tuning follows, input smoothing of Linear layers with ``smoothing``:
+        ``compressor.core.quantized``."""
+        params = {normalize(n): p for n, p in distributed.unwrap(model).named_parameters()}
         names = match_params(self.params, list(params))
         fine_tune = self.end is None or self.end != self.start
         out: dict[str, Any] = {}
         for name in names:
             shape = tuple(params[name].shape)
             if len(shape) == 2 and (self.group_size is None or shape[1] % self.group_size == 0):
-                out.update(buffer_shapes(name, shape, self.bits, self.symmetric, self.group_size, fine_tune))
+                linear = isinstance(layers.owner(distributed.unwrap(model), name), torch.nn.Linear)
+                smooth = self.smoothing is not None and linear
+                out.update(
+                    buffer_shapes(name, shape, self.bits, self.symmetric, self.group_size, fine_tune, smooth)
+                )
         return out
 
     def gradient_bytes(self, num_params: int) -> int:
@@ -196,7 +208,7 @@ class Quantization(Modifier):
         self._names = [n for n in names if n not in kept]
         if not self._names:
             raise ValueError(f"{self.type}: float_fallback keeps every selected weight in float")
-        needs_data = self.method == "gptq" or self.auto_fallback
+        needs_data = self.method == "gptq" or self.auto_fallback or self.smoothing is not None
         if needs_data and getattr(session, "sampler", None) is None:
             raise ValueError(f"{self.type}: {self.method} needs calibration data: give the Session data=...")
 
@@ -228,10 +240,10 @@ class Quantization(Modifier):
         problems = self.shape_problems({n: tuple(session.params[n].shape) for n in names})
         if problems:  # the shapes now: a structured pruner may have shrunk them since initialize
             raise ValueError(f"{self.type} at step {session.step}: {problems[0][1]}")
-        attach(model, self.model_buffers(session.params))
+        attach(model, self.model_buffers(model))
         masks = {n: session.masks.mask(n).to(torch.bool) for n in names if n in session.masks}
         calibration = None
-        if self.method == "gptq" or self.auto_fallback:
+        if self.method == "gptq" or self.auto_fallback or self.smoothing is not None:
             sampler = session.sampler
             calibration = Calibration(
                 model,
@@ -242,6 +254,8 @@ class Quantization(Modifier):
                 seed=self.calibration.seed,
             )
             calibration.collate = sampler.collate
+        if self.smoothing is not None and calibration is not None:
+            layers.smooth(model, names, calibration, self.smoothing)
         if self.auto_fallback and calibration is not None:
             errors = layers.activation_errors(model, names, calibration)
             worst = sorted(errors, key=errors.__getitem__, reverse=True)[: self.auto_fallback]
@@ -316,6 +330,4 @@ class Quantization(Modifier):
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    from compressor.core import distributed
-
     return distributed.unwrap(model)

@@ -297,3 +297,47 @@ def test_the_memory_preflight_names_one_layers_curvature(monkeypatch: pytest.Mon
         preflight_gradients(Recipe(), session)
     monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
     preflight_gradients(Recipe(), session)
+
+
+def test_smoothing_keeps_the_function_and_moves_outliers_into_the_weights() -> None:
+    """SmoothQuant: with the input factors 1/s and the columns times s, the float model computes the
+    same outputs (before rounding); an outlier input channel shrinks; a and b share one s."""
+    torch.manual_seed(SESSION_SEED)
+    model = Net()
+    with torch.no_grad():
+        model.first.weight[5] *= 40.0  # hidden channel 5 becomes an activation outlier for a and b
+    x = _data().tensors[0][:64]
+    before = model(x).detach()
+    quant = Quantization(params=WEIGHTS, bits=8, smoothing=0.5, end=0, calibration={"samples": 128})
+    session = _session(model, [quant])
+    session.initialize()
+    calib = Calibration(model, _data(), ClassificationTask(), samples=128, batch_size=16, seed=0)
+    factors = quantize_layers.smooth(model, WEIGHTS, calib, 0.5)
+    assert torch.allclose(model(x).detach(), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(factors["a.weight"], factors["b.weight"])
+    assert float(factors["a.weight"][5]) < 0.5 * float(factors["a.weight"].median())  # the outlier shrinks
+    assert torch.equal(model.a.weight_qsmooth, factors["a.weight"])
+
+
+def test_smoothed_int8_checkpoint_exports_with_its_input_factors(tmp_path: Path) -> None:
+    """A run with smoothing: the exported graph multiplies each smoothed input by its factors and
+    onnxruntime agrees with the model."""
+    from compressor.engine import run
+    from exporters.export import export_checkpoint
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\ntrain:\n  model: digits-mlp\n  data: digits\n  epochs: 1\n  batch_size: 64\n"
+        "  optimizer: {type: SGD, lr: 0.1}\nmodifiers:\n  - type: Quantization\n"
+        "    params: [fc1.weight, fc2.weight]\n    smoothing: 0.5\n    calibration: {samples: 64}\n"
+        "    start: 1\n"
+    )
+    run(recipe, tmp_path / "run", progress=False)
+    report = export_checkpoint(tmp_path / "run" / "checkpoint.pt", samples=50)
+    assert report.passed and report.quantization is not None and report.quantization.tensors == 2
+    import onnx
+
+    graph = onnx.load(report.output).graph
+    consumers = {i for n in graph.node if n.op_type == "DynamicQuantizeMatMul" for i in n.input[:1]}
+    products = {n.output[0] for n in graph.node if n.op_type == "Mul"}
+    assert consumers and consumers <= products  # every integer product reads a smoothed input

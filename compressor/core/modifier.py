@@ -245,12 +245,11 @@ class Modifier(BaseModel):
         """The patterns of the parameters this modifier acts on (empty: none or all)."""
         return []
 
-    def model_buffers(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Buffers this modifier keeps in the model, full name -> initial tensor (default none).
-
-        ``params`` are the model's parameters by normalized name. The session registers them when
-        it is built (``compressor.core.quantized.attach``), before a checkpoint is loaded into the
-        model, so that the checkpoint fills them.
+    def model_buffers(self, model: Any) -> dict[str, Any]:
+        """Buffers this modifier keeps in ``model`` (a ``torch.nn.Module``), full name -> initial
+        tensor (default none). The session registers them when it is built
+        (``compressor.core.quantized.attach``), before a checkpoint is loaded into the model, so that
+        the checkpoint fills them.
         """
         return {}
 

@@ -9,6 +9,10 @@ module holds, as masks are held (``compressor.core.masks``):
     <param>_qformat  (2,) int8              [bits, symmetric]
     <param>_qlatent  (rows, cols) float32   only while quantization-aware fine-tuning runs: the
                                             latent weights the optimizer moves (straight-through)
+    <param>_qsmooth  (cols,) float32        only with activation smoothing (SmoothQuant): the
+                                            module's input is multiplied by it (a forward pre-hook,
+                                            a Mul in the exported graph) and the weight's columns
+                                            were divided by it, so the product is unchanged
 
 and the parameter itself equals (q - z) * s exactly (``compressor.mfac.grid``). The buffers are in
 the model's ``state_dict``: a run's checkpoint, a Hugging Face Trainer checkpoint and
@@ -28,11 +32,20 @@ from compressor.core.params import normalize
 from compressor.mfac.grid import QuantizedWeight
 
 CODES, SCALE, ZERO, FORMAT, LATENT = "_qcodes", "_qscale", "_qzero", "_qformat", "_qlatent"
-SUFFIXES = (CODES, SCALE, ZERO, FORMAT, LATENT)
+SMOOTH = "_qsmooth"
+SUFFIXES = (CODES, SCALE, ZERO, FORMAT, LATENT, SMOOTH)
+#: The buffers of the integer record (``pop_records`` takes them out of a state dict).
+RECORD = (CODES, SCALE, ZERO, FORMAT, LATENT)
 
 
 def buffer_shapes(
-    name: str, shape: tuple[int, ...], bits: int, symmetric: bool, group_size: int | None, latent: bool
+    name: str,
+    shape: tuple[int, ...],
+    bits: int,
+    symmetric: bool,
+    group_size: int | None,
+    latent: bool,
+    smooth: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The initial buffers of parameter ``name`` (full names -> tensors), not yet quantized."""
     rows, cols = shape
@@ -45,6 +58,8 @@ def buffer_shapes(
     }
     if latent:
         out[name + LATENT] = torch.zeros(rows, cols, dtype=torch.float32)
+    if smooth:
+        out[name + SMOOTH] = torch.ones(cols, dtype=torch.float32)
     return out
 
 
@@ -58,10 +73,29 @@ def attach(model: nn.Module, buffers: Mapping[str, torch.Tensor]) -> None:
         if module is None:
             raise ValueError(f"no module {path!r} for the quantization buffer {full!r}")
         existing = getattr(module, attr, None)
-        if isinstance(existing, torch.Tensor) and existing.shape == initial.shape:
-            continue
-        device = next((p.device for p in module.parameters(recurse=False)), initial.device)
-        module.register_buffer(attr, initial.to(device))
+        if not (isinstance(existing, torch.Tensor) and existing.shape == initial.shape):
+            device = next((p.device for p in module.parameters(recurse=False)), initial.device)
+            module.register_buffer(attr, initial.to(device))
+        if attr.endswith(SMOOTH):
+            _smooth_inputs(module, attr)
+
+
+def _smooth_inputs(module: nn.Module, attr: str) -> None:
+    """Multiply ``module``'s input by its buffer ``attr`` before every forward (once per module)."""
+    if getattr(module, "_compressor_smoothing", None) == attr:
+        return
+
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        factor = getattr(mod, attr)
+        return (args[0] * factor.to(args[0].dtype), *args[1:])
+
+    module.register_forward_pre_hook(hook)
+    module._compressor_smoothing = attr  # type: ignore[assignment]
+
+
+def smoothing_buffers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The smoothing buffers of a state dict (to ``attach`` to a fresh model before loading it)."""
+    return {k: torch.ones_like(v) for k, v in state_dict.items() if k.endswith(SMOOTH)}
 
 
 def _module_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -102,12 +136,13 @@ def latent(model: nn.Module, name: str) -> torch.Tensor | None:
 
 
 def pop_records(state_dict: MutableMapping[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
-    """Remove every quantization buffer from ``state_dict``; the records of the quantized weights
-    (scales not all zero), by normalized parameter name."""
+    """Remove the record buffers (all but the smoothing ones, which the model needs to compute)
+    from ``state_dict``; the records of the quantized weights (scales not all zero), by normalized
+    parameter name."""
     names = [k[: -len(FORMAT)] for k in list(state_dict) if k.endswith(FORMAT)]
     out: dict[str, QuantizedWeight] = {}
     for name in names:
-        parts = {s: state_dict.pop(name + s, None) for s in SUFFIXES}
+        parts = {s: state_dict.pop(name + s, None) for s in RECORD}
         scales, codes = parts[SCALE], parts[CODES]
         if scales is None or codes is None or not bool((scales != 0).any()):
             continue
@@ -122,6 +157,6 @@ def pop_records(state_dict: MutableMapping[str, torch.Tensor]) -> dict[str, Quan
             symmetric=bool(fmt[1]),
             group_size=None if groups == 1 else cols // groups,
         )
-    for key in [k for k in state_dict if k.endswith(SUFFIXES)]:
+    for key in [k for k in state_dict if k.endswith(RECORD)]:
         del state_dict[key]
     return out

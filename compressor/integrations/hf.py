@@ -397,9 +397,8 @@ class CompressionCallback(TrainerCallback, ExportableState):
         if self._reread is not None:
             self._recipe = self._reread({normalize(n): tuple(p.shape) for n, p in model.named_parameters()})
         _add_mask_buffers(model, self._pruned_names(model))
-        params = {normalize(n): p for n, p in model.named_parameters()}
         for modifier in self._recipe.modifiers:  # quantization buffers, for the same reason
-            attach(model, modifier.model_buffers(params))
+            attach(model, modifier.model_buffers(model))
         self._prepared = model
 
     def _live(self) -> Session | None:

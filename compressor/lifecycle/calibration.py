@@ -128,7 +128,8 @@ class Calibration:
 
             return record
 
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        # first of the hooks: a module's own input, before any pre-hook (input smoothing) changes it
+        handles = [m.register_forward_pre_hook(hook(n), prepend=True) for n, m in modules.items()]
         try:
             with self._eval():
                 next(self.calls())()

@@ -27,11 +27,17 @@ from torch import nn
 
 from compressor.core import distributed
 from compressor.core.params import normalize
-from compressor.core.quantized import write
+from compressor.core.quantized import SMOOTH, write
 from compressor.lifecycle.calibration import Calibration
 from compressor.lifecycle.sampling import GradientSampler
 from compressor.mfac import BlockFisherInverse
-from compressor.mfac.gptq import HessianAccumulator, block_inverses, fisher_quantize, gptq_quantize
+from compressor.mfac.gptq import (
+    HessianAccumulator,
+    block_inverses,
+    fisher_quantize,
+    gptq_quantize,
+    smoothing_scales,
+)
 from compressor.mfac.grid import QuantizedWeight, dynamic_quantize, quantize_rtn
 
 
@@ -180,6 +186,45 @@ def gptq_fisher(
         )
         start += count
         _store(model, name, result.quantized, out)
+    return out
+
+
+@torch.no_grad()
+def smooth(
+    model: nn.Module, names: list[str], calibration: Calibration, alpha: float
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant: per input channel j of every Linear weight of ``names``, s_j = max|x_j|^alpha /
+    max|W_:,j|^(1 - alpha) (``smoothing_scales``; x over the calibration inputs' real tokens, W over
+    the layers that read the same input); the weight's column j is multiplied by s_j and the
+    layer's input by 1 / s_j (its ``_qsmooth`` buffer), so every output is unchanged while the
+    activations' outlier channels shrink. Returns 1 / s by weight name."""
+    linear = {n.rpartition(".")[0]: n for n in names if not is_embedding(model, n)}
+    modules = {path: owner(model, name) for path, name in linear.items()}
+    stages = calibration.stages(modules)
+    peaks: dict[nn.Module, torch.Tensor] = {}
+
+    def track(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor | None], None]:
+        def consume(x: torch.Tensor, keep: torch.Tensor | None) -> None:
+            rows = x if keep is None else x[keep]
+            peak = rows.abs().amax(dim=0).to(torch.float64) if rows.numel() else torch.zeros(x.shape[1])
+            peaks[module] = torch.maximum(peaks[module], peak) if module in peaks else peak
+
+        return consume
+
+    calibration.observe({modules[stage[0]]: track(modules[stage[0]]) for stage in stages})
+    out: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        weights = [modules[path].weight for path in stage]
+        column_peak = torch.stack([w.detach().abs().amax(dim=0).to(torch.float64) for w in weights]).amax(
+            dim=0
+        )
+        scale = smoothing_scales(peaks[modules[stage[0]]].cpu(), column_peak.cpu(), alpha)
+        for path, w in zip(stage, weights, strict=True):
+            factor = scale.to(device=w.device)
+            w.mul_(factor.to(w.dtype))
+            buffer = getattr(modules[path], "weight" + SMOOTH)
+            buffer.copy_(1.0 / factor)
+            out[linear[path]] = buffer
     return out
 
 

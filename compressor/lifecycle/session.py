@@ -87,7 +87,7 @@ class Session:
         self.task.prepare(model)  # before masks: a task's reference copy of the model stays plain
         self.masks = MaskSet(model, self._pruned_names())
         for modifier in self.modifiers:  # before a checkpoint is loaded: it fills them
-            attach(model, modifier.model_buffers(self.params))
+            attach(model, modifier.model_buffers(model))
         self.sampler = GradientSampler(model, data, task=self.task) if data is not None else None
         self.step = 0
         self._metrics = metrics
