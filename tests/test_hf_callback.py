@@ -428,7 +428,7 @@ def test_quantization_in_the_trainer_holds_the_grid_and_resumes(tmp_path):
     from compressor.core.quantized import pop_records
 
     settings = {"max_steps": 6, "save_strategy": "steps", "save_steps": 4}
-    whole, callback, _ = _train(tmp_path / "whole", QUANTIZED, **settings)
+    whole, _, _ = _train(tmp_path / "whole", QUANTIZED, **settings)
     records = pop_records(dict(whole.model.state_dict()))
     assert len(records) == 12
     params = dict(whole.model.named_parameters())
