@@ -5,6 +5,7 @@ recipe errors at their line."""
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
 
 import pytest
@@ -288,15 +289,13 @@ def test_the_memory_preflight_names_one_layers_curvature(monkeypatch: pytest.Mon
     assert fisher.memory_estimate(shapes)[0] == d * 16 * 8 + 16 * d * 4
     assert Quantization(params=WEIGHTS[:3], method="rtn").memory_estimate(shapes)[0] == 0
 
-    class Recipe:
-        modifiers = [quant]
-
+    recipe = types.SimpleNamespace(modifiers=[quant])
     session = _session(Net(), [quant])
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
     with pytest.raises(PreflightError, match=r"one layer's H at a time \(64 x 64 float64\), needs about"):
-        preflight_gradients(Recipe(), session)
+        preflight_gradients(recipe, session)
     monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
-    preflight_gradients(Recipe(), session)
+    preflight_gradients(recipe, session)
 
 
 def test_smoothing_keeps_the_function_and_moves_outliers_into_the_weights() -> None:
