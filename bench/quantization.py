@@ -272,7 +272,7 @@ def load(path: Path) -> dict[str, Any]:
 
 def save(path: Path, raw: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(raw, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(raw, indent=1))
     tmp.replace(path)
 
 

@@ -23,6 +23,28 @@ PAIRS = [
 ]
 
 
+#: The order of the tables: rows by the first of these their label starts with, then by label.
+ORDER = (
+    "dense",
+    "quantize_dynamic",
+    "int8 per channel RTN",
+    "int8",
+    "4-bit g128",
+    "4-bit g32",
+    "50%",
+    "structured",
+)
+
+
+def ordered(rows: dict[str, Any]) -> list[str]:
+    """The row labels in table order (``ORDER``)."""
+
+    def key(label: str) -> tuple[int, str]:
+        return (next((i for i, p in enumerate(ORDER) if label.startswith(p)), len(ORDER)), label)
+
+    return sorted(rows, key=key)
+
+
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
     if not values:
         return "-"
@@ -58,7 +80,8 @@ def quality_table(raw: dict[str, Any]) -> list[str]:
         "| quantize s | peak extra MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, seeds in rows.items():
+    for label in ordered(rows):
+        seeds = rows[label]
         recall = _values(rows, label, "recall@1")
         share = f"{100 * statistics.fmean(recall) / dense_recall:.1f}" if recall and dense_recall else "-"
         size = _values(rows, label, "file_bytes")
@@ -85,11 +108,12 @@ def pairs_table(raw: dict[str, Any]) -> list[str]:
         diffs = paired(rows, a, b)
         if not diffs:
             continue
-        std = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-        ratio = statistics.fmean(diffs) / std if std and std == std else float("nan")
-        lines.append(
-            f"| {a} minus {b} | {len(diffs)} | {statistics.fmean(diffs):+.4f} | {std:.4f} | {ratio:+.1f} |"
+        mean = statistics.fmean(diffs)
+        std = f"{statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "-"
+        ratio = (
+            f"{mean / statistics.stdev(diffs):+.1f}" if len(diffs) > 1 and statistics.stdev(diffs) else "-"
         )
+        lines.append(f"| {a} minus {b} | {len(diffs)} | {mean:+.4f} | {std} | {ratio} |")
     return lines
 
 
@@ -97,7 +121,7 @@ def latency_table(raw: dict[str, Any]) -> list[str]:
     times = raw.get("latency", {})
     if not times:
         return []
-    labels = list(dict.fromkeys(k.split("|")[0] for k in times))
+    labels = ordered(dict.fromkeys(k.split("|")[0] for k in times))
     head = " | ".join(f"b{b} t{t} ms (speed-up)" for b, t in SETTINGS)
     lines = [f"| row | {head} |", "|---|" + "---|" * len(SETTINGS)]
     for label in labels:
@@ -124,7 +148,7 @@ def plot(raw: dict[str, Any], path: Path) -> None:
         (("file_bytes", "file MB"), ("latency", "latency, batch 32, 1 thread (ms)"))
     ):
         ax = fig.add_subplot(1, 2, i + 1)
-        for label in rows:
+        for label in ordered(rows):
             recall = _values(rows, label, "recall@1")
             if not recall:
                 continue
@@ -138,7 +162,7 @@ def plot(raw: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(unit)
         ax.set_ylabel("test recall@1 (onnxruntime)")
         ax.grid(alpha=0.3)
-        if i == 1:
+        if i == 0:
             ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("all-MiniLM-L6-v2 code search, deployed in onnxruntime: size and speed against recall@1")
     fig.tight_layout()
