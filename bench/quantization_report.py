@@ -23,24 +23,19 @@ PAIRS = [
 ]
 
 
-#: The order of the tables: rows by the first of these their label starts with, then by label.
-ORDER = (
-    "dense",
-    "quantize_dynamic",
-    "int8 per channel RTN",
-    "int8",
-    "4-bit g128",
-    "4-bit g32",
-    "50%",
-    "structured",
-)
+#: The order of the tables: rows by the first of these their label starts with, then by method
+#: (``METHODS``: the first of these the label holds), then by label.
+ORDER = ("dense", "quantize_dynamic", "int8", "4-bit g128", "4-bit g32", "50%", "structured")
+METHODS = ("full range", "RTN", "GPTQ-act", "GPTQ-Fisher")
 
 
 def ordered(rows: dict[str, Any]) -> list[str]:
-    """The row labels in table order (``ORDER``)."""
+    """The row labels in table order (``ORDER``, ``METHODS``)."""
 
-    def key(label: str) -> tuple[int, str]:
-        return (next((i for i, p in enumerate(ORDER) if label.startswith(p)), len(ORDER)), label)
+    def key(label: str) -> tuple[int, int, str]:
+        group = next((i for i, p in enumerate(ORDER) if label.startswith(p)), len(ORDER))
+        method = next((i for i, m in enumerate(METHODS) if m in label), len(METHODS))
+        return (group, method, label)
 
     return sorted(rows, key=key)
 
