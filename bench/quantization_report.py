@@ -112,8 +112,9 @@ def pairs_table(raw: dict[str, Any]) -> list[str]:
     return lines
 
 
-def latency_table(raw: dict[str, Any]) -> list[str]:
-    times = raw.get("latency", {})
+def latency_table(raw: dict[str, Any], key: str = "latency") -> list[str]:
+    """Median ms per call and the speed-up over the dense file, per row and (batch, threads)."""
+    times = raw.get(key, {})
     if not times:
         return []
     labels = ordered(dict.fromkeys(k.split("|")[0] for k in times))
@@ -178,6 +179,14 @@ def write_report(path: Path, results: Path) -> str:
         "",
         *latency_table(raw),
     ]
+    if raw.get("latency_focus"):
+        lines += [
+            "",
+            "The rows the acceptance compares, timed again alone (11 interleaved rounds; the table above "
+            "has 3, and its identical int8 graphs spread by about 10%):",
+            "",
+            *latency_table(raw, "latency_focus"),
+        ]
     if raw.get("rows"):
         plot(raw, results / "quantization.png")
         lines += ["", "![size and speed against recall@1](quantization.png)"]
