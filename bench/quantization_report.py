@@ -134,6 +134,7 @@ def latency_table(raw: dict[str, Any], key: str = "latency") -> list[str]:
 
 def plot(raw: dict[str, Any], path: Path) -> None:
     """File size and batch-32 single-thread latency against recall@1, one point per row."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -154,7 +155,16 @@ def plot(raw: dict[str, Any], path: Path) -> None:
                 x = 1000 * times[f"{label}|32|1"]
             else:
                 continue
-            ax.plot([x], [statistics.fmean(recall)], "o", label=label)
+            index = ordered(rows).index(label)
+            marker = (
+                "*"
+                if label.startswith("dense")
+                else "x"
+                if "quantize_dynamic" in label
+                else "os^Dv"[next((i for i, p in enumerate(ORDER[2:]) if label.startswith(p)), 0) % 5]
+            )
+            color = colormaps["tab20"](index % 20)
+            ax.plot([x], [statistics.fmean(recall)], marker, color=color, label=label, markersize=7)
         ax.set_xlabel(unit)
         ax.set_ylabel("test recall@1 (onnxruntime)")
         ax.grid(alpha=0.3)
