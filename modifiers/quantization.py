@@ -41,20 +41,11 @@ from compressor.core.modifier import Modifier, update_due
 from compressor.core.params import match_params, normalize
 from compressor.core.quantized import attach, buffer_shapes, latent, read
 from compressor.lifecycle import quantize_layers as layers
-from compressor.lifecycle.calibration import Calibration
+from compressor.lifecycle.calibration import Calibration, CalibrationSettings
 from compressor.mfac.grid import dequantize, quantize
 
 if TYPE_CHECKING:
     from compressor.lifecycle.session import Session
-
-
-class CalibrationSettings(BaseModel):
-    """Calibration inputs for GPTQ (curvature: activations) and ``auto_fallback``."""
-
-    model_config = ConfigDict(extra="forbid")
-    samples: int = Field(256, ge=1, description="training samples drawn (seeded)")
-    batch_size: int = Field(16, ge=1, description="samples per calibration batch")
-    seed: int = Field(0, ge=0)
 
 
 class FisherSettings(BaseModel):
@@ -231,29 +222,49 @@ class Quantization(Modifier):
         self._done = bool(state.get("done", False))
         self._kept_float = list(state.get("kept_float", []))
 
+    # ------------------------------------------------------------------ joint pruning
+
+    def joint_format(self, session: Session) -> tuple[layers.Format, list[str]] | None:
+        """For a layer-wise pruner updating at ``session.step``: (the grid, the weights) it may
+        quantize in its own sweep (SparseGPT's joint mode), when this modifier quantizes at this very
+        step by GPTQ from activations (natural order, no smoothing, no fallback), with the model's
+        buffers ready for the records; else None. The pruner hands its records back through
+        ``joint_done``."""
+        eligible = (
+            not self._done
+            and self.method == "gptq"
+            and self.curvature == "activations"
+            and self.smoothing is None
+            and not self.auto_fallback
+            and not self.act_order
+            and self.start_step == session.step
+        )
+        if not eligible:
+            return None
+        model = _unwrapped(session.model)
+        attach(model, self.model_buffers(model))  # the buffers the pruner writes the records to
+        return self._formats(), list(self._names)
+
+    def joint_done(self, session: Session, records: dict[str, Any]) -> None:
+        """The pruner quantized the weights of ``records`` (written to the model's buffers): quantize
+        the rest of ``params`` now and hold every weight on its grid from here on."""
+        self._quantize(session, done=records)
+
     # ------------------------------------------------------------------ the work
 
     @torch.no_grad()
-    def _quantize(self, session: Session) -> None:
+    def _quantize(self, session: Session, done: dict[str, Any] | None = None) -> None:
         model = _unwrapped(session.model)
-        names = list(self._names)
+        names = [n for n in self._names if done is None or n not in done]
         problems = self.shape_problems({n: tuple(session.params[n].shape) for n in names})
         if problems:  # the shapes now: a structured pruner may have shrunk them since initialize
             raise ValueError(f"{self.type} at step {session.step}: {problems[0][1]}")
-        attach(model, self.model_buffers(model))
+        if done is None:
+            attach(model, self.model_buffers(model))
         masks = {n: session.masks.mask(n).to(torch.bool) for n in names if n in session.masks}
         calibration = None
         if self.method == "gptq" or self.auto_fallback or self.smoothing is not None:
-            sampler = session.sampler
-            calibration = Calibration(
-                model,
-                sampler.data,
-                sampler.task,
-                samples=self.calibration.samples,
-                batch_size=self.calibration.batch_size,
-                seed=self.calibration.seed,
-            )
-            calibration.collate = sampler.collate
+            calibration = Calibration.of(model, session.sampler, self.calibration)
         if self.smoothing is not None and calibration is not None:
             layers.smooth(model, names, calibration, self.smoothing)
         if self.auto_fallback and calibration is not None:
@@ -264,7 +275,9 @@ class Quantization(Modifier):
             for name in self._kept_float:
                 session.log(f"quantization/kept_float/{name}", errors[name])
         fmt = self._formats()
-        if self.method == "rtn":
+        if not names:
+            records = {}
+        elif self.method == "rtn":
             records = layers.rtn(model, names, fmt, masks)
         elif self.curvature == "activations":
             assert calibration is not None
@@ -292,6 +305,7 @@ class Quantization(Modifier):
                 key=session.step,
             )
         self._forget(model)
+        records = {**(done or {}), **records}
         for name in records:
             store = latent(model, name)
             if store is not None:

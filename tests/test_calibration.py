@@ -3,6 +3,7 @@ one stage, each layer's H equal to 2 X X^T / n of the real tokens' inputs record
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import hf_tiny  # tests/ is on the path
@@ -78,3 +79,83 @@ def test_curvature_is_2xxt_of_real_tokens_of_both_sides(encoder, monkeypatch: py
     by_hand = 2 * x.T @ x / x.shape[0]
     index = 6 * 1 + 4  # layer 1: query, key, value, attention output, then intermediate
     assert torch.allclose(seen[index], by_hand, rtol=1e-9, atol=1e-12)
+
+
+class _Twice(torch.nn.Module):
+    """Two blocks of a ModuleList where the second reads the model's input, not the first's output:
+    they do not chain, so ``walk`` must capture by partial forwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()) for _ in range(2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[1](x) + self.blocks[0](x)
+
+
+def _prune_half(module: torch.nn.Module) -> None:
+    """Zero the smaller half of a Linear's weights (a stand-in for any layer-wise change)."""
+    w = module.weight.data
+    w.mul_((w.abs() > w.abs().median()).to(w.dtype))
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_walk_inputs_equal_hooks_on_the_changed_model(encoder, replay: bool) -> None:
+    """Each stage's captured inputs (both sides, real tokens) equal, to the last bit, the inputs
+    recorded by hand with forward hooks on the final model (a layer's inputs depend only on the
+    layers before it, all changed by then), whether blocks are replayed or partial forwards run."""
+    model, train = encoder
+    model = copy.deepcopy(model)
+    task = ContrastiveTask(max_length=32)
+    task.prepare(model)
+    calib = Calibration(model, train, task, samples=10, batch_size=4, seed=3)
+    if not replay:  # a plan with no block: every stage by partial forwards
+        calib._block_plan = lambda modules, stages: [None] * len(stages)  # type: ignore[method-assign]
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in n}
+    captured: dict[str, torch.Tensor] = {}
+    for stage in calib.walk(linears):
+        assert stage.replayed is replay
+        rows: list[torch.Tensor] = []
+        count = stage.capture(rows.append)
+        captured[stage.names[0]] = torch.cat(rows)
+        assert count == captured[stage.names[0]].shape[0]
+        for name in stage.names:
+            _prune_half(linears[name])
+
+    recorded: dict[str, list[torch.Tensor]] = {n: [] for n in captured}
+    masks: list[torch.Tensor] = []
+    handles = [
+        linears[n].register_forward_pre_hook(lambda _m, args, n=n: recorded[n].append(args[0].detach()))
+        for n in captured
+    ]
+    model.eval()
+    with torch.no_grad():
+        for batch in calib.batches():
+            for side in ("query", "document"):
+                masks.append(batch[side]["attention_mask"].reshape(-1).bool())
+                model(**batch[side])
+    for h in handles:
+        h.remove()
+    for name, rows in captured.items():
+        by_hand = torch.cat(
+            [r.reshape(-1, r.shape[-1])[m] for r, m in zip(recorded[name], masks, strict=True)]
+        )
+        assert torch.equal(rows, by_hand), name
+
+
+def test_walk_falls_back_when_blocks_do_not_chain() -> None:
+    torch.manual_seed(0)
+    model = _Twice()
+    data = torch.utils.data.TensorDataset(torch.randn(12, 6), torch.zeros(12, dtype=torch.long))
+    from compressor.tasks import ClassificationTask
+
+    calib = Calibration(model, data, ClassificationTask(), samples=12, batch_size=5)
+    linears = {"blocks.0.0": model.blocks[0][0], "blocks.1.0": model.blocks[1][0]}
+    stages = list(calib.walk(linears))
+    assert [s.replayed for s in stages] == [False]  # both read x: one stage, by partial forward
+    rows: list[torch.Tensor] = []
+    stages[0].capture(rows.append)
+    x = torch.cat([data.tensors[0][i : i + 1] for i in calib.indices])
+    assert torch.equal(torch.cat(rows), x)

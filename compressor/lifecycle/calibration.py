@@ -18,21 +18,44 @@ them through the Task in batches, and
 The caller quantizes (or prunes) a stage's modules before capturing the next, so each stage sees the
 inputs of the already-changed model. Memory: one batch's activations plus what ``consume`` keeps (a
 Hessian accumulator: features^2 float64), whatever the number of samples; no input is stored.
+
+``walk(names)`` yields the stages with a ``capture`` each, the way layer-wise methods use them. When
+the stages lie in the blocks of a stack (the children of one ``nn.ModuleList``, each called once per
+forward, each reading the output of the one before: a transformer's layers), it replays blocks
+instead of whole forwards: the inputs of the first block are cached for every calibration call,
+each stage of a block is captured by running that block alone on the cache, and when the sweep
+leaves a block, the cache is moved through it (the block's outputs become the next block's inputs,
+computed with the block as changed). The inputs are those a full forward of the changed model gives,
+at the cost of about two passes over the stack instead of one partial forward per stage; memory: one
+block's inputs for every calibration sample (samples x tokens x hidden float32). Stages outside the
+stack, or a model whose blocks do not chain that way, are captured by partial forwards.
 The model runs in eval mode without gradients, and its mode is restored afterwards.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compressor.core import distributed
 from compressor.lifecycle.sampling import fetch_batch
 from compressor.tasks import Task, TaskError, unpack_data
+
+
+class CalibrationSettings(BaseModel):
+    """Calibration inputs of a layer-wise method, as a recipe gives them."""
+
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(256, ge=1, description="training samples drawn (seeded)")
+    batch_size: int = Field(16, ge=1, description="samples per calibration batch")
+    seed: int = Field(0, ge=0)
 
 
 class CalibrationError(ValueError):
@@ -41,6 +64,35 @@ class CalibrationError(ValueError):
 
 class _StopForwardError(Exception):
     """Raised by a capture hook to end the forward pass at the captured module."""
+
+
+@dataclass
+class Stage:
+    """Modules that read the same input (``names``, in run order) and how to capture that input:
+    ``capture(consume)`` hands every calibration input of the stage's first module to ``consume``
+    as (rows, features), padding left out, and returns the rows consumed."""
+
+    names: list[str]
+    capture: Callable[[Callable[[torch.Tensor], None]], int]
+    replayed: bool = False  # captured by replaying its block (else by partial forwards)
+
+
+@dataclass
+class _Entry:
+    """One calibration call's inputs to the current block, and that call's token mask."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    mask: torch.Tensor | None
+
+
+@dataclass
+class _Replay:
+    """The cached inputs of block ``index`` of ``blocks`` for every calibration call."""
+
+    blocks: list[nn.Module]
+    index: int
+    entries: list[_Entry] = field(default_factory=list)
 
 
 class Calibration:
@@ -69,6 +121,20 @@ class Calibration:
         order = torch.randperm(len(self.data), generator=generator)[: min(samples, len(self.data))]
         self.indices: list[int] = order.tolist()
         self.batch_size = batch_size
+
+    @classmethod
+    def of(cls, model: nn.Module, sampler: Any, settings: CalibrationSettings) -> Calibration:
+        """The calibration of ``settings`` over a session's sampler (its data, task and collate)."""
+        calibration = cls(
+            model,
+            sampler.data,
+            sampler.task,
+            samples=settings.samples,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+        )
+        calibration.collate = sampler.collate
+        return calibration
 
     @property
     def count(self) -> int:
@@ -165,21 +231,8 @@ class Calibration:
         features), leading dimensions flattened and padding tokens (the call's attention mask) left
         out. With ``stop`` the forward ends at ``module`` (use
         ``stop=False`` for a module called several times per forward). Returns the rows consumed."""
-        seen = 0
-
-        def take(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            nonlocal seen
-            x = args[0]
-            rows = x.detach().reshape(-1, x.shape[-1])
-            keep = self._tokens(x)
-            if keep is not None:
-                rows = rows[keep]
-            seen += rows.shape[0]
-            consume(rows)
-            if stop:
-                raise _StopForwardError
-
-        handle = module.register_forward_pre_hook(take)
+        seen = [0]
+        handle = module.register_forward_pre_hook(self._taker(consume, seen, stop))
         try:
             with self._eval():
                 for call in self.calls():
@@ -187,9 +240,26 @@ class Calibration:
                         call()
         finally:
             handle.remove()
-        if seen == 0:
-            raise CalibrationError("the module never ran on the calibration batches")
-        return seen
+        return _counted(seen[0])
+
+    def _taker(
+        self, consume: Callable[[torch.Tensor], None], seen: list[int], stop: bool
+    ) -> Callable[..., None]:
+        """A forward pre-hook handing a module's input to ``consume`` as (rows, features), padding
+        left out, counting rows in ``seen[0]``; with ``stop`` it ends the forward there."""
+
+        def take(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            rows = x.detach().reshape(-1, x.shape[-1])
+            keep = self._tokens(x)
+            if keep is not None:
+                rows = rows[keep]
+            seen[0] += rows.shape[0]
+            consume(rows)
+            if stop:
+                raise _StopForwardError
+
+        return take
 
     @torch.no_grad()
     def observe(
@@ -215,6 +285,159 @@ class Calibration:
             for h in handles:
                 h.remove()
 
+    def walk(self, modules: dict[str, nn.Module]) -> Iterator[Stage]:
+        """The stages of ``modules`` (``stages``) in run order, each with its ``capture``; change a
+        stage's modules before asking for the next one (module doc: blocks are replayed when the
+        model's layers chain)."""
+        stages = self.stages(modules)
+        plan = self._block_plan(modules, stages)
+        replay: _Replay | None = None
+        for names, block in zip(stages, plan, strict=True):
+            first = modules[names[0]]
+            if block is None:
+                once = self.called_once(names[0])
+                yield Stage(
+                    names, lambda consume, first=first, once=once: self.capture(first, consume, stop=once)
+                )
+                continue
+            blocks, index = block
+            if replay is None or replay.blocks is not blocks:
+                replay = self._cache_inputs(blocks, index)
+            self._advance(replay, index)
+            yield Stage(
+                names,
+                lambda consume, first=first, replay=replay: self._replay_capture(replay, first, consume),
+                replayed=True,
+            )
+
+    @torch.no_grad()
+    def _block_plan(
+        self, modules: dict[str, nn.Module], stages: list[list[str]]
+    ) -> list[tuple[list[nn.Module], int] | None]:
+        """Per stage: (the stack's blocks, the index of the block holding it) when its modules lie in
+        a stack whose blocks chain (module doc), else None."""
+        parent_of: dict[int, nn.Module] = {}
+        for module in self.model.modules():
+            for child in module.children():
+                parent_of.setdefault(id(child), module)
+
+        def stack_of(module: nn.Module) -> tuple[nn.ModuleList, nn.Module] | None:
+            found = None
+            node = module
+            while id(node) in parent_of:  # the outermost ModuleList child above the module
+                parent = parent_of[id(node)]
+                if isinstance(parent, nn.ModuleList):
+                    found = (parent, node)
+                node = parent
+            return found
+
+        where = [stack_of(modules[names[0]]) for names in stages]
+        lists = {id(w[0]): w[0] for w in where if w is not None}
+        if len(lists) != 1:
+            return [None] * len(stages)
+        stack = next(iter(lists.values()))
+        blocks = list(stack)
+        if not self._chained(blocks):
+            return [None] * len(stages)
+        index = {id(b): i for i, b in enumerate(blocks)}
+        plan: list[tuple[list[nn.Module], int] | None] = []
+        last = -1
+        for names, w in zip(stages, where, strict=True):
+            inside = w is not None and all(stack_of(modules[n]) == w for n in names)
+            if not inside or w is None or index[id(w[1])] < last:
+                return [None] * len(stages)
+            last = index[id(w[1])]
+            plan.append((blocks, last))
+        return plan
+
+    def _chained(self, blocks: list[nn.Module]) -> bool:
+        """Whether, on one calibration call, every block runs once, in list order, each reading the
+        previous block's output as its first argument and the same other arguments."""
+        seen: list[tuple[int, tuple[Any, ...], dict[str, Any], Any]] = []
+
+        def pre(i: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                seen.append((i, args, dict(kwargs), None))
+
+            return hook
+
+        def post(i: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
+                j, a, k, _ = seen[-1]
+                if j == i:
+                    seen[-1] = (j, a, k, output)
+
+            return hook
+
+        handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        handles += [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        try:
+            with self._eval(), torch.no_grad():
+                next(self.calls())()
+        finally:
+            for h in handles:
+                h.remove()
+        if [s[0] for s in seen] != list(range(len(blocks))):
+            return False
+        for (_, args, kwargs, out), (_, nargs, nkwargs, _) in itertools.pairwise(seen):
+            hidden = out[0] if isinstance(out, (tuple, list)) and out else out
+            if not args or not isinstance(hidden, torch.Tensor) or not nargs or nargs[0] is not hidden:
+                return False
+            if len(args) != len(nargs) or any(a is not b for a, b in zip(args[1:], nargs[1:], strict=True)):
+                return False
+            if kwargs.keys() != nkwargs.keys() or any(kwargs[k] is not nkwargs[k] for k in kwargs):
+                return False
+        return True
+
+    @torch.no_grad()
+    def _cache_inputs(self, blocks: list[nn.Module], index: int) -> _Replay:
+        """The inputs of ``blocks[index]`` for every calibration call (partial forwards)."""
+        replay = _Replay(blocks, index)
+
+        def take(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            replay.entries.append(_Entry(list(args), dict(kwargs), getattr(self, "_mask", None)))
+            raise _StopForwardError
+
+        handle = blocks[index].register_forward_pre_hook(take, with_kwargs=True)
+        try:
+            with self._eval():
+                for call in self.calls():
+                    with suppress(_StopForwardError):
+                        call()
+        finally:
+            handle.remove()
+        return replay
+
+    @torch.no_grad()
+    def _advance(self, replay: _Replay, index: int) -> None:
+        """Move the cached inputs through the blocks before ``index`` (as they are now)."""
+        with self._eval():
+            while replay.index < index:
+                block = replay.blocks[replay.index]
+                for entry in replay.entries:
+                    self._mask = entry.mask
+                    out = block(*entry.args, **entry.kwargs)
+                    entry.args[0] = out[0] if isinstance(out, (tuple, list)) else out
+                replay.index += 1
+
+    @torch.no_grad()
+    def _replay_capture(
+        self, replay: _Replay, module: nn.Module, consume: Callable[[torch.Tensor], None]
+    ) -> int:
+        """``capture`` by running the current block alone on every cached input."""
+        seen = [0]
+        block = replay.blocks[replay.index]
+        handle = module.register_forward_pre_hook(self._taker(consume, seen, True))
+        try:
+            with self._eval():
+                for entry in replay.entries:
+                    self._mask = entry.mask
+                    with suppress(_StopForwardError):
+                        block(*entry.args, **entry.kwargs)
+        finally:
+            handle.remove()
+        return _counted(seen[0])
+
     def called_once(self, name: str) -> bool:
         """Whether ``name`` ran once per forward in ``stages`` (so ``capture`` may stop there)."""
         return getattr(self, "_calls", {}).get(name, 1) == 1
@@ -227,6 +450,13 @@ class Calibration:
             yield
         finally:
             self.model.train(was)
+
+
+def _counted(seen: int) -> int:
+    """``seen``, the rows a capture consumed; CalibrationError when there were none."""
+    if seen == 0:
+        raise CalibrationError("the module never ran on the calibration batches")
+    return seen
 
 
 def _call(model: nn.Module, x: Any) -> Any:

@@ -69,7 +69,7 @@ def is_embedding(model: nn.Module, name: str) -> bool:
     return isinstance(owner(model, name), nn.Embedding)
 
 
-def _store(model: nn.Module, name: str, record: QuantizedWeight, out: dict[str, QuantizedWeight]) -> None:
+def store(model: nn.Module, name: str, record: QuantizedWeight, out: dict[str, QuantizedWeight]) -> None:
     if record.bits == 7:  # reduced-range int8: stored (and exported) as int8
         record = replace(record, bits=8)
     write(model, name, record)
@@ -86,7 +86,7 @@ def rtn(
     for name in names:
         w = _param(params, name)
         record = quantize_rtn(w.detach(), fmt.grid_bits, fmt.symmetric, fmt.group_size, masks.get(name))
-        _store(model, name, record, out)
+        store(model, name, record, out)
     return out
 
 
@@ -116,13 +116,12 @@ def gptq_activations(
     out = rtn(model, embeddings, fmt, masks)
     linear = {n.rpartition(".")[0]: n for n in names if n not in embeddings}
     modules = {path: owner(model, name) for path, name in linear.items()}
-    for stage in calibration.stages(modules):
-        first = modules[stage[0]]
-        w0 = first.weight
+    for stage in calibration.walk(modules):
+        w0 = modules[stage.names[0]].weight
         acc = HessianAccumulator(w0.shape[1], device=w0.device)
-        calibration.capture(first, acc.add, stop=calibration.called_once(stage[0]))
+        stage.capture(acc.add)
         hessian = acc.hessian()
-        for path in stage:
+        for path in stage.names:
             name = linear[path]
             w = modules[path].weight.detach()
             result = gptq_quantize(
@@ -136,7 +135,7 @@ def gptq_activations(
                 act_order=act_order,
                 mask=masks.get(name),
             )
-            _store(model, name, result.quantized, out)
+            store(model, name, result.quantized, out)
             if progress is not None:
                 progress(name)
     return out
@@ -185,7 +184,7 @@ def gptq_fisher(
             mask=masks.get(name),
         )
         start += count
-        _store(model, name, result.quantized, out)
+        store(model, name, result.quantized, out)
     return out
 
 

@@ -65,16 +65,10 @@ class HessianAccumulator:
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of ``x`` (..., cols): every leading index is one input row (none: no-op)."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor of shape (..., {self.cols})")
-        if x.dim() == 0 or x.shape[-1] != self.cols:
-            raise ValueError(f"x must have shape (..., {self.cols}), got {tuple(x.shape)}")
-        rows = x.detach().reshape(-1, self.cols).to(device=self.device, dtype=F64)
+        rows = input_rows(x, self.cols, self.device)
         k = rows.shape[0]
         if k == 0:
             return
-        if not bool(rows.isfinite().all()):
-            raise ValueError("x contains NaN or Inf (nothing was added)")
         n = self.count + k
         self._h.mul_(self.count / n).addmm_(rows.T, rows, alpha=2.0 / n)
         torch.maximum(self._absmax, rows.abs().amax(dim=0), out=self._absmax)
@@ -100,6 +94,19 @@ class HessianAccumulator:
 
 
 # ---------------------------------------------------------------------- checks
+
+
+def input_rows(x: torch.Tensor, cols: int, device: torch.device) -> torch.Tensor:
+    """The rows of ``x`` (..., cols) as (n, cols) float64 on ``device``; ValueError for a wrong
+    shape or dtype, or NaN / Inf."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor of shape (..., {cols})")
+    if x.dim() == 0 or x.shape[-1] != cols:
+        raise ValueError(f"x must have shape (..., {cols}), got {tuple(x.shape)}")
+    rows = x.detach().reshape(-1, cols).to(device=device, dtype=F64)
+    if not bool(rows.isfinite().all()):
+        raise ValueError("x contains NaN or Inf (nothing was added)")
+    return rows
 
 
 @dataclass

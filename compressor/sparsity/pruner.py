@@ -163,9 +163,7 @@ class PruningModifier(Modifier):
         names = self._names
         target = self.target_at(session.step, session.steps_per_epoch)
         current = {n: session.masks.mask(n) for n in names}
-        structures = dict.fromkeys(names, self.structure)
-        new = select_masks(self.scores(session, names), target, structures, self.global_ranking, current)
-        self.update_weights(session, names, new)
+        new = self.new_masks(session, names, target, current)
         for name in names:
             session.masks.set(name, new[name])
         kept = sum(int(new[n].sum()) for n in names)
@@ -174,6 +172,16 @@ class PruningModifier(Modifier):
         for name in names:
             session.log(f"sparsity/{name}", session.masks.sparsity(name))
         self._last_update = session.step
+
+    def new_masks(
+        self, session: Session, names: list[str], target: float, current: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The masks of the update to ``target`` (pruned weights stay pruned): ``scores``, then
+        ``select_masks``, then ``update_weights``. Layer-wise pruners override it."""
+        structures = dict.fromkeys(names, self.structure)
+        new = select_masks(self.scores(session, names), target, structures, self.global_ranking, current)
+        self.update_weights(session, names, new)
+        return new
 
     # ------------------------------------------------------------------ state
 
