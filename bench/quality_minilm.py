@@ -25,6 +25,13 @@ j) fine-tuning the dense model: the M-FAC optimizer (``compressor.mfac.MFAC`` ov
    M-FAC's damp) chosen by MRR@10 on the other 10% (never on test); final training loss, test
    metrics, and the median step time over AdamW's.
 
+k) one-shot, no fine-tuning, layer-wise against global: magnitude (global and per layer), Wanda,
+   SparseGPT and M-FAC (64 x 128 with 8 sub-steps, and 1024 x 32) at 30/50/60/70% and 2:4, every
+   method given the same 1,024 training pairs of its seed (a seeded draw from the training split):
+   SparseGPT and Wanda as calibration inputs (both sides of each pair, layer by layer), M-FAC as
+   gradients of 16 pairs drawn from them (64 x 16 = the 1,024 pairs once per sub-step; at m = 1024
+   each pair serves 16 gradients). Wall time and peak extra resident memory of each pruning step.
+
 Every M-FAC row of one seed starts from the same dense weights, so its first sub-step's gradients
 and Fisher are the same for every structure: ``SharedFisherMFAC`` builds that Fisher once per
 (seed, m, B) and hands it to each row (the results are those of separate runs; tests check it).
@@ -34,6 +41,7 @@ and Fisher are the same for every structure: ``SharedFisherMFAC`` builds that Fi
     python bench/quality_minilm.py --parts i --seeds 0          # about 25 min per seed, then latency
     python bench/quality_minilm.py --parts j                    # about 1 h
     python bench/quality_minilm.py --parts g --only "M-FAC 64x128 R1"
+    python bench/quality_minilm.py --parts k                    # claims first (50%, 70%), then the rest
     python bench/quality_minilm.py --report                     # rebuild the report from the JSON
 
 Raw results go to ``bench/results/quality_minilm_<part>.json`` after every row (a rerun skips the
@@ -68,6 +76,7 @@ from compressor.lifecycle.session import Session  # noqa: E402
 from compressor.mfac import MFAC  # noqa: E402
 from compressor.models import build_model  # noqa: E402
 from compressor.tasks import build_task  # noqa: E402
+from modifiers.layerwise_pruning import SparseGPTPruning, WandaPruning  # noqa: E402
 from modifiers.magnitude import MagnitudePruning  # noqa: E402
 from modifiers.mfac_pruning import MFACPruning  # noqa: E402
 
@@ -182,12 +191,14 @@ class Job:
         out = evaluate(model, self.data.test, self.task, batch_size=self.eval_batch)
         return {k: float(v) for k, v in out.items()}
 
-    def one_shot(self, modifier: Any, seed: int) -> tuple[torch.nn.Module, float]:
-        """A copy of the dense model pruned by ``modifier`` in one step; seconds taken."""
+    def one_shot(self, modifier: Any, seed: int, data: Any = None) -> tuple[torch.nn.Module, float]:
+        """A copy of the dense model pruned by ``modifier`` in one step (gradients and calibration
+        from ``data``, default the training split); seconds taken."""
         pruned = copy.deepcopy(self.dense)
         opt = torch.optim.SGD(pruned.parameters(), lr=0.0)
         start = time.perf_counter()
-        session = Session([modifier], pruned, opt, steps_per_epoch=1, data=self.data.train, task=self.task)
+        data = self.data.train if data is None else data
+        session = Session([modifier], pruned, opt, steps_per_epoch=1, data=data, task=self.task)
         session.sampler.seed = seed
         session.before_step()  # start == end == 0: the pruning step happens here
         session.after_step()
@@ -247,6 +258,143 @@ def pruned_fraction(model: torch.nn.Module) -> float:
 
 def fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+# ---------------------------------------------------------------- part k
+
+K_POOL = 1024
+K_STRUCTURES = ["30%", "50%", "60%", "70%", "2:4"]
+K_CLAIMS = ["50%", "70%"]
+K_REST = ["30%", "60%", "2:4"]
+K_METHODS = ["Wanda", "SparseGPT", "M-FAC 64x128 R8", "M-FAC 1024x32 R1"]
+#: Rows of part k in the order they run: the claims first. (label, structures, seeds)
+K_PLAN: list[tuple[str, list[str], list[int]]] = [
+    ("magnitude global", K_STRUCTURES, [0]),
+    ("magnitude per layer", K_STRUCTURES, [0]),
+    *[(label, K_CLAIMS, [0, 1, 2]) for label in K_METHODS],
+    *[(label, K_REST, [0, 1, 2]) for label in K_METHODS],
+]
+
+
+def pool(train: Any, seed: int, size: int = K_POOL) -> Subset:
+    """The ``size`` training pairs of ``seed`` (a seeded draw without replacement)."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(10_000 + seed))
+    return Subset(train, order[:size].tolist())
+
+
+def k_method(label: str, sparsity: float, structure: Any, seed: int) -> Any:
+    """The modifier of a part-k row: the layer-wise pruners calibrate on the whole pool."""
+    calibration = {"samples": K_POOL, "batch_size": 32, "seed": seed}
+    nm = isinstance(structure, dict)
+    kind = {"SparseGPT": SparseGPTPruning, "Wanda": WandaPruning}.get(label)
+    if kind is None:
+        return method(label, sparsity, structure)
+    return kind(
+        params=PRUNED,
+        start=0,
+        end=0,
+        final_sparsity=sparsity,
+        structure=structure if nm else "unstructured",
+        calibration=calibration,
+    )
+
+
+def part_k(job: Job, path: Path, only: str | None = None) -> dict[str, Any]:
+    """Run every row of K_PLAN not yet in ``path`` (JSON, rewritten after each row)."""
+    peak_rss = _sibling("quantization").PeakRSS
+    _SHARED.clear()  # a Fisher shared in this process was built on other data
+    raw = load(path)
+    if "dense" not in raw:
+        raw["dense"] = job.evaluate(job.dense)
+    raw["pool"] = K_POOL
+    save(path, raw)
+    rows = raw.setdefault("rows", {})
+    for label, structures, seeds in K_PLAN:
+        if only is not None and label != only:
+            continue
+        for seed in seeds:
+            for name in structures:
+                key = f"{label} | {name}"
+                if str(seed) in rows.get(key, {}):
+                    continue
+                sparsity, structure = STRUCTURES[name]
+                with peak_rss() as peak:
+                    pruned, took = job.one_shot(
+                        k_method(label, sparsity, structure, seed), seed, pool(job.data.train, seed)
+                    )
+                metrics = job.evaluate(pruned)
+                metrics["prune_s"] = took
+                metrics["prune_peak_mb"] = peak.extra / 1e6
+                metrics["sparsity"] = pruned_fraction(pruned)
+                rows.setdefault(key, {})[str(seed)] = metrics
+                save(path, raw)
+                print(f"k: {key} seed {seed}: " + fmt(metrics), flush=True)
+                del pruned
+    _SHARED.clear()
+    return raw
+
+
+def k_tables(raw: dict[str, Any]) -> list[str]:
+    rows = raw.get("rows", {})
+    dense = raw.get("dense", {})
+    labels = list(dict.fromkeys(label for label, _, _ in K_PLAN))
+    out = [
+        "## k) Layer-wise (SparseGPT, Wanda) against global M-FAC OBS: one shot, no fine-tuning",
+        "",
+        f"The encoder's 36 linear weights; every method gets the same {raw.get('pool', K_POOL):,} training "
+        "pairs of its seed (calibration inputs for SparseGPT and Wanda, gradients of 16 pairs for "
+        f"M-FAC). Dense: recall@1 {dense.get('recall@1', math.nan):.4f}, MRR@10 "
+        f"{dense.get('mrr@10', math.nan):.4f}. Mean ± sample std over seeds; magnitude is seed-free.",
+        "",
+    ]
+    for metric in METRICS:
+        out += [f"### {metric}", "", "| method | " + " | ".join(K_STRUCTURES) + " |"]
+        out.append("|---" * (len(K_STRUCTURES) + 1) + "|")
+        for label in labels:
+            cells = [
+                mean_std([m[metric] for m in rows.get(f"{label} | {s}", {}).values()]) for s in K_STRUCTURES
+            ]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += [
+        "### The claim: global M-FAC OBS minus SparseGPT, recall@1, paired by seed (yes: mean above two "
+        "std of the paired difference; a negative mean favours SparseGPT)",
+        "",
+        "| M-FAC | " + " | ".join(K_STRUCTURES) + " |",
+        "|---" * (len(K_STRUCTURES) + 1) + "|",
+    ]
+    for label in labels:
+        if label.startswith("M-FAC"):
+            cells = [
+                claim(paired(rows, f"{label} | {s}", f"SparseGPT | {s}", "recall@1")) for s in K_STRUCTURES
+            ]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "| SparseGPT minus M-FAC | " + " | ".join(K_STRUCTURES) + " |",
+        "|---" * (len(K_STRUCTURES) + 1) + "|",
+    ]
+    for label in labels:
+        if label.startswith("M-FAC"):
+            cells = [
+                claim(paired(rows, f"SparseGPT | {s}", f"{label} | {s}", "recall@1")) for s in K_STRUCTURES
+            ]
+            out.append(f"| vs {label} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "### Cost of the pruning step (median over rows: wall seconds here, 2 cores; peak extra resident MB)",
+        "",
+        "| method | seconds | peak extra MB |",
+        "|---|---|---|",
+    ]
+    for label in labels:
+        cost = [m for k, seeds in rows.items() if k.startswith(f"{label} |") for m in seeds.values()]
+        if cost:
+            seconds = statistics.median(m["prune_s"] for m in cost)
+            peak = statistics.median(m.get("prune_peak_mb", math.nan) for m in cost)
+            out.append(f"| {label} | {seconds:.0f} | {peak:.0f} |")
+    out.append("")
+    return out
 
 
 # ---------------------------------------------------------------- part h
@@ -734,6 +882,9 @@ def write_report(results: Path = RESULTS) -> str:
     j = load(results / "quality_minilm_j.json")
     if j:
         lines += j_tables(j)
+    k = load(results / "quality_minilm_k.json")
+    if k:
+        lines += k_tables(k)
     text = "\n".join(lines)
     (results / "quality_minilm.md").write_text(text)
     return text
@@ -743,7 +894,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--parts", default="g", help="parts to run (g, h, i, j)")
+    parser.add_argument("--parts", default="g", help="parts to run (g, h, i, j, k)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="parts h and i")
     parser.add_argument(
         "--runs", type=Path, default=Path("/tmp/quality_minilm"), help="parts h and i: run folders"
@@ -762,6 +913,8 @@ def main() -> None:
         part_i(args.results / "quality_minilm_i.json", args.runs, args.seeds, args.only)
     if not args.report and "j" in args.parts:
         part_j(Job(args.model), args.results / "quality_minilm_j.json", args.only)
+    if not args.report and "k" in args.parts:
+        part_k(Job(args.model), args.results / "quality_minilm_k.json", args.only)
     print(write_report(args.results))
 
 

@@ -20,6 +20,15 @@ Per configuration the table gives
     python bench/scale_speed.py                        # (64, 128), (1024, 32), (1024, 50); about 20 min here
     python bench/scale_speed.py --configs 64x128,256x32 --random   # random gradients at the same d
     python bench/scale_speed.py --fisher-memory 1024 32            # one memory probe (used by the above)
+    python bench/scale_speed.py --layerwise            # SparseGPT on a BERT-large-shaped encoder (335M)
+
+``--layerwise``: where the Fisher does not fit (d = 302M encoder weights: the block Fisher at B = 32
+would take 77 GB), the layer-wise row: a BERT-large-shaped encoder (24 layers, hidden 1024, 16
+heads, FFN 4096; random weights, seeded), its 96 linear weights pruned to 50% by
+``SparseGPTPruning`` through a ``Session`` from ``--samples`` random sequences of ``--max-length``
+tokens. The table gives the pruning step's wall time against one dense forward over the same
+calibration inputs (timed in the same run) and the process's peak resident set against the bound
+of the model's float32 size plus 2 GiB.
 """
 
 from __future__ import annotations
@@ -296,6 +305,69 @@ def table(configs: list[Config], dim: int, model_bytes: int, args: argparse.Name
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- layer-wise at scale
+
+
+def layerwise(args: argparse.Namespace) -> str:
+    """SparseGPT on a BERT-large-shaped encoder with random weights (module doc); the table."""
+    import transformers
+
+    from compressor.lifecycle.session import Session
+    from compressor.tasks import ModelLossTask
+    from modifiers.layerwise_pruning import SparseGPTPruning
+
+    torch.manual_seed(args.seed)
+    width, depth = (1024, 24) if not args.tiny else (64, 2)
+    config = transformers.BertConfig(
+        hidden_size=width, num_hidden_layers=depth, num_attention_heads=16, intermediate_size=4 * width
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    count = sum(p.numel() for p in model.parameters())
+    model_bytes = count * 4
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(1000, config.vocab_size, (args.samples, args.max_length), generator=gen)
+    data = [{"input_ids": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    batch = 16
+    with torch.no_grad():
+        began = time.perf_counter()
+        for i in range(0, args.samples, batch):
+            model(input_ids=ids[i : i + batch], attention_mask=torch.ones_like(ids[i : i + batch]))
+        forward_s = time.perf_counter() - began
+    pruner = SparseGPTPruning(
+        params=[ENCODER_LINEARS],
+        final_sparsity=args.sparsity,
+        start=0,
+        end=0,
+        calibration={"samples": args.samples, "batch_size": batch, "seed": args.seed},
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    session = Session([pruner], model, opt, steps_per_epoch=1, data=data, task=ModelLossTask())
+    began = time.perf_counter()
+    session.before_step()
+    session.after_step()
+    prune_s = time.perf_counter() - began
+    pruned = [p for n, p in model.named_parameters() if n in pruner.names]
+    sparsity = sum(int((p == 0).sum()) for p in pruned) / sum(p.numel() for p in pruned)
+    peak = _maxrss_gib()
+    bound = model_bytes / 2.0**30 + 2.0
+    lines = [
+        f"BERT-shaped encoder ({depth} layers x {width}, FFN {4 * width}, random weights): "
+        f"{count:,} parameters "
+        f"({model_bytes / 2.0**30:.2f} GiB float32), {len(pruned)} linear weights "
+        f"({sum(p.numel() for p in pruned):,}) to {args.sparsity:.0%} by SparseGPTPruning, "
+        f"{args.samples} calibration sequences of {args.max_length} tokens, "
+        f"{torch.get_num_threads()} threads",
+        "",
+        "| step | seconds | / one dense forward | peak resident GiB | bound (model + 2 GiB) | sparsity |",
+        "|---|---|---|---|---|---|",
+        f"| one dense forward over the calibration inputs | {forward_s:.1f} | 1.00x | | | |",
+        f"| SparseGPT {args.sparsity:.0%} (calibration, {len(pruned)} layers) | {prune_s:.1f} | "
+        f"{prune_s / forward_s:.2f}x | "
+        f"{peak:.2f} | {bound:.2f} ({'within' if peak <= bound else 'OVER'}) | {sparsity:.4f} |",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--configs", default="64x128,1024x32,1024x50", help="mxB,... ")
@@ -309,7 +381,16 @@ def main() -> None:
     parser.add_argument("--fisher-memory", nargs=2, type=int, metavar=("M", "B"))
     parser.add_argument("--dim", type=int, default=10_616_832)
     parser.add_argument("--output", type=Path, help="also write the table (markdown) here")
+    parser.add_argument("--layerwise", action="store_true", help="the SparseGPT row at BERT-large scale")
+    parser.add_argument("--samples", type=int, default=64, help="--layerwise: calibration sequences")
+    parser.add_argument("--tiny", action="store_true", help="--layerwise: a 2 x 64 encoder (a smoke test)")
     args = parser.parse_args()
+    if args.layerwise:
+        text = layerwise(args)
+        print(text)
+        if args.output:
+            args.output.write_text(text + "\n")
+        return
     torch.set_grad_enabled(True)
     if args.fisher_memory:
         m, block = args.fisher_memory

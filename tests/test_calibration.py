@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compressor.data import CodePairs
-from compressor.lifecycle import quantize_layers
+from compressor.lifecycle import calibration, quantize_layers
 from compressor.lifecycle.calibration import Calibration
 from compressor.lifecycle.session import Session
 from compressor.mfac import gptq
@@ -102,7 +102,9 @@ def _prune_half(module: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("replay", [True, False])
-def test_walk_inputs_equal_hooks_on_the_changed_model(encoder, replay: bool) -> None:
+def test_walk_inputs_equal_hooks_on_the_changed_model(
+    encoder, replay: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each stage's captured inputs (both sides, real tokens) equal, to the last bit, the inputs
     recorded by hand with forward hooks on the final model (a layer's inputs depend only on the
     layers before it, all changed by then), whether blocks are replayed or partial forwards run."""
@@ -112,7 +114,9 @@ def test_walk_inputs_equal_hooks_on_the_changed_model(encoder, replay: bool) -> 
     task.prepare(model)
     calib = Calibration(model, train, task, samples=10, batch_size=4, seed=3)
     if not replay:  # a plan with no block: every stage by partial forwards
-        calib._block_plan = lambda modules, stages: [None] * len(stages)  # type: ignore[method-assign]
+        monkeypatch.setattr(
+            calibration, "block_plan", lambda _model, _modules, stages, _call: [None] * len(stages)
+        )
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in n}
     captured: dict[str, torch.Tensor] = {}
     for stage in calib.walk(linears):
@@ -159,3 +163,50 @@ def test_walk_falls_back_when_blocks_do_not_chain() -> None:
     stages[0].capture(rows.append)
     x = torch.cat([data.tensors[0][i : i + 1] for i in calib.indices])
     assert torch.equal(torch.cat(rows), x)
+
+
+class _Stack(torch.nn.Module):
+    """A chained stack of two blocks and a head after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()) for _ in range(2)
+        )
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_walk_replays_the_stack_and_runs_the_head_by_partial_forward() -> None:
+    torch.manual_seed(1)
+    model = _Stack()
+    data = torch.utils.data.TensorDataset(torch.randn(12, 6), torch.zeros(12, dtype=torch.long))
+    from compressor.tasks import ClassificationTask
+
+    calib = Calibration(model, data, ClassificationTask(), samples=12, batch_size=5)
+    linears = {"blocks.0.0": model.blocks[0][0], "blocks.1.0": model.blocks[1][0], "head": model.head}
+    captured, replayed = {}, []
+    for stage in calib.walk(linears):
+        rows: list[torch.Tensor] = []
+        stage.capture(rows.append)
+        captured[stage.names[0]] = torch.cat(rows)
+        replayed.append(stage.replayed)
+        for name in stage.names:
+            _prune_half(linears[name])
+    assert replayed == [True, True, False]
+    recorded: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: recorded[n].append(args[0]))
+        for n, m in linears.items()
+    ]
+    with torch.no_grad():
+        for batch in calib.batches():
+            model(batch[0])
+    for h in handles:
+        h.remove()
+    for name in linears:
+        assert torch.equal(captured[name], torch.cat(recorded[name])), name

@@ -34,7 +34,6 @@ The model runs in eval mode without gradients, and its mode is restored afterwar
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compressor.core import distributed
+from compressor.lifecycle.block_stack import block_plan
 from compressor.lifecycle.sampling import fetch_batch
 from compressor.tasks import Task, TaskError, unpack_data
 
@@ -290,7 +290,7 @@ class Calibration:
         stage's modules before asking for the next one (module doc: blocks are replayed when the
         model's layers chain)."""
         stages = self.stages(modules)
-        plan = self._block_plan(modules, stages)
+        plan = block_plan(self.model, modules, stages, self._one_call)
         replay: _Replay | None = None
         for names, block in zip(stages, plan, strict=True):
             first = modules[names[0]]
@@ -309,85 +309,6 @@ class Calibration:
                 lambda consume, first=first, replay=replay: self._replay_capture(replay, first, consume),
                 replayed=True,
             )
-
-    @torch.no_grad()
-    def _block_plan(
-        self, modules: dict[str, nn.Module], stages: list[list[str]]
-    ) -> list[tuple[list[nn.Module], int] | None]:
-        """Per stage: (the stack's blocks, the index of the block holding it) when its modules lie in
-        a stack whose blocks chain (module doc), else None."""
-        parent_of: dict[int, nn.Module] = {}
-        for module in self.model.modules():
-            for child in module.children():
-                parent_of.setdefault(id(child), module)
-
-        def stack_of(module: nn.Module) -> tuple[nn.ModuleList, nn.Module] | None:
-            found = None
-            node = module
-            while id(node) in parent_of:  # the outermost ModuleList child above the module
-                parent = parent_of[id(node)]
-                if isinstance(parent, nn.ModuleList):
-                    found = (parent, node)
-                node = parent
-            return found
-
-        where = [stack_of(modules[names[0]]) for names in stages]
-        lists = {id(w[0]): w[0] for w in where if w is not None}
-        if len(lists) != 1:
-            return [None] * len(stages)
-        stack = next(iter(lists.values()))
-        blocks = list(stack)
-        if not self._chained(blocks):
-            return [None] * len(stages)
-        index = {id(b): i for i, b in enumerate(blocks)}
-        plan: list[tuple[list[nn.Module], int] | None] = []
-        last = -1
-        for names, w in zip(stages, where, strict=True):
-            inside = w is not None and all(stack_of(modules[n]) == w for n in names)
-            if not inside or w is None or index[id(w[1])] < last:
-                return [None] * len(stages)
-            last = index[id(w[1])]
-            plan.append((blocks, last))
-        return plan
-
-    def _chained(self, blocks: list[nn.Module]) -> bool:
-        """Whether, on one calibration call, every block runs once, in list order, each reading the
-        previous block's output as its first argument and the same other arguments."""
-        seen: list[tuple[int, tuple[Any, ...], dict[str, Any], Any]] = []
-
-        def pre(i: int) -> Callable[..., None]:
-            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                seen.append((i, args, dict(kwargs), None))
-
-            return hook
-
-        def post(i: int) -> Callable[..., None]:
-            def hook(_m: nn.Module, _args: Any, _kwargs: Any, output: Any) -> None:
-                j, a, k, _ = seen[-1]
-                if j == i:
-                    seen[-1] = (j, a, k, output)
-
-            return hook
-
-        handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        handles += [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        try:
-            with self._eval(), torch.no_grad():
-                next(self.calls())()
-        finally:
-            for h in handles:
-                h.remove()
-        if [s[0] for s in seen] != list(range(len(blocks))):
-            return False
-        for (_, args, kwargs, out), (_, nargs, nkwargs, _) in itertools.pairwise(seen):
-            hidden = out[0] if isinstance(out, (tuple, list)) and out else out
-            if not args or not isinstance(hidden, torch.Tensor) or not nargs or nargs[0] is not hidden:
-                return False
-            if len(args) != len(nargs) or any(a is not b for a, b in zip(args[1:], nargs[1:], strict=True)):
-                return False
-            if kwargs.keys() != nkwargs.keys() or any(kwargs[k] is not nkwargs[k] for k in kwargs):
-                return False
-        return True
 
     @torch.no_grad()
     def _cache_inputs(self, blocks: list[nn.Module], index: int) -> _Replay:
@@ -437,6 +358,12 @@ class Calibration:
         finally:
             handle.remove()
         return _counted(seen[0])
+
+    @torch.no_grad()
+    def _one_call(self) -> None:
+        """The first calibration call, in eval mode (for hooks that look at the model's structure)."""
+        with self._eval():
+            next(self.calls())()
 
     def called_once(self, name: str) -> bool:
         """Whether ``name`` ran once per forward in ``stages`` (so ``capture`` may stop there)."""
