@@ -264,3 +264,36 @@ def test_part_i_runs_exports_and_times_the_seed0_models_together(tmp_path, monke
     assert "| dense, 1 epoch | 123 | 2000.00 ms |" in text and "| 2.00x | 2.00x | 2.00x | 2.00x |" in text
     for name, _ in qm.I_RUNS.values():
         assert (ROOT / "recipes" / f"{name}.yaml").is_file()
+
+
+def test_part_k_gives_every_method_the_same_pool_and_tabulates_the_claim(job, tmp_path, monkeypatch):
+    monkeypatch.setattr(qm, "K_POOL", 24)
+    monkeypatch.setattr(qm, "K_STRUCTURES", ["50%", "2:4"])
+    monkeypatch.setattr(
+        qm,
+        "K_PLAN",
+        [("SparseGPT", ["50%", "2:4"], [0, 1]), ("Wanda", ["50%"], [0]), ("M-FAC 16x8 R1", ["50%"], [0, 1])],
+    )
+    seen: list[list[int]] = []
+    original = qm.Job.one_shot
+
+    def spy(self, modifier, seed, data=None):
+        seen.append(list(data.indices))
+        return original(self, modifier, seed, data)
+
+    monkeypatch.setattr(qm.Job, "one_shot", spy)
+    magnitude = {"0": _m(0.3)}
+    qm.save(tmp_path / "quality_minilm_g.json", {"rows": {"magnitude global | 50%": magnitude}})
+    raw = qm.part_k(job, tmp_path / "quality_minilm_k.json")
+    assert raw["rows"]["magnitude global | 50%"] == magnitude  # data-free: part g's row
+    for key in ("SparseGPT | 50%", "SparseGPT | 2:4", "M-FAC 16x8 R1 | 50%"):
+        assert set(raw["rows"][key]) == {"0", "1"}
+    pools = {
+        seed: [p for p, s in zip(seen, [0, 0, 1, 1, 0, 0, 1], strict=True) if s == seed] for seed in (0, 1)
+    }
+    assert all(p == pools[0][0] and len(p) == 24 for p in pools[0])  # one pool per seed, for every method
+    assert pools[1][0] != pools[0][0]
+    sparse = raw["rows"]["SparseGPT | 50%"]["0"]
+    assert sparse["sparsity"] == pytest.approx(0.5, abs=1e-6) and sparse["prune_peak_mb"] >= 0
+    text = "\n".join(qm.k_tables(raw))
+    assert "## k)" in text and "| M-FAC 16x8 R1 |" in text and "| vs M-FAC 16x8 R1 |" in text
