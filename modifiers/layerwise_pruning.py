@@ -84,7 +84,8 @@ class _LayerwisePruning(PruningModifier):
         model = distributed.unwrap(session.model)
         modules = dict(model.named_modules())
         for name in self._names:
-            if not isinstance(modules.get(name.rpartition(".")[0]), torch.nn.Linear):
+            module = modules.get(name.rpartition(".")[0])
+            if not isinstance(module, torch.nn.Linear) and not prune_layers.is_conv1d(module):
                 raise ValueError(f"{self.type}: {name} is not the weight of a Linear layer")
         if getattr(session, "sampler", None) is None:
             raise ValueError(f"{self.type} needs calibration data: give the Session data=...")

@@ -255,3 +255,58 @@ def test_bad_settings_are_recipe_errors_at_their_line(kind: str, structure: str,
     with pytest.raises(RecipeError) as ranking:
         parse_recipe(recipe + "    global_ranking: true\n", "r.yaml", param_names=shapes)
     assert "r.yaml:9:" in str(ranking.value)
+
+
+def test_gpt2_conv1d_layers_are_pruned_along_their_inputs() -> None:
+    """GPT-2's Conv1D stores W as (in, out): SparseGPT and Wanda take its transpose, so the first
+    block's c_attn equals the math on the transposed weight with H of its inputs recorded by hand,
+    and 2:4 ("2:4" written as text) groups run along the inputs (dim 0 of the stored weight)."""
+    pytest.importorskip("transformers")
+    from compressor.data.code_text import VOCAB_SIZE
+    from compressor.models.codelm import gpt2_lm
+    from compressor.tasks import ModelLossTask
+
+    torch.manual_seed(0)
+    dense = gpt2_lm(VOCAB_SIZE, 16, n_embd=32, n_layer=2, n_head=2, n_inner=64).eval()
+    gen = torch.Generator().manual_seed(2)
+    data = [{"input_ids": torch.randint(0, 256, (16,), generator=gen)} for _ in range(12)]
+    for row in data:
+        row["labels"] = row["input_ids"].clone()
+    pattern = r"re:transformer\.h\.\d+\.(attn|mlp)\.c_(attn|proj|fc)\.weight"
+    calibration = {"samples": 12, "batch_size": 4, "seed": 0}
+    rows: list[torch.Tensor] = []
+    ln = copy.deepcopy(dense)
+    handle = ln.transformer.h[0].attn.c_attn.register_forward_pre_hook(
+        lambda _m, a: rows.append(a[0].detach())
+    )
+    with torch.no_grad():
+        for row in data:
+            ln(input_ids=row["input_ids"][None])
+    handle.remove()
+    x = torch.cat([r.reshape(-1, r.shape[-1]) for r in rows]).double()
+    w0 = dense.transformer.h[0].attn.c_attn.weight.detach().clone()
+    for kind, structure in (
+        (SparseGPTPruning, "unstructured"),
+        (SparseGPTPruning, "2:4"),
+        (WandaPruning, "2:4"),
+    ):
+        model = copy.deepcopy(dense)
+        pruner = kind(
+            params=[pattern], final_sparsity=0.5, structure=structure, start=0, end=0, calibration=calibration
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        session = Session([pruner], model, opt, steps_per_epoch=1, data=data, task=ModelLossTask())
+        session.before_step()
+        session.after_step()
+        got = model.transformer.h[0].attn.c_attn.weight.detach()
+        if kind is SparseGPTPruning and structure == "unstructured":
+            expected = sparsegpt_prune(w0.T, 2 * x.T @ x / x.shape[0], sparsity=0.5)
+            assert torch.allclose(got.T.double(), expected.weight, rtol=0, atol=1e-6)
+        for name in pruner.names:
+            w = dict(model.named_parameters())[name].detach()
+            if structure == "2:4":  # (in, out): groups of 4 consecutive inputs of each output
+                assert bool(((w.T != 0).reshape(w.shape[1], -1, 4).sum(-1) == 2).all()), name
+            else:
+                assert int((w == 0).sum()) == w.numel() // 2, name
+        assert not torch.equal(model.transformer.wte.weight, torch.zeros_like(model.transformer.wte.weight))
+        assert torch.equal(model.transformer.wte.weight, dense.transformer.wte.weight)  # tied head untouched

@@ -148,8 +148,8 @@ def test_factory_strings(user_module: str) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("mnist-cnm", r"unknown model 'mnist-cnm'; did you mean 'mnist-cnn'\?.*built-ins: digits-cnn"),
-        ("resnet", r"unknown model 'resnet' \(built-ins: digits-cnn, digits-mlp, mnist-cnn, mnist-mlp"),
+        ("mnist-cnm", r"unknown model 'mnist-cnm'; did you mean 'mnist-cnn'\?.*built-ins: codelm, "),
+        ("resnet", r"unknown model 'resnet' \(built-ins: codelm, digits-cnn, digits-mlp, mnist-cnn, "),
         ("zoo_no_such_module:f", r"cannot import module 'zoo_no_such_module' \(ModuleNotFoundError"),
         ("zoo_broken_module:f", r"cannot import module 'zoo_broken_module' \(RuntimeError: boom"),
         ("{mod}:missing", r"module '{mod}' has no attribute 'missing'"),
@@ -167,7 +167,8 @@ def test_model_name_errors(user_module: str, spec: str, message: str) -> None:
 def test_data_name_errors(user_module: str) -> None:
     with pytest.raises(
         ZooError,
-        match=r"unknown dataset 'digit'; did you mean 'digits'\? \(built-ins: code_pairs, digits, mnist;",
+        match=r"unknown dataset 'digit'; did you mean 'digits'\? "
+        r"\(built-ins: code_pairs, code_text, digits, mnist;",
     ):
         datasets.load_data("digit")
     with pytest.raises(ZooError, match=r"returned Linear; expected a DataBundle"):

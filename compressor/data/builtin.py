@@ -29,7 +29,9 @@ class DataBundle:
 
     train, test: TensorDataset of (x float32 (n, *input_shape), y int64 (n,)) for the image
     built-ins; ``compressor.data.CodePairs`` of {"query", "document"} texts for ``code_pairs``
-    (input_shape (), num_classes 0: a text model takes neither).
+    (input_shape (), num_classes 0: a text model takes neither); ``compressor.data.CodeText`` of
+    {"input_ids", "attention_mask", "labels"} byte-token blocks for ``code_text`` (input_shape
+    (block_size,), num_classes the vocabulary: what a language model's positions and outputs need).
     """
 
     train: Dataset
@@ -111,10 +113,21 @@ def _code_pairs(seed: int) -> DataBundle:
     return DataBundle(CodePairs("train"), CodePairs("test"), (), 0, "code_pairs")
 
 
+def _code_text(seed: int) -> DataBundle:
+    """The code of the same functions as ``code_pairs`` (its train and test splits: no function in
+    both) for a causal language model: byte tokens in blocks of 128 (``compressor.data.code_text``).
+    input_shape (128,) and num_classes 258 (the byte vocabulary) size the ``codelm`` model."""
+    from compressor.data.code_text import DEFAULT_BLOCK_SIZE, VOCAB_SIZE, CodeText
+
+    train, test = CodeText("train"), CodeText("test")
+    return DataBundle(train, test, (DEFAULT_BLOCK_SIZE,), VOCAB_SIZE, "code_text")
+
+
 _DATA: dict[str, Callable[[int], DataBundle]] = {
     "digits": _digits,
     "mnist": _mnist,
     "code_pairs": _code_pairs,
+    "code_text": _code_text,
 }
 
 

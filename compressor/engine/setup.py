@@ -18,6 +18,7 @@ from compressor.core.preflight import preflight
 from compressor.data.builtin import DataBundle
 from compressor.engine.device import check_world, recipe_device
 from compressor.engine.files import RunError, RunFiles, recipe_text
+from compressor.engine.init_weights import load_initial_weights
 from compressor.engine.report import MetricsLog
 from compressor.lifecycle.session import Session
 from compressor.recipe import AllowImports, Recipe, RecipeError, TrainSection, parse_recipe
@@ -75,7 +76,7 @@ def setup(
     state: RunState | None = None
     error: Exception | None = None
     try:
-        state = build_run(ctx, files, raw_text, source, overrides, allow_imports)
+        state = build_run(ctx, files, raw_text, source, overrides, allow_imports, init=not resume)
     except Exception as exc:
         error = exc
     distributed.agree(error)
@@ -90,8 +91,14 @@ def build_run(
     source: str,
     overrides: dict[str, str] | None,
     allow_imports: AllowImports = (),
+    *,
+    init: bool = True,
 ) -> RunState:
-    """Data, model, validated recipe, optimizer, metrics log and session of a run (not resumed yet)."""
+    """Data, model, validated recipe, optimizer, metrics log and session of a run (not resumed yet).
+
+    ``init``: load ``train.init_from``'s weights into the fresh model (a resumed run does not: its
+    own checkpoint replaces them).
+    """
     first = parse_recipe(raw_text, file=source, overrides=overrides)
     if first.train is None:
         raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
@@ -99,6 +106,8 @@ def build_run(
     device = recipe_device(first, ctx)
     torch.manual_seed(train.seed)
     bundle, model = build_train(first, allow_imports)
+    if init:
+        load_initial_weights(first, model)
     model.to(device)
     task = build_task(first, allow_imports)
     probe_task(first, task, model, bundle.train, device)

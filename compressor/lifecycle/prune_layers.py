@@ -12,6 +12,8 @@ pruned weights exactly 0, the records written to the model's buffers
 (``compressor.core.quantized``). Memory: one layer's H (cols^2 float64) and its factor, plus the
 calibration's block cache.
 
+Linear layers, and transformers' ``Conv1D`` (GPT-2: the weight stored (in, out)), taken transposed.
+
 ``wanda``: ||X_j|| of each layer's inputs, the weights of least |W_ij| ||X_j|| pruned per output row;
 no update. Memory: one vector per layer.
 """
@@ -30,14 +32,29 @@ from compressor.mfac.grid import QuantizedWeight
 from compressor.mfac.sparsegpt import NormAccumulator, QuantSpec, Structure, sparsegpt_prune, wanda_mask
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer: y = x W + b with W
+    stored (in, out), the transpose of a Linear's)."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and getattr(module, "weight", None) is not None
+    )
+
+
 def _modules(model: nn.Module, names: list[str]) -> tuple[dict[str, str], dict[str, nn.Module]]:
-    """(module path -> weight name, module path -> module) of the Linear weights ``names``."""
+    """(module path -> weight name, module path -> module) of the Linear (or Conv1D) weights ``names``."""
     linear = {n.rpartition(".")[0]: n for n in names}
     modules = {path: owner(model, name) for path, name in linear.items()}
     for path, module in modules.items():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) and not is_conv1d(module):
             raise ValueError(f"{linear[path]} is not the weight of a Linear layer")
     return linear, modules
+
+
+def _rows_by_inputs(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor of ``module`` as (outputs, inputs): transposed for a Conv1D."""
+    return t.T if is_conv1d(module) else t
 
 
 @torch.no_grad()
@@ -68,13 +85,18 @@ def sparsegpt(
     new: dict[str, torch.Tensor] = {}
     records: dict[str, QuantizedWeight] = {}
     for stage in calibration.walk(modules):
-        first = modules[stage.names[0]].weight
+        head = modules[stage.names[0]]
+        first = _rows_by_inputs(head, head.weight)
         acc = HessianAccumulator(first.shape[1], device=first.device)
         stage.capture(acc.add)
         hessian = acc.hessian()
         for path in stage.names:
             name = linear[path]
-            weight = modules[path].weight
+            module = modules[path]
+            weight = _rows_by_inputs(module, module.weight)  # a view: writes reach the parameter
+            if name in quantized and is_conv1d(module):
+                raise ValueError(f"{name}: joint quantization takes Linear layers (this is a Conv1D)")
+            mask = masks.get(name)
             result = sparsegpt_prune(
                 weight.detach(),
                 hessian,
@@ -83,10 +105,10 @@ def sparsegpt(
                 damp=damp,
                 block_size=block_size,
                 mask_block=mask_block,
-                mask=masks.get(name),
+                mask=None if mask is None else _rows_by_inputs(module, mask),
                 quantize=spec if name in quantized else None,
             )
-            new[name] = result.mask
+            new[name] = _rows_by_inputs(module, result.mask)
             if result.quantized is not None:
                 store(model, name, result.quantized, records)  # the weight: its dequantized codes
             else:
@@ -112,22 +134,25 @@ def wanda(
     linear, modules = _modules(model, names)
     new: dict[str, torch.Tensor] = {}
     for stage in calibration.walk(modules):
-        first = modules[stage.names[0]].weight
+        head = modules[stage.names[0]]
+        first = _rows_by_inputs(head, head.weight)
         acc = NormAccumulator(first.shape[1], device=first.device)
         stage.capture(acc.add)
         norms = acc.norms()
         for path in stage.names:
             name = linear[path]
-            weight = modules[path].weight
+            module = modules[path]
+            weight = _rows_by_inputs(module, module.weight)
+            mask = masks.get(name)
             keep = wanda_mask(
                 weight.detach(),
                 norms,
                 sparsity=None if structure is not None else sparsity,
                 structure=structure,
-                mask=masks.get(name),
+                mask=None if mask is None else _rows_by_inputs(module, mask),
             )
             weight.mul_(keep.to(weight.dtype))
-            new[name] = keep
+            new[name] = _rows_by_inputs(module, keep)
             if progress is not None:
                 progress(name)
     return new

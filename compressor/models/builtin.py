@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from compressor.core.factories import PRETRAINED_PREFIX, ZooError, call_factory, is_factory, known
+from compressor.models.codelm import build_codelm
 
 
 class MLP(nn.Module):
@@ -74,6 +75,7 @@ _MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "digits-cnn": lambda shape, k: SmallCNN(shape, k, channels=(8, 16), hidden=64),
     "mnist-mlp": lambda shape, k: MLP(math.prod(shape), (256, 128), k),
     "mnist-cnn": lambda shape, k: SmallCNN(shape, k, channels=(32, 64), hidden=128),
+    "codelm": build_codelm,
 }
 
 
@@ -84,7 +86,9 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed:
     digits-mlp (fc1 64->128, fc2 ->10), mnist-mlp (fc1 784->256, fc2 ->128, fc3 ->10),
     mnist-cnn (conv1 1->32, bn1, conv2 32->64, bn2, fc1 64*7*7->128, fc2 ->10; 422k parameters,
     wide enough that its latency is compute-bound) and digits-cnn (the same with 8/16 channels and
-    fc1 16*2*2->64). ``"package.module:factory"`` calls
+    fc1 16*2*2->64). ``codelm`` is a GPT-2 decoder (``compressor.models.codelm``; the ``hf`` extra)
+    with input_shape[0] positions and num_classes tokens (``code_text``: 128 and 258; 1.85M
+    parameters). ``"package.module:factory"`` calls
     ``factory(input_shape=..., num_classes=...)``, passing only the arguments it accepts.
     ``"hf:DIRECTORY"`` or ``"hf:installed_package"`` loads a pretrained transformers model with its
     saved weights (``compressor.models.pretrained.load_pretrained``; the ``hf`` extra; never a download), for

@@ -171,6 +171,13 @@ class TrainSection(BaseModel):
         "for recipes that prune at step 0)",
     )
     device: str = Field("auto", description="auto (the first GPU if any, else the CPU), cpu, cuda or cuda:N")
+    init_from: str | None = Field(
+        None,
+        min_length=1,
+        description="a checkpoint.pt written by `compressor run` whose model weights this run starts "
+        "from (a path; relative ones from the current directory); read when the run starts, not when "
+        "the recipe is validated",
+    )
 
     @field_validator("device", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ Specs (as in a recipe; ``as_structure`` validates a raw value):
     {n: N, m: M}        N:M along input channels: of every M consecutive weights along ``in``
                         (dim 1; dim 0 for a 1-D tensor), the N largest are kept. Conv weights
                         (out, in, kh, kw) are grouped along ``in`` for each (out, kh, kw).
+                        Also written as text, "N:M" (structure: "2:4").
     "channels"          whole output channels (rows of the 2-D view)
 
 Groups are numbered in row-major order of the 2-D view (tiles, rows) or of the flattened tensor
@@ -18,6 +19,7 @@ OBS pruners, whose N:M groups are the groups of M themselves).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -61,12 +63,22 @@ def nm_problem(n: int, m: int, final_sparsity: float | None = None) -> str | Non
     return None
 
 
+#: "N:M" as text (a recipe variable can hold it: --set 'structure="2:4"').
+_NM_TEXT = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*")
+
+
 class NM(BaseModel):
     """N:M: keep ``n`` of every ``m`` consecutive weights along input channels (sparsity 1 - n/m)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     n: int = Field(description="weights kept per group, 0 < n < m")
     m: int = Field(description="group size along input channels")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        match = _NM_TEXT.fullmatch(data) if isinstance(data, str) else None
+        return {"n": int(match[1]), "m": int(match[2])} if match else data
 
     @model_validator(mode="after")
     def _valid(self) -> NM:
@@ -81,13 +93,13 @@ class NM(BaseModel):
         return 1.0 - self.n / self.m
 
 
-STRUCTURE_FORMS = "'unstructured', 'channels', {blocks: [r, c]} or {n: N, m: M}"
+STRUCTURE_FORMS = "'unstructured', 'channels', {blocks: [r, c]}, {n: N, m: M} or 'N:M'"
 
 
 def _structure_form(spec: Any) -> str | None:
     """The form a spec is written in (its union tag), so that a bad spec gets that form's message only."""
     if isinstance(spec, str):
-        return "name"
+        return "nm" if _NM_TEXT.fullmatch(spec) else "name"
     if isinstance(spec, (Blocks, NM)):
         return "blocks" if isinstance(spec, Blocks) else "nm"
     if isinstance(spec, Mapping):

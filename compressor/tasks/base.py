@@ -31,6 +31,7 @@ encoder, in-batch negatives, recall@1 / MRR@10 / mean cosine to the dense model:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,6 +42,8 @@ from compressor.core.errors import CompressorError
 
 #: Losses a classification task can name (``train.loss``): loss(logits (n, C), labels (n,)) -> mean.
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"cross_entropy": torch.nn.functional.cross_entropy}
+#: The label of a token that no loss scores (PyTorch's and Hugging Face's ``ignore_index``).
+IGNORE_INDEX = -100
 
 
 class TaskError(CompressorError, ValueError):
@@ -204,10 +207,48 @@ class ModelLossTask(Task):
     the batch's mean, as Hugging Face models do when given ``labels``.
 
     The batch's size is the length along dim 0 of its first tensor (``input_ids`` first, for
-    tokenized text). Metrics: the loss alone.
+    tokenized text). Metrics: the loss alone, unless ``perplexity``.
+
+    ``perplexity=True`` (``task_options: {perplexity: true}``), for language models whose loss is the
+    mean cross entropy over the batch's scored tokens (labels other than -100): also ``token_loss``,
+    the mean over every scored token of the split (each batch's loss weighted by its scored tokens,
+    not by its samples as ``loss`` is), and ``perplexity`` = exp(token_loss). A token is scored when
+    its label is not -100; with ``shift_labels`` (the default, as Hugging Face causal LMs shift the
+    labels by one inside the model) the first label of each row is never scored.
     """
 
     name = "model-loss"
+
+    def __init__(self, perplexity: bool = False, shift_labels: bool = True) -> None:
+        self.perplexity = bool(perplexity)
+        self.shift_labels = bool(shift_labels)
+
+    def scored_tokens(self, batch: Any) -> int:
+        """The tokens the model's loss averages over: labels other than -100 (after the shift)."""
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if not isinstance(labels, torch.Tensor) or labels.dim() == 0:
+            raise TaskError(
+                f"model-loss: perplexity counts the scored tokens of the batch's 'labels', got "
+                f"{describe_batch(batch)}"
+            )
+        scored = labels[..., 1:] if self.shift_labels else labels
+        return int((scored != IGNORE_INDEX).sum())
+
+    def metric_sums(self, output: Any, batch: Any) -> dict[str, float]:
+        """With ``perplexity``: ``{"token_loss": loss x scored tokens, "tokens": scored tokens}``."""
+        if not self.perplexity:
+            return {}
+        tokens = self.scored_tokens(batch)
+        loss = float(self.loss(output, batch).detach()) if tokens else 0.0  # no token: a NaN mean
+        return {"token_loss": loss * tokens, "tokens": tokens}
+
+    def metrics(self, sums: Mapping[str, float], seen: int) -> dict[str, float]:
+        """With ``perplexity``: ``token_loss`` (summed loss / scored tokens) and exp of it."""
+        if not self.perplexity:
+            return super().metrics(sums, seen)
+        tokens = sums.get("tokens", 0)
+        mean = sums.get("token_loss", 0.0) / tokens if tokens else math.nan
+        return {"token_loss": mean, "perplexity": math.inf if mean > 700 else math.exp(mean)}
 
     def forward(self, model: torch.nn.Module, batch: Any) -> Any:
         """``model(**batch)``."""
