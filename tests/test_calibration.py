@@ -115,7 +115,7 @@ def test_walk_inputs_equal_hooks_on_the_changed_model(
     calib = Calibration(model, train, task, samples=10, batch_size=4, seed=3)
     if not replay:  # a plan with no block: every stage by partial forwards
         monkeypatch.setattr(
-            calibration, "block_plan", lambda _model, _modules, stages, _call: [None] * len(stages)
+            calibration, "block_plan", lambda _model, _modules, stages, *_: [None] * len(stages)
         )
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in n}
     captured: dict[str, torch.Tensor] = {}
@@ -210,3 +210,44 @@ def test_walk_replays_the_stack_and_runs_the_head_by_partial_forward() -> None:
         h.remove()
     for name in linears:
         assert torch.equal(captured[name], torch.cat(recorded[name])), name
+
+
+def test_walk_replays_a_gpt2_decoder_whose_blocks_grow_a_cache() -> None:
+    """GPT-2's blocks append to a key/value cache on every call: the cached inputs leave it out, so
+    the blocks replay, and every stage's inputs equal those hooks record on the changed model."""
+    pytest.importorskip("transformers")
+    from compressor.data.code_text import VOCAB_SIZE
+    from compressor.models.codelm import gpt2_lm
+    from compressor.tasks import ModelLossTask
+
+    torch.manual_seed(0)
+    model = gpt2_lm(VOCAB_SIZE, 16, n_embd=32, n_layer=2, n_head=2, n_inner=64).eval()
+    gen = torch.Generator().manual_seed(2)
+    data = [{"input_ids": torch.randint(0, 256, (16,), generator=gen)} for _ in range(12)]
+    for row in data:
+        row["labels"] = row["input_ids"].clone()
+    calib = Calibration(model, data, ModelLossTask(), samples=12, batch_size=4)
+    layers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    captured: dict[str, torch.Tensor] = {}
+    for stage in calib.walk(layers):
+        assert stage.replayed
+        rows: list[torch.Tensor] = []
+        stage.capture(rows.append)
+        captured[stage.names[0]] = torch.cat(rows)
+        for name in stage.names:
+            _prune_half(layers[name])
+    recorded: dict[str, list[torch.Tensor]] = {n: [] for n in captured}
+    handles = [
+        layers[n].register_forward_pre_hook(
+            lambda _m, a, n=n: recorded[n].append(a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for n in captured
+    ]
+    with torch.no_grad():
+        for batch in calib.batches():
+            model(**batch)
+    for h in handles:
+        h.remove()
+    assert len(captured) == 8
+    for name, rows in captured.items():
+        assert torch.equal(rows, torch.cat(recorded[name])), name

@@ -4,13 +4,16 @@ A stack is the children of one ``nn.ModuleList`` (a transformer's layers). It ch
 calibration call, every block runs once, in list order, each reading the previous block's output as
 its first argument and the very same other arguments (attention mask, position tensors): then the
 inputs of block k+1 are block k's outputs on the cached inputs of block k, and ``Calibration.walk``
-replays blocks instead of running whole forwards.
+replays blocks instead of running whole forwards. State a block mutates (a transformers key/value
+cache, which a decoder grows on every call) is left out of the cached inputs (``replayable``), and
+the plan is taken only when block 0, run again on its cached inputs, gives its output to the bit.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -23,6 +26,7 @@ def block_plan(
     modules: dict[str, nn.Module],
     stages: list[list[str]],
     one_call: Callable[[], None],
+    evaluating: Callable[[], AbstractContextManager[None]],
 ) -> list[tuple[list[nn.Module], int] | None]:
     """Per stage: (the stack's blocks, the index of the block holding it) when its modules lie in
     a stack whose blocks chain (module doc), else None (a stage outside the stack); all None when
@@ -49,7 +53,7 @@ def block_plan(
         return [None] * len(stages)
     stack = next(iter(lists.values()))
     blocks = list(stack)
-    if not chained(blocks, one_call):
+    if not chained(blocks, one_call, evaluating):
         return [None] * len(stages)
     index = {id(b): i for i, b in enumerate(blocks)}
     plan: list[tuple[list[nn.Module], int] | None] = []
@@ -65,9 +69,29 @@ def block_plan(
     return plan
 
 
-def chained(blocks: list[nn.Module], one_call: Callable[[], None]) -> bool:
+def replayable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """A block's inputs to cache for replay: key/value caches (objects with ``get_seq_length``,
+    state the block appends to) replaced by None; everything else as it is."""
+
+    def plain(value: Any) -> Any:
+        return None if callable(getattr(value, "get_seq_length", None)) else value
+
+    return [plain(a) for a in args], {k: plain(v) for k, v in kwargs.items()}
+
+
+def _hidden(out: Any) -> Any:
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def chained(
+    blocks: list[nn.Module],
+    one_call: Callable[[], None],
+    evaluating: Callable[[], AbstractContextManager[None]],
+) -> bool:
     """Whether, on one calibration call, every block runs once, in list order, each reading the
-    previous block's output as its first argument and the same other arguments."""
+    previous block's output as its first argument and the same other arguments, and block 0 run
+    again on its ``replayable`` inputs gives the same output (``evaluating``: the calibration's
+    eval-mode context)."""
     seen: list[tuple[int, tuple[Any, ...], dict[str, Any], Any]] = []
 
     def pre(i: int) -> Callable[..., None]:
@@ -94,11 +118,18 @@ def chained(blocks: list[nn.Module], one_call: Callable[[], None]) -> bool:
     if [s[0] for s in seen] != list(range(len(blocks))):
         return False
     for (_, args, kwargs, out), (_, nargs, nkwargs, _) in itertools.pairwise(seen):
-        hidden = out[0] if isinstance(out, (tuple, list)) and out else out
+        hidden = _hidden(out)
         if not args or not isinstance(hidden, torch.Tensor) or not nargs or nargs[0] is not hidden:
             return False
         if len(args) != len(nargs) or any(a is not b for a, b in zip(args[1:], nargs[1:], strict=True)):
             return False
         if kwargs.keys() != nkwargs.keys() or any(kwargs[k] is not nkwargs[k] for k in kwargs):
             return False
-    return True
+    _, args, kwargs, out = seen[0]
+    cached_args, cached_kwargs = replayable(args, kwargs)
+    try:
+        with evaluating(), torch.no_grad():
+            again = _hidden(blocks[0](*cached_args, **cached_kwargs))
+    except Exception:  # any failure to replay means: do not replay
+        return False
+    return isinstance(again, torch.Tensor) and torch.equal(again, _hidden(out))

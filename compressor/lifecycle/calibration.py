@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from compressor.core import distributed
-from compressor.lifecycle.block_stack import block_plan
+from compressor.lifecycle.block_stack import block_plan, replayable
 from compressor.lifecycle.sampling import fetch_batch
 from compressor.tasks import Task, TaskError, unpack_data
 
@@ -290,7 +290,7 @@ class Calibration:
         stage's modules before asking for the next one (module doc: blocks are replayed when the
         model's layers chain)."""
         stages = self.stages(modules)
-        plan = block_plan(self.model, modules, stages, self._one_call)
+        plan = block_plan(self.model, modules, stages, self._one_call, self._eval)
         replay: _Replay | None = None
         for names, block in zip(stages, plan, strict=True):
             first = modules[names[0]]
@@ -316,7 +316,8 @@ class Calibration:
         replay = _Replay(blocks, index)
 
         def take(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            replay.entries.append(_Entry(list(args), dict(kwargs), getattr(self, "_mask", None)))
+            cached_args, cached_kwargs = replayable(args, kwargs)
+            replay.entries.append(_Entry(cached_args, cached_kwargs, getattr(self, "_mask", None)))
             raise _StopForwardError
 
         handle = blocks[index].register_forward_pre_hook(take, with_kwargs=True)
