@@ -339,6 +339,7 @@ def layerwise(args: argparse.Namespace) -> str:
         start=0,
         end=0,
         calibration={"samples": args.samples, "batch_size": batch, "seed": args.seed},
+        block_size=32,  # lazy updates of 32 columns: about 2x faster than 128 on these CPUs (same values)
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     session = Session([pruner], model, opt, steps_per_epoch=1, data=data, task=ModelLossTask())

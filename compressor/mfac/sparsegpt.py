@@ -152,13 +152,14 @@ def _select(score: torch.Tensor, keep: torch.Tensor, sparsity: float, tiles: Til
 
 
 def _current(
-    W: torch.Tensor, Err: torch.Tensor, U: torch.Tensor, i1: int, i2: int, q: int, end: int
+    Wt: torch.Tensor, ErrT: torch.Tensor, U: torch.Tensor, i1: int, i2: int, q: int, end: int
 ) -> torch.Tensor:
-    """W[:, q:end] as the unblocked sweep holds it at column q of the lazy block [i1, i2): a copy with
-    the block's pending updates of the columns >= i2 applied."""
-    cur = W[:, q:end].clone()
+    """W[:, q:end] (rows, end - q) as the unblocked sweep holds it at column q of the lazy block
+    [i1, i2): a copy with the block's pending updates of the columns >= i2 applied. ``Wt`` is W
+    transposed (cols, rows), ``ErrT`` the block's errors so far (i2 - i1, rows)."""
+    cur = Wt[q:end].T.clone()
     if end > i2 and q > i1:
-        cur[:, i2 - q :] -= Err[:, : q - i1] @ U[i1:q, i2:end]
+        cur[:, i2 - q :] -= ErrT[: q - i1].T @ U[i1:q, i2:end]
     return cur
 
 
@@ -265,41 +266,45 @@ def sparsegpt_prune(
         scales = torch.ones(rows, cols // g, dtype=torch.float32, device=W.device)
         zeros = torch.zeros(rows, cols // g, dtype=torch.int8, device=W.device)
         codes = torch.empty(rows, cols, dtype=torch.int8, device=W.device)
+    # The sweep works on W transposed (cols, rows): a column of W is a contiguous row of Wt, so the
+    # per-column updates are contiguous rank-1 updates (memory-bound otherwise at rows in the 1000s).
+    Wt = W.T.contiguous()
     loss = W.new_zeros(())
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        Err = W.new_empty(rows, i2 - i1)  # err_q of the block's columns
+        ErrT = W.new_empty(i2 - i1, rows)  # err_q of the block's columns
         for q in range(i1, i2):
             if nm is None and q % mask_block == 0:  # a run of mask_block columns: its mask
                 end = min(q + mask_block, cols)
-                score = _current(W, Err, U, i1, i2, q, end).square() / d2[q:end]
+                score = _current(Wt, ErrT, U, i1, i2, q, end).square() / d2[q:end]
                 keep[:, q:end] &= ~_select(score, keep[:, q:end], s, tiles)
             elif nm is not None and q % nm[1] == 0:  # a group of m columns: its N:M mask, per row
                 end = q + nm[1]
-                score = _current(W, Err, U, i1, i2, q, end).square() / d2[q:end]
+                score = _current(Wt, ErrT, U, i1, i2, q, end).square() / d2[q:end]
                 score = score.masked_fill(~keep[:, q:end], -math.inf)
                 keep[:, q:end] &= ~_lowest(score, nm[1] - nm[0])
+            wq = Wt[q]
             if spec is not None:
                 k = q // g
                 if q % g == 0:  # the grid's current weights, leaving out those known to be pruned
-                    cur = _current(W, Err, U, i1, i2, q, q + g)
+                    cur = _current(Wt, ErrT, U, i1, i2, q, q + g)
                     scales[:, k], zeros[:, k] = fit_grid(cur, spec.bits, spec.symmetric, keep[:, q : q + g])
                 codes[:, q], target = _step(
-                    W[:, q], scales[:, k], zeros[:, k], keep[:, q], spec.bits, spec.symmetric
+                    wq, scales[:, k], zeros[:, k], keep[:, q], spec.bits, spec.symmetric
                 )
             else:
-                target = torch.where(keep[:, q], W[:, q], 0.0)
-            err = (W[:, q] - target) / U[q, q]
+                target = torch.where(keep[:, q], wq, 0.0)
+            err = (wq - target) / U[q, q]
             loss += err.square().sum() / 2
-            W[:, q + 1 : i2] -= err[:, None] * U[q, q + 1 : i2]
-            W[:, q] = target
-            Err[:, q - i1] = err
-        W[:, i2:] -= Err @ U[i1:i2, i2:]
+            Wt[q + 1 : i2].addr_(U[q, q + 1 : i2], err, alpha=-1.0)  # W[:, q+1:i2] -= err U[q, q+1:i2]
+            Wt[q] = target
+            ErrT[q - i1] = err
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, ErrT, alpha=-1.0)  # W[:, i2:] -= Err U[i1:i2, i2:]
 
     quantized = None
     if spec is not None:
         quantized = QuantizedWeight(codes, scales, zeros, spec.bits, spec.symmetric, spec.group_size)
-    return SparseGPTResult(W, keep, float(loss), quantized)
+    return SparseGPTResult(Wt.T.contiguous(), keep, float(loss), quantized)
 
 
 # ---------------------------------------------------------------------- Wanda
