@@ -145,10 +145,12 @@ inline void gram_tile(const T* A, int64_t mp, int64_t lda, int64_t sp, int64_t i
 // Upper triangle of K = A A^T (K[j][i] for j <= i) for A (mp x sp, row stride lda) row-major,
 // mp % RT == 0, sp a whole number of vectors: RT x GC register tiles, dot products along the
 // columns. float64 rows: exact products of float32 inputs, float64 sums. float32 rows: float32
-// products and lane sums, as the PyTorch path's float32 GEMM forms its Gram matrix (there over all
-// d columns, here over the block's B), at twice the rate; factor_block uses them for rows of at
-// least F32_GRAM_MIN values only: on shorter ones the horizontal sums at the end of each tile cost
-// more than the float64 products save (measured: B = 32 slower, B = 128 faster, AVX2 and AVX-512).
+// products and lane sums of at most B / FL <= 16 terms each (the lanes then summed in float64), at
+// twice the rate; factor_block uses them for rows of at least F32_GRAM_MIN values only: on shorter
+// ones the horizontal sums at the end of each tile cost more than the float64 products save
+// (measured: B = 32 slower, B = 128 faster, AVX2 and AVX-512). Their rounding (a few eps32 of
+// |g_i| |g_j| per entry, amplified by cond(K) in diag(F^-1)) measured no larger than the PyTorch
+// path's error from rounding W to float32 (that path forms its Gram matrix in float64).
 template <typename T>
 inline void gram_upper(const T* A, int64_t mp, int64_t lda, int64_t sp, double* K) {
   for (int64_t i0 = 0; i0 < mp; i0 += RT)
@@ -295,8 +297,8 @@ inline Scratch make_scratch(int64_t m, int64_t S, double* buf) {
 
 // One block: G (m x S, row stride ldg) -> W (m x S, contiguous) and diag (S). False when K is not
 // positive definite in float64 or G holds NaN/Inf (W and diag are then left unspecified). The Gram
-// matrix of float32 rows of at least F32_GRAM_MIN values is summed in float32 lanes (as the PyTorch
-// path's float32 GEMM does); everything else in float64.
+// matrix of float32 rows of at least F32_GRAM_MIN values is summed in float32 lanes (gram_upper);
+// everything else in float64.
 template <typename T>
 inline bool factor_block(const T* G, int64_t ldg, double damp, const Scratch& s, T* W, T* diag) {
   const int64_t m = s.m, S = s.S, mp = s.mp, sp = s.sp;

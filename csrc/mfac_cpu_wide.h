@@ -10,8 +10,10 @@
 // K by panels, factors it left-looking (most of the work in GEMMs) and solves L W = G_b once, in
 // float64, in the layout LAPACK takes without a copy.
 //
-// For a float32 G the Gram matrix is formed in float32 and then widened (as the PyTorch path forms
-// it); the Cholesky factor and the solve are float64, and W is rounded to float32 once.
+// For a float32 G the Gram matrix is formed from the block's rows widened to float64 (exact products,
+// float64 sums, as the PyTorch path forms it: a float32 Gram's rounding, amplified by cond(K), moved
+// diag(F^-1) by several eps32 / damp); the Cholesky factor and the solve are float64, and W is
+// rounded to float32 once.
 #pragma once
 
 #include <torch/extension.h>
@@ -29,21 +31,21 @@ constexpr int64_t GRAM_PANEL = 256;
 constexpr int64_t CHOLESKY_PANEL = 64;
 
 // One thread's buffers, reused from block to block (fresh 8 MiB tensors for every block cost page
-// faults and scaled worse over threads): K (m x m float64), a Gram panel in the rows' dtype, and
-// G_b and W_b in float64 (m x S, row-major: their transposes are the column-major operands of the
-// triangular solve).
+// faults and scaled worse over threads): K (m x m float64), a float64 Gram panel, and G_b and W_b
+// in float64 (m x S, row-major: their transposes are the column-major operands of the triangular
+// solve).
 struct Workspace {
   at::Tensor K, panel, rhs, sol;
   Workspace(int64_t m, int64_t S, const at::TensorOptions& rows)
       : K(at::empty({m, m}, rows.dtype(at::kDouble))),
-        panel(at::empty({std::min(m, GRAM_PANEL) * m}, rows)),
+        panel(at::empty({std::min(m, GRAM_PANEL) * m}, rows.dtype(at::kDouble))),
         rhs(at::empty({m, S}, rows.dtype(at::kDouble))),
         sol(at::empty({m, S}, rows.dtype(at::kDouble))) {}
 };
 
 // ws.K := the lower triangle of g g^T (m x m float64; the diagonal blocks whole, the panels above
-// them zero) for g (m x S): one GEMM per panel of rows against the rows up to its end, in g's dtype,
-// widened to float64. 10/16 of a full product at m = 4 panels.
+// them zero) for g (m x S float64: the block's rows, widened): one GEMM per panel of rows against the
+// rows up to its end. 10/16 of a full product at m = 4 panels.
 inline void gram_lower(const at::Tensor& g, Workspace& ws) {
   const int64_t m = g.size(0);
   ws.K.zero_();
@@ -84,7 +86,8 @@ inline bool cholesky_blocked(at::Tensor K) {
 // matrix holds NaN/Inf or m*damp*I + g g^T is not positive definite in float64.
 inline bool factor_wide_block(const at::Tensor& g, double damp, at::Tensor W, at::Tensor diag, Workspace& ws) {
   const int64_t m = g.size(0);
-  gram_lower(g, ws);
+  ws.rhs.copy_(g);  // G_b in float64: the Gram matrix's operand, then the solve's right-hand side
+  gram_lower(ws.rhs, ws);
   at::Tensor K = ws.K;
   at::Tensor on_diagonal = K.diagonal();
   if (!on_diagonal.isfinite().all().item<bool>()) return false;
@@ -94,7 +97,6 @@ inline bool factor_wide_block(const at::Tensor& g, double damp, at::Tensor W, at
   // takes it, and so is the result (a third faster than solving L W = G on row-major G here).
   // No check of W: a finite Gram diagonal means finite rows of G, a Cholesky factor means a finite L
   // with a positive diagonal, and the rows of W have norms below 1 (W^T W = G^T K^-1 G < I).
-  ws.rhs.copy_(g);
   at::Tensor out = ws.sol.mT();
   at::linalg_solve_triangular_out(out, K.mT(), ws.rhs.mT(), /*upper=*/true, /*left=*/false);
   const at::Tensor& w = ws.sol;

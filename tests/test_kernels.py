@@ -475,25 +475,90 @@ def test_a_failed_build_warns_once_then_uses_pytorch(monkeypatch, gen):
         kernels.module("cpu")
 
 
-def test_a_first_build_says_what_it_waits_for_and_a_cached_one_is_silent(monkeypatch, tmp_path, capsys):
+def _fake_builder(monkeypatch) -> list[str]:
+    """torch's builder without a compiler: ``load`` writes a build.ninja whose one step copies
+    ``source.txt`` to the module file and runs it through ``_run_ninja_build``, as torch's ``load``
+    does (ninja builds what is out of date). Returns the build folders where the step ran."""
     import torch.utils.cpp_extension as cpp_extension
 
-    built = []
+    compiled: list[str] = []
 
-    def fake_load(name, build_directory, **kwargs):
-        built.append(name)
+    def run_ninja(build_directory, verbose, error_prefix):
+        done = subprocess.run(["ninja"], cwd=build_directory, capture_output=True, text=True, check=True)
+        if "no work to do" not in done.stdout:
+            compiled.append(build_directory)
+
+    def load(name, build_directory, **kwargs):
+        where = Path(build_directory)
+        if not (where / "source.txt").exists():
+            (where / "source.txt").write_text("the sources")
+        rule = "rule copy\n  command = cp $in $out\n"
+        (where / "build.ninja").write_text(f"{rule}build {name}.so: copy source.txt\n")
+        cpp_extension._run_ninja_build(build_directory, False, "Error building extension")
         return f"module {name}"
 
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "_run_ninja_build", run_ninja)
+    monkeypatch.setattr(cpp_extension, "load", load)
+    return compiled
+
+
+@pytest.mark.skipif(shutil.which("ninja") is None or sys.platform == "win32", reason="needs ninja and cp")
+def test_every_compile_says_so_a_rebuild_too_and_a_load_is_silent(monkeypatch, tmp_path, capsys):
+    """A first build, a load of it, and a rebuild (an input newer than the module: ninja runs the
+    step again, as torch's builder did when another environment had rewritten the build commands)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    compiled = _fake_builder(monkeypatch)
+    ninja_step = cpp_extension._run_ninja_build
     monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
     monkeypatch.setenv("COMPRESSOR_KERNELS", "auto")
-    assert kernels.build._build("cpu") == f"module {built[0]}"
+    where = kernels.build_dir("cpu")
+    assert kernels.build._build("cpu") == f"module {where.name}"
     first = capsys.readouterr().err
-    assert "building the M-FAC cpu kernels" in first and "first run only" in first
+    assert compiled == [str(where)]
+    assert "building the M-FAC cpu kernels for this machine" in first and "first run only" in first
     assert "kernels are built" in first
-    (tmp_path / built[0] / f"{built[0]}.so").write_bytes(b"")  # what a finished build leaves
+    assert json.loads((where / "key.json").read_text()) == kernels.build_key("cpu")
+    assert kernels.build._build("cpu") == f"module {where.name}"  # up to date: loaded
+    assert capsys.readouterr().err == "" and len(compiled) == 1
+    newer = (where / f"{where.name}.so").stat().st_mtime_ns + 10**10
+    os.utime(where / "source.txt", ns=(newer, newer))
     kernels.build._build("cpu")
-    assert capsys.readouterr().err == ""
+    again = capsys.readouterr().err
+    assert len(compiled) == 2
+    assert f"building the M-FAC cpu kernels again in {where}" in again and "kernels are built" in again
+    assert cpp_extension._run_ninja_build is ninja_step  # torch's step is itself again after a build
+
+
+def test_the_build_folder_is_keyed_by_everything_the_build_depends_on(monkeypatch, tmp_path):
+    """Two environments (another virtual environment, torch, compiler, flags or sources) get two
+    folders; the same environment the same one."""
+    monkeypatch.setenv("COMPRESSOR_KERNELS_DIR", str(tmp_path))
+    here = kernels.build_dir("cpu")
+    assert kernels.build_dir("cpu") == here and here.parent == tmp_path
+    sources = tmp_path / "csrc"
+    shutil.copytree(CSRC, sources)
+    with (sources / "mfac_cpu_kernels.h").open("a") as f:
+        f.write("// one more line\n")
+    changes = {
+        "prefix": lambda mp: mp.setattr(sys, "prefix", "/elsewhere/.venv"),
+        "python": lambda mp: mp.setattr(sys, "executable", "/elsewhere/.venv/bin/python"),
+        "torch": lambda mp: mp.setattr(torch, "__version__", "9.9.9"),
+        "torch_dir": lambda mp: mp.setattr(torch, "__file__", "/elsewhere/torch/__init__.py"),
+        "torch_cuda": lambda mp: mp.setattr(torch.version, "cuda", "12.9"),
+        "compiler": lambda mp: mp.setenv("CXX", "clang++-99"),
+        "flags": lambda mp: mp.setattr(kernels.build, "_CPU_FLAGS", ["-O2", "-fopenmp"]),
+        "sources": lambda mp: mp.setenv("COMPRESSOR_CSRC", str(sources)),
+    }
+    folders = {}
+    for what, change in changes.items():
+        with monkeypatch.context() as mp:
+            change(mp)
+            folders[what] = kernels.build_dir("cpu")
+            assert kernels.build_dir("cpu") == folders[what], what  # the same environment again
+            assert kernels.build_key("cpu")[what] != "", what
+        assert kernels.build_dir("cpu") == here, what  # and back
+    assert len({here, *folders.values()}) == len(changes) + 1
 
 
 def test_a_lock_file_left_by_a_killed_build_does_not_hang_the_next(monkeypatch, tmp_path, capsys):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+import statistics
+import warnings
 
 import pytest
 import torch
-from conftest import dense_fisher
+from conftest import dense_fisher, realistic_grads
 
-from compressor.mfac import MFAC
+from compressor.mfac import MFAC, optim
 
 F64 = torch.float64
 
@@ -184,3 +186,145 @@ def test_count_scaling_steps_with_the_fisher_of_the_gradients_so_far(gen):
         expected = -lr * torch.linalg.solve(dense_fisher(torch.stack(seen), damp), g)
         torch.testing.assert_close(p.detach() - before, expected, rtol=1e-9, atol=1e-12)
     assert opt.window.count_scaling
+
+
+# ------------------------------------------------------------------------------- the step's length
+
+
+def _steps(p: torch.Tensor, opt: MFAC, rows: torch.Tensor) -> list[torch.Tensor]:
+    """u = F^-1 g of each step for the gradients ``rows`` (k, d) of the one parameter p (lr = 1)."""
+    out = []
+    for g in rows:
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        out.append(before - p.detach())
+    return out
+
+
+def _leverage_terms(rows: torch.Tensor, m: int, damp: float, k: int) -> float:
+    """1 - m damp [K^-1]_kk for K = m damp I + G G^T over the window ``rows`` (n <= m, empty slots
+    zero; they only add m damp to K's diagonal, apart from the filled rows)."""
+    gram = rows @ rows.T + m * damp * torch.eye(rows.shape[0], dtype=F64)
+    return 1.0 - m * damp * torch.linalg.inv(gram)[k, k].item()
+
+
+def test_the_step_has_a_length_of_about_m_over_the_gradient_norm(gen):
+    """|F^-1 g| for g in the window (optim.py's docstring). Exact, float64: g . F^-1 g =
+    m (1 - m damp [K^-1]_kk) (push-through: F^-1 G^T = m G^T K^-1) and |F^-1 g|^2 =
+    m^2 ([K^-1]_kk - m damp [K^-2]_kk). For N(0, s^2) rows, m x d, the singular values of G lie in
+    s (sqrt(d) -+ (sqrt(m) + t)) with probability >= 1 - 2 exp(-t^2 / 2) and |g| <= s (sqrt(d) + t)
+    with >= 1 - exp(-t^2 / 2) (Gaussian concentration; t = 6.5, over the 32 rows and 32 windows
+    here: a failure below 7e-8), so |F^-1 g| |g| / m lies in
+    [1 - m damp / (s (sqrt(d) - sqrt(m) - t))^2, (sqrt(d) + t) / (sqrt(d) - sqrt(m) - t)], while the
+    window fills (empty slots: the same bounds over the filled rows) and once it is full."""
+    m, d, s, damp, t = 16, 4000, 1e-2, 1e-6, 6.5
+    p = torch.zeros(d, dtype=F64, requires_grad=True)
+    opt = MFAC([p], lr=1.0, num_grads=m, damp=damp)
+    rows = torch.randn(2 * m, d, generator=gen, dtype=F64) * s
+    low = 1 - m * damp / (s * (d**0.5 - m**0.5 - t)) ** 2
+    high = (d**0.5 + t) / (d**0.5 - m**0.5 - t)
+    for i, u in enumerate(_steps(p, opt, rows)):
+        g = rows[i]
+        window = rows[max(0, i - m + 1) : i + 1]  # the newest gradient last
+        exact = m * _leverage_terms(window, m, damp, window.shape[0] - 1)
+        assert abs(float(g @ u) - exact) <= 1e-9 * exact, i
+        assert low <= float(u.norm() * g.norm()) / m <= high, i
+
+
+def test_the_step_is_g_over_its_squared_norm_over_m_plus_damp_for_orthogonal_gradients(gen):
+    """Orthogonal window gradients: F g = (damp + |g|^2 / m) g, so F^-1 g = g / (|g|^2 / m + damp)
+    exactly: about m / |g| in length when |g|^2 / m >> damp, SGD with lr / damp when << (float64;
+    cond(K) <= 1 + |g|^2 / (m damp) <= 1e3 here, so 1e-10 relative)."""
+    m, d, damp = 8, 50, 1e-3
+    q, _ = torch.linalg.qr(torch.randn(d, m, generator=gen, dtype=F64))
+    norms = torch.sqrt(m * damp * torch.logspace(-2, 2, m, dtype=F64))  # |g|^2 / (m damp): 1e-2 .. 1e2
+    rows = q.T * norms[:, None]
+    p = torch.zeros(d, dtype=F64, requires_grad=True)
+    for g, u in zip(rows, _steps(p, MFAC([p], lr=1.0, num_grads=m, damp=damp), rows), strict=True):
+        torch.testing.assert_close(u, g / (g.norm() ** 2 / m + damp), rtol=1e-10, atol=0)
+
+
+def test_correlated_gradients_take_no_shorter_steps(gen):
+    """Realistic (correlated) gradients: |F^-1 g| >= g . F^-1 g / |g| = (m / |g|)(1 - m damp [K^-1]_kk)."""
+    m, damp = 8, 1e-5
+    rows = realistic_grads(3 * m, 500, gen)
+    p = torch.zeros(500, dtype=F64, requires_grad=True)
+    for i, u in enumerate(_steps(p, MFAC([p], lr=1.0, num_grads=m, damp=damp), rows)):
+        window = rows[max(0, i - m + 1) : i + 1]
+        lower = m / float(rows[i].norm()) * _leverage_terms(window, m, damp, window.shape[0] - 1)
+        assert float(u.norm()) >= lower * (1 - 1e-9), i
+
+
+# ------------------------------------------------------------------------------- the step-size check
+
+
+def _small_step_warnings(caught) -> list[str]:
+    return [
+        str(w.message) for w in caught if issubclass(w.category, UserWarning) and "MFAC:" in str(w.message)
+    ]
+
+
+def _train(gen_seed: int, steps: int, **kwargs) -> tuple[list[float], list[str], MFAC]:
+    """``steps`` M-FAC steps of _model on fixed batches (one seed); the ratios |dp| / |p| of each
+    step (lr |u| / |p| without momentum) and the step-size warnings raised."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    model = _model(gen)
+    opt = MFAC(model.parameters(), **kwargs)
+    batches = [_batch(gen) for _ in range(steps)]
+    ratios = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in batches:
+            before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            _flat_grad(model, x, y)
+            opt.step()
+            after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            ratios.append(float((after - before).norm() / before.norm()))
+    return ratios, _small_step_warnings(caught), opt
+
+
+def test_a_too_small_lr_warns_once_at_the_threshold_and_a_sensible_one_does_not(gen):
+    """The median of lr |u| / |p| over the first STEP_CHECK_STEPS steps against SMALL_STEP_RATIO:
+    the ratio is linear in lr while the steps are this small (the parameters move by < 1e-4 of
+    themselves over the check), so lr = lr0 * SMALL_STEP_RATIO / r0 * 1.5 (0.5) lands above (below)."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    n = optim.STEP_CHECK_STEPS
+    ratios, said, _ = _train(seed, n, lr=1e-9, num_grads=4, damp=1e-3)
+    r0 = statistics.median(ratios)
+    assert len(said) == 1 and "m / |g|" in said[0] and "lr ~" in said[0]  # at the n-th step
+    ratios, said, _ = _train(seed, 3 * n, lr=1e-9, num_grads=4, damp=1e-3)
+    assert len(said) == 1  # once only
+    at_threshold = 1e-9 * optim.SMALL_STEP_RATIO / r0
+    _, said, _ = _train(seed, 3 * n, lr=1.5 * at_threshold, num_grads=4, damp=1e-3)
+    assert said == []
+    _, said, _ = _train(seed, 3 * n, lr=0.5 * at_threshold, num_grads=4, damp=1e-3)
+    assert len(said) == 1
+    _, said, _ = _train(seed, 3 * n, lr=0.05, num_grads=4, damp=1e-3)  # test_steps_match's setting
+    assert said == []
+    _, said, _ = _train(seed, 3 * n, lr=0.0, num_grads=4, damp=1e-3)  # no step asked for
+    assert said == []
+
+
+def test_a_warm_up_and_count_scaling_are_not_taken_for_a_too_small_lr(gen):
+    """A warm-up from ~0 (the lr the optimizer was built with counts) and count_scaling's short first steps
+    (about n / m of the full window's: scaled back by m / n) do not warn at an lr 2x above the
+    threshold (over seeds 0-39: the unscaled medians at most 0.42x the threshold, the scaled ones at
+    least 2.5x)."""
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    m, n = 64, optim.STEP_CHECK_STEPS
+    ratios, _, _ = _train(seed, n, lr=1e-9, num_grads=m, damp=1e-3)
+    lr = 2 * 1e-9 * optim.SMALL_STEP_RATIO / statistics.median(ratios)
+    ratios, said, opt = _train(seed, n, lr=lr, num_grads=m, damp=1e-3, count_scaling=True)
+    assert statistics.median(ratios) < optim.SMALL_STEP_RATIO  # unscaled, these steps are too short
+    assert said == [] and opt.window.count_scaling
+    gen2 = torch.Generator().manual_seed(seed)
+    model = _model(gen2)
+    opt = MFAC(model.parameters(), lr=lr, num_grads=m, damp=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2 * n):
+            opt.param_groups[0]["lr"] = lr * 1e-6 * (step + 1)  # as the LearningRate modifier sets it
+            _flat_grad(model, *_batch(gen2))
+            opt.step()
+    assert _small_step_warnings(caught) == []

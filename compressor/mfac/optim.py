@@ -10,11 +10,28 @@ At each step, over all parameters flattened into one d-vector:
 With ``shard=True`` the window is a ``ShardedSlidingFisherInverse`` (sharded.py): each rank of a
 torch.distributed group keeps m x d/P of it, and the step above is computed with one all-reduce of m
 numbers and one all-gather of d values. Every rank then applies the same full update to its replica.
+
+The step's length, and so the useful lr (F = damp I + G^T G / m over the window's rows g_i, with
+K = m damp I + G G^T, m x m): the push-through identity F^-1 G^T = m G^T K^-1 gives, for g = g_k in
+the window (the current gradient always is),
+
+    g . F^-1 g = m (1 - m damp [K^-1]_kk) <= m,   so |F^-1 g| >= (m / |g|) (1 - m damp [K^-1]_kk),
+
+and |F^-1 g| = |g| / (|g|^2 / m + damp) exactly when the window's gradients are orthogonal (about so
+when d >> m and noise dominates them; correlated ones make the step longer, not shorter). So while
+|g|^2 / m >> damp the step has a length of about m / |g|: proportional to m and inversely
+proportional to the gradient's norm, where SGD's is |g|. An lr does not carry over from SGD, Adam or
+another m: for steps of length s, lr ~ s |g| / m (all-MiniLM-L6-v2 fine-tuning at m = 64, |g| ~ 9:
+|F^-1 g| ~ 7; the paper's lr 1e-4 barely moved it, 1e-2 did best). Only when |g|^2 / m << damp is it
+SGD with lr / damp. ``MFAC`` warns once when its first steps are too small to move the parameters
+(``SMALL_STEP_RATIO``).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,6 +45,18 @@ from .sharded import Group, check_shard, sliding_window
 WINDOW_KEY = "mfac_window"
 MASKS_KEY = "mfac_masks"
 
+#: The step-size check: MFAC warns once (UserWarning) when the median over its first
+#: STEP_CHECK_STEPS steps of lr * |F^-1 g| / |p| (the update without momentum against the norm of
+#: all its parameters) is below SMALL_STEP_RATIO. At 1e-5 per step, a thousand steps move the
+#: parameters by at most 1% of their norm even if every step points the same way (a random walk:
+#: 0.03%). In the fine-tuning study of bench/quality_minilm.py (part j: all-MiniLM-L6-v2, m = 64,
+#: |g| ~ 9, so |F^-1 g| ~ 7; |p| ~ 2e2 estimated from a 22.7M-parameter encoder's weights of rms
+#: ~0.045) the paper's lr 1e-4 (a ratio of ~3e-6: warned) left the embeddings at cosine 0.9997 to
+#: the dense ones after 125 steps, lr 1e-3 (~3e-5) moved them to 0.974, and the best lr, 1e-2, took
+#: steps of ~3e-4; AdamW's useful lrs took first steps of ~2e-4 to 2e-3 (lr * sqrt(d) / |p|).
+SMALL_STEP_RATIO = 1e-5
+STEP_CHECK_STEPS = 10
+
 
 class MFAC(torch.optim.Optimizer):
     """Second-order optimizer over a sliding window of the last ``num_grads`` gradients.
@@ -36,7 +65,9 @@ class MFAC(torch.optim.Optimizer):
         params: parameters or parameter groups, all of one floating dtype and on one device.
             ``lr``, ``weight_decay`` and ``momentum`` may differ between groups; the window
             (one Fisher over all parameters) and ``num_grads``/``damp`` are shared.
-        lr: step size.
+        lr: step size. The step lr * F^-1 g has a length of about lr * m / |g| (module docstring),
+            not lr * |g| as in SGD: for steps of length s take lr ~ s * |g| / m. It warns once if
+            the first steps are below ``SMALL_STEP_RATIO`` of the parameters' norm.
         num_grads: m, the window length.
         damp: the dampening lambda > 0 of F.
         weight_decay: L2 coefficient, added to the gradient before it enters the window.
@@ -134,6 +165,10 @@ class MFAC(torch.optim.Optimizer):
         self.window: SlidingFisherInverse | None = None
         self.rebuilds = 0
         self._rebuild(self._current_fingerprint())
+        #: the step-size check (``_check_step_size``): each group's lr as constructed, and per step
+        #: (lr * |u| / |p|, |g|, |u|) until STEP_CHECK_STEPS steps are in (then None: checked)
+        self._set_lrs = [group["lr"] for group in self.param_groups]
+        self._first_steps: list[tuple[float, float, float]] | None = []
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only during construction: the window's dimension is fixed once built."""
@@ -224,7 +259,10 @@ class MFAC(torch.optim.Optimizer):
                 else:
                     g = grad.reshape(-1).index_select(0, idx)
                     pieces.append(g.add(p.reshape(-1).index_select(0, idx), alpha=wd) if wd else g)
-        step = self.window.update_mul(torch.cat(pieces))
+        flat_grad = torch.cat(pieces)
+        step = self.window.update_mul(flat_grad)
+        if self._first_steps is not None:
+            self._check_step_size(flat_grad, step)
         offset, at = 0, 0
         for group in self.param_groups:
             mu = group["momentum"]
@@ -249,6 +287,60 @@ class MFAC(torch.optim.Optimizer):
                     full = torch.zeros(p.numel(), dtype=p.dtype, device=p.device).index_copy_(0, idx, u)
                     p.add_(full.view(p.shape), alpha=-group["lr"])
         return loss
+
+    def _check_step_size(self, grad: torch.Tensor, step: torch.Tensor) -> None:
+        """Record lr * |u| / |p| for this step (u = F^-1 g, ``step``, over the window's coordinates);
+        after STEP_CHECK_STEPS steps, warn once if their median is below SMALL_STEP_RATIO.
+
+        The lr of each group is the largest of its current lr, its ``initial_lr`` (torch's LR
+        schedulers) and the lr it was built with, so that a warm-up from about 0 does not count as
+        too small. With ``count_scaling`` the step is scaled by m / min(count, m), to what it will be
+        once the window is full. Steps where |p| or |g| is 0 or a norm not finite are not counted; with
+        every lr 0 the check ends (no step was asked for).
+        """
+        records, window = self._first_steps, self.window
+        if records is None or window is None:
+            return
+        lrs = [
+            max(group["lr"], group.get("initial_lr", 0.0), set_lr)
+            for group, set_lr in zip(self.param_groups, self._set_lrs, strict=True)
+        ]
+        if max(lrs) <= 0.0:
+            self._first_steps = None
+            return
+        update2, p2, offset, at = 0.0, 0.0, 0, 0
+        for group, lr in zip(self.param_groups, lrs, strict=True):
+            n = 0
+            for p in group["params"]:
+                idx = self._index[at]
+                at += 1
+                n += p.numel() if idx is None else idx.numel()
+                p2 += _norm(p) ** 2
+            update2 += (lr * _norm(step[offset : offset + n])) ** 2
+            offset += n
+        if window.count_scaling:
+            update2 *= (self.num_grads / max(1, min(window.count, self.num_grads))) ** 2
+        grad_norm, step_norm = _norm(grad), _norm(step)
+        if not (p2 > 0.0 and grad_norm > 0.0 and math.isfinite(p2 + update2 + grad_norm + step_norm)):
+            return
+        records.append((math.sqrt(update2 / p2), grad_norm, step_norm))
+        if len(records) < STEP_CHECK_STEPS:
+            return
+        self._first_steps = None
+        ratio, g, u = (statistics.median(r[k] for r in records) for k in range(3))
+        if ratio >= SMALL_STEP_RATIO:
+            return
+        lr = max(lrs)
+        low, high = (lr * target / ratio if ratio > 0 else math.inf for target in (1e-4, 1e-3))
+        warnings.warn(
+            f"MFAC: over its first {len(records)} steps lr * |F^-1 g| / |p| had a median of {ratio:.1e} "
+            f"(below {SMALL_STEP_RATIO:g}): at lr={lr:g} the updates barely move the parameters. "
+            f"|F^-1 g| is about m / |g| for g in the window, not |g| as in SGD (here m={self.num_grads}, "
+            f"median |g| = {g:.3g}, median |F^-1 g| = {u:.3g}), so the useful lr scales with |g| / m: "
+            f"lr ~ {low:.0e} to {high:.0e} takes steps of 1e-4 to 1e-3 of |p| (tune it on held-out data)",
+            UserWarning,
+            stacklevel=2,
+        )
 
     # ------------------------------------------------------------------ state
 
@@ -283,6 +375,11 @@ class MFAC(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         if self.window is not None:
             self.window.load_state_dict(window)
+
+
+def _norm(t: torch.Tensor) -> float:
+    """The Euclidean norm of ``t``'s values, summed in float64."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
 
 
 def _check_hyper(**values: float) -> None:

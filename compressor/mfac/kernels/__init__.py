@@ -2,8 +2,9 @@
 
 The C++ (CPU) and CUDA sources live in ``csrc/`` and are compiled on first use with
 ``torch.utils.cpp_extension.load`` into a cache directory; later processes load the cached build.
-A first build says so on stderr (and again when it is done); ``build_in_background`` starts it in
-a thread so that it overlaps with other work (``compressor run`` does this at set-up). The kernels:
+Every compile says so on stderr (a first build, and a rebuild of an out-of-date one; again when
+it is done); ``build_in_background`` starts it in a thread so that it overlaps with other work
+(``compressor run`` does this at set-up). The kernels:
 
 * ``factor_blocks``: per Fisher block, G_b G_b^T, the Cholesky factor L, W_b = L^-1 G_b and the
   diagonal in one fused float64 pass (static.py's set-up, for m <= 128 and B <= 128).
@@ -46,7 +47,9 @@ Environment:
   AVX-512 one) or ``native`` (``-march=native``: NEON on ARM). The kernels take their vector width
   and register tiles from it; each target is its own build in the cache.
 * ``COMPRESSOR_KERNELS_DIR``: the build cache (default ``$XDG_CACHE_HOME/compressor/kernels``,
-  i.e. ``~/.cache/compressor/kernels``). One sub-directory per source/flags/ISA/torch/CPU version.
+  i.e. ``~/.cache/compressor/kernels``). One sub-directory per ``build_key``: the sources, flags, ISA
+  and CPU, the compiler, the Python environment (two virtual environments never share a build),
+  torch and its headers, CUDA; its ``key.json`` says which.
 * ``COMPRESSOR_CSRC``: the directory holding the sources. Default: the ``csrc/`` of the source
   tree this package was imported from (a checkout or an editable install), else
   ``<prefix>/share/compressor/csrc`` where a wheel installs them (see ``sources_dir``).
@@ -66,6 +69,7 @@ from .build import (
     ISA_FLAGS,
     build_dir,
     build_in_background,
+    build_key,
     cache_dir,
     isa,
     mode,
@@ -116,6 +120,7 @@ __all__ = [
     "build",
     "build_dir",
     "build_in_background",
+    "build_key",
     "cache_dir",
     "chosen",
     "direct_blocks",

@@ -2,7 +2,10 @@
 
 The C++ (CPU) and CUDA sources in ``csrc/`` (``sources_dir``) are compiled on first use with
 ``torch.utils.cpp_extension.load`` into ``build_dir(kind)``, one sub-directory of ``cache_dir`` per
-source/flags/ISA/torch/CPU version; later processes load that build. ``module(kind)`` returns the
+``build_key`` (everything the build depends on: sources, flags, target, compiler, the Python
+environment, torch and its headers, CUDA), so two environments on one machine never share a build
+(torch's builder would recompile whenever the other one had built last); later processes load that
+build. Every compile says so on stderr, a rebuild too (``_announced``). ``module(kind)`` returns the
 extension (or None), once per process; ``build_in_background`` starts the build in a thread.
 The environment variables are described in the package docstring (``compressor.mfac.kernels``).
 """
@@ -11,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
+import shutil
 import site
+import subprocess
 import sys
 import threading
 import time
@@ -111,23 +117,80 @@ def _host_tag() -> str:
     return tag
 
 
-def _build_name(kind: str, src: Path, files: list[str], flags: list[str], target: str = "") -> str:
-    h = hashlib.sha256()
-    for name in files:
-        h.update(name.encode() + b"\0" + (src / name).read_bytes())
-    h.update(repr((flags, torch.__version__, sys.version_info[:2], _host_tag())).encode())
-    return f"compressor_mfac_{kind}{'_' + target if target else ''}_{h.hexdigest()[:12]}"
+def _file_id(path: str | None) -> str:
+    """A program's resolved path, size and modification time (an upgrade in place changes them)."""
+    if not path:
+        return "not found"
+    real = os.path.realpath(path)
+    try:
+        info = os.stat(real)
+    except OSError:
+        return real
+    return f"{real} {info.st_size} {info.st_mtime_ns}"
 
 
-def build_dir(kind: str = "cpu") -> Path:
-    """The cache sub-directory of the ``kind`` build for this machine, sources, flags and ISA."""
+def _cuda_home() -> str:
+    """Where torch's builder finds CUDA: CUDA_HOME, CUDA_PATH, the nvcc on PATH, /usr/local/cuda."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home:
+        nvcc = shutil.which("nvcc")
+        home = str(Path(nvcc).resolve().parents[1]) if nvcc else "/usr/local/cuda"
+    return home
+
+
+def build_key(kind: str = "cpu") -> dict[str, str]:
+    """Everything the ``kind`` build depends on, as strings; ``build_dir`` is named by its hash.
+
+    The sources (names and bytes), the compiler flags and target ISA, the CPU (``-march`` and
+    ``-mtune=native``), the C++ compiler (``CXX``, else ``c++``: resolved path, size and mtime), the
+    Python environment (executable, ``sys.prefix``, version), torch (version, folder: its headers
+    are ``<folder>/include``, CUDA version); for ``cuda`` also CUDA_HOME, its nvcc and the target
+    architectures (``TORCH_CUDA_ARCH_LIST``, else the visible GPUs'). torch's builder writes the
+    include paths and the compiler into its build commands, so two environments sharing one folder
+    would recompile on each switch (and one load the other's module).
+    """
     src = sources_dir()
     if src is None:
         raise FileNotFoundError("the csrc/ sources were not found (set COMPRESSOR_CSRC)")
     if kind == "cpu":
-        target = isa()
-        return cache_dir() / _build_name(kind, src, _CPU_SOURCES, _CPU_FLAGS + ISA_FLAGS[target], target)
-    return cache_dir() / _build_name(kind, src, _CUDA_SOURCES, _CPU_FLAGS[:1] + _CUDA_FLAGS)
+        files, target, flags = _CPU_SOURCES, isa(), _CPU_FLAGS + ISA_FLAGS[isa()]
+    else:
+        files, target, flags = _CUDA_SOURCES, "", _CPU_FLAGS[:1] + _CUDA_FLAGS
+    sources = hashlib.sha256()
+    for name in files:
+        sources.update(name.encode() + b"\0" + (src / name).read_bytes())
+    cxx = os.environ.get("CXX", "c++")
+    key = {
+        "kind": kind,
+        "target": target,
+        "flags": " ".join(flags),
+        "sources": sources.hexdigest(),
+        "host": _host_tag(),
+        "compiler": f"{cxx}: {_file_id(shutil.which(cxx))}",
+        "python": sys.executable,
+        "prefix": sys.prefix,
+        "python_version": sys.version,
+        "torch": torch.__version__,
+        "torch_dir": str(Path(torch.__file__).resolve().parent),
+        "torch_cuda": str(torch.version.cuda),
+    }
+    if kind == "cuda":
+        home = _cuda_home()
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        if not archs and torch.cuda.is_available():
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            archs = " ".join(f"{a}.{b}" for a, b in sorted(caps))
+        key.update(cuda_home=home, nvcc=_file_id(str(Path(home) / "bin" / "nvcc")), cuda_archs=archs)
+    return key
+
+
+def build_dir(kind: str = "cpu") -> Path:
+    """The cache sub-directory of the ``kind`` build: ``compressor_mfac_<kind>[_<isa>]_<hash>``, the
+    hash of ``build_key(kind)``."""
+    key = build_key(kind)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    target = f"_{key['target']}" if key["target"] else ""
+    return cache_dir() / f"compressor_mfac_{kind}{target}_{digest}"
 
 
 def _build(kind: str) -> ModuleType:
@@ -147,17 +210,14 @@ def _build(kind: str) -> ModuleType:
     if failed_marker.exists() and mode() == "auto":
         raise RuntimeError(f"an earlier build failed, see {failed_marker}")
     where.mkdir(parents=True, exist_ok=True)
+    if not (where / "key.json").exists():  # what this folder is built for, for a reader
+        with contextlib.suppress(OSError):
+            (where / "key.json").write_text(json.dumps(build_key(kind), indent=1) + "\n")
     fresh = not any(where.glob(f"{name}*.so")) and not any(where.glob(f"{name}*.pyd"))
-    if fresh:
-        say(
-            f"building the M-FAC {kind} kernels for this machine with the C++ compiler (first run only: "
-            f"later runs load them from {where}); COMPRESSOR_KERNELS=off skips them"
-        )
-    began = time.perf_counter()
     from torch.utils.cpp_extension import load  # imports setuptools: only when building
 
     try:
-        with _build_guard(where):
+        with _build_guard(where), _announced(kind, where, fresh) as compiled:
             built = load(
                 name=name,
                 sources=[str(src / f) for f in files if not f.endswith(".h")],
@@ -173,9 +233,70 @@ def _build(kind: str) -> ModuleType:
             with contextlib.suppress(OSError):
                 failed_marker.write_text(f"{type(exc).__name__}: {exc}\n(delete this file to retry)\n")
         raise
-    if fresh:
-        say(f"the M-FAC {kind} kernels are built ({time.perf_counter() - began:.0f} s)")
+    if compiled:
+        say(f"the M-FAC {kind} kernels are built ({time.perf_counter() - compiled[0]:.0f} s)")
     return built
+
+
+def _ninja_has_work(where: Path) -> bool:
+    """Whether ninja would run a build step in ``where`` (its dry run, ``ninja -n``, on the
+    build.ninja there); True when there is none or the dry run fails."""
+    if not (where / "build.ninja").is_file():
+        return True
+    try:
+        done = subprocess.run(["ninja", "-n"], cwd=where, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return done.returncode != 0 or "no work to do" not in done.stdout
+
+
+@contextlib.contextmanager
+def _announced(kind: str, where: Path, fresh: bool) -> Iterator[list[float]]:
+    """Say "building the M-FAC <kind> kernels ..." whenever torch's builder is about to compile in
+    ``where``; yields a list that then holds the time the compile started (empty: nothing compiled).
+
+    ``torch.utils.cpp_extension.load`` writes its build.ninja and runs ninja, which recompiles when
+    a source, a header or a build command changed, and says nothing unless verbose. Its ninja step
+    (the private ``_run_ninja_build``) is wrapped while ``load`` runs: ninja's dry run in the build
+    folder tells whether anything will compile. ``fresh``: no module was built there before (the
+    first-run message, else the rebuild one). A torch without that step: the dry run on the
+    build.ninja already there, before ``load``.
+    """
+    import torch.utils.cpp_extension as cpp_extension
+
+    started: list[float] = []
+
+    def announce() -> None:
+        started.append(time.perf_counter())
+        if fresh:
+            say(
+                f"building the M-FAC {kind} kernels for this machine with the C++ compiler (first run only: "
+                f"later runs load them from {where}); COMPRESSOR_KERNELS=off skips them"
+            )
+        else:
+            say(
+                f"building the M-FAC {kind} kernels again in {where}: the build there is out of date (its "
+                "sources, headers or build commands changed); COMPRESSOR_KERNELS=off skips them"
+            )
+
+    run_ninja = getattr(cpp_extension, "_run_ninja_build", None)
+    if run_ninja is None:
+        if fresh or _ninja_has_work(where):
+            announce()
+        yield started
+        return
+
+    def run(build_directory: str, *args: object, **kwargs: object) -> object:
+        ours = Path(build_directory).resolve() == where.resolve()  # not another thread's extension
+        if ours and not started and _ninja_has_work(where):
+            announce()
+        return run_ninja(build_directory, *args, **kwargs)
+
+    cpp_extension._run_ninja_build = run
+    try:
+        yield started
+    finally:
+        cpp_extension._run_ninja_build = run_ninja
 
 
 @contextlib.contextmanager
@@ -240,7 +361,7 @@ def _wait_for_background(kind: str) -> None:
     thread = _background.get(kind)
     if thread is None or thread is threading.current_thread() or not thread.is_alive():
         return
-    say(f"waiting for the M-FAC {kind} kernels to finish building (first run only) ...")
+    say(f"waiting for the M-FAC {kind} kernels to finish building or loading ...")
     thread.join()
 
 
