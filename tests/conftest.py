@@ -8,14 +8,31 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 EPS32 = torch.finfo(torch.float32).eps
 #: Fresh random data each run; set COMPRESSOR_TEST_SEED to replay a run (the seed is in the header).
 SESSION_SEED = int(os.environ.get("COMPRESSOR_TEST_SEED", random.randrange(2**31)))
 
 
-def pytest_report_header() -> str:
-    return f"compressor test seed: COMPRESSOR_TEST_SEED={SESSION_SEED}"
+#: Hypothesis profiles (tests/test_recipe_fuzz.py): "ci", the default, replays the same examples each
+#: run (derandomized: CI is not flaky); COMPRESSOR_FUZZ=slow draws ten times as many, fresh each run.
+#: No example database (a failure prints how to reproduce it); hypothesis keeps only caches in .hypothesis/.
+_FUZZ = {"deadline": None, "database": None, "print_blob": True}
+_FUZZ_SLOW_CHECKS = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile(
+    "ci", max_examples=300, derandomize=True, suppress_health_check=_FUZZ_SLOW_CHECKS, **_FUZZ
+)
+settings.register_profile("slow", max_examples=3000, suppress_health_check=_FUZZ_SLOW_CHECKS, **_FUZZ)
+FUZZ_PROFILE = os.environ.get("COMPRESSOR_FUZZ", "ci")
+settings.load_profile(FUZZ_PROFILE)
+
+
+def pytest_report_header() -> list[str]:
+    return [
+        f"compressor test seed: COMPRESSOR_TEST_SEED={SESSION_SEED}",
+        f"compressor fuzz profile: COMPRESSOR_FUZZ={FUZZ_PROFILE} ({settings.default.max_examples} examples)",
+    ]
 
 
 def dense_fisher(grads: torch.Tensor, damp: float, block_size: int | None = None) -> torch.Tensor:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -242,9 +241,3 @@ def _entry_all(rank: int, world: int, init_file: str, jobs: list[tuple[str, dict
         raise
     finally:
         dist.destroy_process_group()
-    # Results are on disk: leave without the interpreter's teardown, where a native thread that torch
-    # started (it happens after MFAC steps) could still be joinable and abort the rank
-    # ("terminate called without an active exception", SIGABRT) after its work was done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

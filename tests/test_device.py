@@ -58,6 +58,7 @@ def test_one_process_resolves_as_the_recipe_says(monkeypatch, count, spec, expec
         (0, "cuda", r"'cuda' asks for a GPU, but .*; use auto or cpu"),
         (0, "cuda:0", r"'cuda:0' asks for a GPU, but"),
         (2, "cuda:2", r"'cuda:2': there is no such GPU; torch sees 2 \(cuda:0 to cuda:1\)"),
+        (2, "cuda:99999999999999999999", r"'cuda:99999999999999999999' is not a device torch can use: "),
     ],
 )
 def test_one_process_refuses_a_missing_gpu(monkeypatch, count, spec, message):

@@ -13,6 +13,7 @@ from torch import nn
 
 from compressor.core.errors import CompressorError
 from compressor.core.modifier import Modifier, StepPosition, WindowError, in_window, update_due
+from compressor.core.schedules import UpdateSteps
 from compressor.lifecycle.session import Session
 from modifiers.learning_rate import LearningRate
 from modifiers.magnitude import ConstantPruning, MagnitudePruning
@@ -142,6 +143,11 @@ def test_update_due_keys_on_the_last_update():
     assert not update_due(updates, 7, 6)  # ... and only once
     assert not update_due(updates, 12, 8)  # after the last
     assert update_due(range(3, 10**12), 10**11, 10**11 - 1)  # a range works (no list of every step)
+    assert update_due(range(3, 10**30), 10**29, 10**29 - 1)  # beyond sys.maxsize items too (no len())
+    assert not update_due(range(3, 10**30), 2, None)
+    assert update_due(UpdateSteps(3, 10**30, 7), 10**29, 3) and not update_due(
+        UpdateSteps(3, 10**30, 7), 4, 3
+    )
 
 
 # ---------------------------------------------------------------------- modifiers in a Session

@@ -140,6 +140,16 @@ def test_top_level_rules(text: str, line: str) -> None:
             ("  epochs: 4\n", "  epochs: 4\n  seed: 1.5\n"),
             "r.yaml:6:9: train.seed: Input should be a valid integer, got a number with a fractional part",
         ),
+        (  # seeds torch.manual_seed refuses (it takes -2**63 to 2**64 - 1): a traceback at run time before
+            ("  epochs: 4\n", "  epochs: 4\n  seed: 18446744073709551616\n"),
+            "r.yaml:6:9: train.seed: Input should be less than or equal to 18446744073709551615, "
+            "got 18446744073709551616",
+        ),
+        (  # a batch size DataLoader cannot take (itertools.islice stops at sys.maxsize)
+            ("  epochs: 4\n", "  epochs: 4\n  batch_size: 9223372036854775808\n"),
+            "r.yaml:6:15: train.batch_size: Input should be less than or equal to 9223372036854775807, "
+            "got 9223372036854775808",
+        ),
         (
             ("  data: digits\n", "  data: 7\n"),
             "r.yaml:4:9: train.data: Input should be a valid string, got 7",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compressor.recipe.errors import RecipeError, RecipeIssue, format_path
-from compressor.recipe.source import dump_yaml, load_scalar, load_source
+from compressor.recipe.source import MAX_DEPTH, dump_yaml, load_scalar, load_source
 
 
 def test_exponent_floats_load_as_floats() -> None:
@@ -84,3 +84,102 @@ def test_unquoted_expression_in_flow_mapping_gets_a_hint() -> None:
         load_source("optimizer: {type: SGD, lr: ${lr}}\n", "r.yaml")
     assert str(caught.value).startswith("r.yaml:1:")
     assert 'quote a ${...} value, e.g. lr: "${lr}"' in str(caught.value)
+
+
+# Every PyYAML failure is a positioned RecipeIssue, never an exception of yaml's own (issue 26):
+# the mutation fuzz of tests/test_recipe_fuzz.py found the first of these, a tag on a mapping key.
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (  # a tag on a key: yaml's ConstructorError escaped from the key's construction
+            "m:\n  - type: X\n    !!python/object:os.system ls: 3\n",
+            "r.yaml:3:5: m[0]: invalid mapping key: could not determine a constructor for the tag "
+            "'tag:yaml.org,2002:python/object:os.system'",
+        ),
+        (  # a collection tag on a scalar key: an unhashable [] (TypeError) before
+            "a:\n  !!seq foo: 1\n",
+            "r.yaml:2:3: a: invalid mapping key: expected a sequence node, but found scalar",
+        ),
+        (  # the constructors' own exceptions: ValueError, KeyError, AttributeError
+            "a: !!int abc\n",
+            "r.yaml:1:4: a: cannot read 'abc' as !!int: invalid literal for int() with base 10: 'abc'",
+        ),
+        (
+            "a: !!float x\n",
+            "r.yaml:1:4: a: cannot read 'x' as !!float: could not convert string to float: 'x'",
+        ),
+        ("a: !!bool maybe\n", "r.yaml:1:4: a: cannot read 'maybe' as !!bool"),
+        ("a: !!timestamp soon\n", "r.yaml:1:4: a: cannot read 'soon' as !!timestamp"),
+        ("a: 2001-13-45\n", "r.yaml:1:4: a: cannot read '2001-13-45' as !!timestamp: month must be in 1..12"),
+        (
+            "!!int x: 1\n",
+            "r.yaml:1:1: <root>: invalid mapping key: cannot read 'x' as !!int: invalid literal "
+            "for int() with base 10: 'x'",
+        ),
+        (  # more digits than Python converts (sys.get_int_max_str_digits): ValueError
+            "a: " + "9" * 5000 + "\n",
+            "r.yaml:1:4: a: cannot read '9999999999999999999999999999999999999...' (5000 characters) "
+            "as !!int: too many digits",
+        ),
+        (  # merge keys: ConstructorError from flatten_mapping
+            "a:\n  <<: 5\n  b: 1\n",
+            "r.yaml:2:7: a: merge key (<<): expected a mapping or list of mappings for merging, "
+            "but found scalar",
+        ),
+        (
+            "a:\n  <<: [1]\n",
+            "r.yaml:2:8: a: merge key (<<): expected a mapping for merging, but found scalar",
+        ),
+        (  # a mapping merged into itself: PyYAML copies its keys in again
+            "a: &x\n  <<: *x\n  b: 1\n",
+            "r.yaml:3:3: a.b: duplicate key 'b' (first at line 3, column 3)",
+        ),
+        (  # ReaderError: at the character's line and column, on one line
+            "a: 1\nb: x\x01y\n",
+            "r.yaml:2:5: <root>: YAML syntax error: unacceptable character '\\x01' (#x0001): "
+            "special characters are not allowed",
+        ),
+    ],
+)
+def test_every_yaml_error_is_a_positioned_issue(text: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        load_source(text, "r.yaml")
+    assert str(err.value) == expected
+
+
+def test_a_failed_anchor_is_reported_at_each_alias_not_as_recursive() -> None:
+    with pytest.raises(RecipeError) as err:
+        load_source("a: &x !!int abc\nb: *x\n", "r.yaml")
+    assert [i.path for i in err.value.issues] == ["a", "b"]
+    assert all("cannot read 'abc' as !!int" in i.message for i in err.value.issues)
+
+
+def test_an_issue_is_one_line_whatever_the_keys_and_values_hold() -> None:
+    issue = RecipeIssue("r.yaml", 2, 3, "m[0].a\nb", "unknown key 'a\\nb'; \u202egnp.exe \ud800 é 🚀")
+    assert str(issue) == "r.yaml:2:3: m[0].a\\nb: unknown key 'a\\nb'; \\u202egnp.exe \\ud800 é 🚀"
+    with pytest.raises(RecipeError) as err:
+        load_source('a:\n  "x\\ny": 1\n  "x\\ny": 2\n', "r.yaml")
+    assert str(err.value).splitlines() == [
+        "r.yaml:3:3: a.x\\ny: duplicate key 'x\\ny' (first at line 2, column 3)"
+    ]
+
+
+def test_deep_nesting_stops_at_max_depth_where_it_goes_too_deep() -> None:
+    # the root mapping is level 1, its value level 2, ...; keys and scalars count as a level too
+    sequences, mappings = "a: " + "[" * 5000 + "]" * 5000, "a: " + "{a: " * 300 + "1" + "}" * 300
+    for text, col in ((sequences, 4 + MAX_DEPTH - 1), (mappings, 4 + (MAX_DEPTH - 2) * 4 + 1)):
+        with pytest.raises(RecipeError) as err:
+            load_source(text, "r.yaml")
+        assert [str(i) for i in err.value.issues] == [
+            f"r.yaml:1:{col}: <root>: YAML nested too deeply (more than {MAX_DEPTH} levels)"
+        ]
+    block = "".join("  " * i + f"k{i}:\n" for i in range(MAX_DEPTH + 5))
+    with pytest.raises(RecipeError, match=rf"r.yaml:{MAX_DEPTH}:\d+: <root>: YAML nested too deeply"):
+        load_source(block, "r.yaml")
+    load_source("a: " + "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1))  # the root mapping is a level
+
+
+def test_aliases_nesting_deeper_than_the_text_are_refused_too() -> None:
+    chain = "a0: &a0 [1]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}]\n" for i in range(1, MAX_DEPTH + 5))
+    with pytest.raises(RecipeError, match=r"^r.yaml:1:10: a\d+(\[0\])+: YAML nested too deeply"):
+        load_source(chain, "r.yaml")

@@ -143,6 +143,60 @@ def test_user_errors_exit_1_with_a_message_and_no_traceback(tmp_path):
     )
 
 
+def test_recipe_errors_found_only_by_run_name_their_line(tmp_path):
+    """What validate cannot see (a window placed in steps, the optimizer's arguments unchecked by
+    parsing, a missing train section) stops `run` before training, at FILE:LINE:COL (issue 26)."""
+    text = RECIPE.read_text()
+    cases = {  # name: (recipe, where the error points (the first line holding it), message)
+        "window": (
+            text.replace("start: 2", "start: {step: 1000}"),
+            "${epochs - 3}",
+            "modifiers[0].end: MagnitudePruning: end (epoch 3 = step 69) is before start (step 1000) "
+            "at 23 steps per epoch",
+        ),
+        "kwargs": (
+            text.replace("momentum: 0.9", "momentom: 0.9"),
+            "momentom",
+            "train.optimizer.momentom: optimizer SGD has no argument 'momentom'; did you mean 'momentum'? "
+            "(accepts: lr, momentum, ",  # the rest depends on torch's version
+        ),
+        "train": (
+            text[: text.index("train:")] + text[text.index("modifiers:") :],
+            "version",  # the root mapping starts there
+            "<root>: the recipe has no 'train' section, which `compressor run` needs",
+        ),
+    }
+    for name, (recipe_text, token, message) in cases.items():
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(recipe_text)
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(out), "--set", "epochs=6"])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), name
+        line, held = next((i, t) for i, t in enumerate(recipe_text.splitlines(), 1) if token in t)
+        (error,) = result.stderr.strip().splitlines()
+        assert error.startswith(f"{recipe}:{line}:{held.index(token) + 1}: {message}"), name
+        assert not (out / "checkpoint.pt").exists()
+
+
+def test_extreme_but_valid_settings_run(tmp_path):
+    """The largest seed and batch size the schema takes, and a window ending 1e11 steps after training
+    (its update steps are not listed), run to the end (issue 26: tracebacks before)."""
+    recipe = tmp_path / "extreme.yaml"
+    recipe.write_text(
+        RECIPE.read_text()
+        .replace("seed: 0", "seed: 18446744073709551615")
+        .replace("batch_size: 64", "batch_size: 9223372036854775807")
+        .replace("start: 2", "start: 0")
+        .replace("end: ${epochs - 3}", "end: {step: 100000000000}")
+    )
+    with pytest.warns(UserWarning, match="comes after the end of training"):
+        result = CliRunner().invoke(
+            app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--set", "epochs=1"]
+        )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 1
+
+
 def test_validate_and_inspect(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", str(RECIPE)])

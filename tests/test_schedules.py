@@ -7,7 +7,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from compressor.core.schedules import sparsity_at, update_steps
+from compressor.core.schedules import UpdateSteps, sparsity_at, update_steps
 
 
 def _window(gen: torch.Generator) -> tuple[int, int, float, float]:
@@ -66,3 +66,25 @@ def test_update_steps_always_include_start_and_end(gen: torch.Generator) -> None
         update_steps(0, 10, 0)
     with pytest.raises(ValueError):
         update_steps(5, 4, 1)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "every"), [(0, 10, 5), (0, 11, 5), (3, 3, 2), (2, 9, 1), (7, 30, 4)]
+)
+def test_update_steps_without_the_list_are_the_same_steps(start: int, end: int, every: int) -> None:
+    listed, lazy = update_steps(start, end, every), UpdateSteps(start, end, every)
+    assert list(lazy) == listed and len(lazy) == len(listed)
+    assert [lazy[i] for i in range(-len(listed), len(listed))] == listed + listed
+    assert [s for s in range(-1, end + 3) if s in lazy] == listed
+    assert [lazy.last_at(s) for s in range(-1, end + 3)] == [
+        max((u for u in listed if u <= s), default=None) for s in range(-1, end + 3)
+    ]
+    with pytest.raises(IndexError):
+        lazy[len(listed)]
+
+
+def test_update_steps_of_a_huge_window_list_nothing() -> None:
+    steps = UpdateSteps(5, 10**30, 7)  # end: {step: 10**30}: a list would need ~1e29 entries
+    assert steps[0] == 5 and steps[1] == 12 and steps[-1] == 10**30 and steps[-2] < 10**30
+    assert 10**30 in steps and 12 in steps and 13 not in steps
+    assert steps.last_at(10**20) == 5 + (10**20 - 5) // 7 * 7 and steps.last_at(4) is None

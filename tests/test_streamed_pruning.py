@@ -5,8 +5,6 @@ sums its own rows, one all-reduce of the block sums) against one process."""
 from __future__ import annotations
 
 import datetime
-import os
-import sys
 import traceback
 from typing import Any
 
@@ -132,9 +130,6 @@ def _rank_main(rank: int, world: int, init_file: str, out: str) -> None:
         raise
     finally:
         dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 SETTINGS = {"final_sparsity": 0.5, "num_grads": 15, "block_size": 4, "fisher": "streamed"}

@@ -8,12 +8,14 @@ A checkpoint is a dict of tensors and plain values::
 
 from __future__ import annotations
 
+import hashlib
 import random
 import zipfile
 import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from compressor.core.atomic import atomic_write
@@ -77,14 +79,44 @@ def _check_archive(path: Path) -> None:
         )
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed the global RNGs that a run's code may draw from: torch's (CPU and CUDA), Python's, NumPy's."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def fork_rank_rngs(rank: int) -> None:
+    """Give rank ``rank`` > 0 streams of its own, derived from the current state and the rank (rank 0
+    keeps its streams): ranks that start from the same state would otherwise draw the same numbers,
+    the same dropout mask on every rank's slice of a batch, where one process draws independent ones."""
+    if rank == 0:
+        return
+    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes() + rank.to_bytes(8, "little")).digest()
+    seed_rngs(int.from_bytes(digest[:8], "little") >> 1)  # 63 bits: any seed torch.manual_seed takes
+
+
 def rng_state() -> dict[str, Any]:
-    """The torch and Python RNG states, as plain values that load with weights_only=True."""
+    """The global RNG states (torch's CPU and, once CUDA is in use, every GPU's; Python's; NumPy's),
+    as plain values that load with weights_only=True."""
     version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy = [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss], "numpy": numpy}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on a GPU draws from these
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore ``rng_state()``."""
+    """Restore ``rng_state()`` (a checkpoint from before NumPy's and CUDA's states were saved, or
+    CUDA's on a machine without it: those are left as they are; GPUs beyond this machine's: ignored)."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state.get("cuda") and torch.cuda.is_available():
+        for index, cuda in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda, index)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from compressor.core.errors import CompressorError
+from compressor.mfac.group_defaults import bind_group_defaults
 
 T = TypeVar("T")
 
@@ -99,14 +100,50 @@ def distributed() -> Iterator[Context]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    bind_group_defaults()  # else the first optimizer pins the group past its destruction
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s()))
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"could not join the torchrun process group: {exc}") from exc
     try:
         yield Context(rank(), world_size(), _device(), owns_group=True)
+    except RuntimeError as exc:
+        if isinstance(exc, CompressorError) or not _peer_lost(exc):
+            raise
+        raise RankLostError(
+            f"lost contact with another rank ({_first_line(exc)}): it stopped or was killed, and this "
+            "rank stops too (torchrun's summary names the rank that failed first). Nothing before the "
+            "last checkpoint is lost: `compressor run --resume OUTPUT_DIR` under torchrun with the same "
+            "number of ranks continues the run as if it had not stopped"
+        ) from exc
     finally:
         dist.destroy_process_group()
+
+
+class RankLostError(DistributedError):
+    """A collective failed because another rank is gone (killed, crashed) or silent past the timeout."""
+
+
+#: What gloo and c10d say when the other end of a collective died or went silent.
+_PEER_LOST = ("closed by peer", "reset by peer", "broken pipe", "timed out", "timeout", "connection refused")
+
+
+def _peer_lost(exc: RuntimeError) -> bool:
+    """True for a collective's failure that means a lost peer, not a bug or a bad input."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(exc).lower()
+    if backend_error and isinstance(exc, backend_error):
+        return True
+    from_c10d = any(where in text for where in ("gloo", "c10d", "processgroup", "nccl"))
+    return from_c10d and any(p in text for p in _PEER_LOST)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of ``exc``'s message without gloo's source location, at most 200 characters."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if line.startswith("[") and "] " in line:
+        line = line.split("] ", 1)[1]
+    return line.split(". ", 1)[0].rstrip(".")[:200]  # gloo goes on with advice and an emoji
 
 
 def _device() -> torch.device:

@@ -48,7 +48,7 @@ from pydantic import (
 )
 
 from compressor.core.errors import CompressorError
-from compressor.core.schedules import update_steps
+from compressor.core.schedules import UpdateSteps
 
 if TYPE_CHECKING:
     from compressor.lifecycle.session import Session
@@ -128,8 +128,21 @@ def update_due(updates: Sequence[int], step: int, last: int | None) -> bool:
     ``last`` is the step of the last update made (None: none yet); keying on it, not on
     ``step in updates``, makes a resumed run (or a skipped step) catch up with the update it missed.
     """
+    reached = last_at(updates, step)
+    return reached is not None and (last is None or reached > last)
+
+
+def last_at(updates: Sequence[int], step: int) -> int | None:
+    """The last of the sorted ``updates`` at or before ``step`` (None: none); O(1) for a range or
+    UpdateSteps of any length (a bisection would need ``len()``, which stops at ``sys.maxsize``)."""
+    if isinstance(updates, UpdateSteps):
+        return updates.last_at(step)
+    if isinstance(updates, range) and updates.step > 0:
+        if not updates or step < updates.start:
+            return None
+        return min(updates.start + (step - updates.start) // updates.step * updates.step, updates[-1])
     reached = bisect_right(updates, step)
-    return reached > 0 and (last is None or updates[reached - 1] > last)
+    return updates[reached - 1] if reached else None
 
 
 class Modifier(BaseModel):
@@ -237,7 +250,7 @@ class Modifier(BaseModel):
         if every < 1:
             raise WindowError(f"{self.type}: the update interval must be at least one step, got {every}")
         start, end = self.start_step, self.end_step
-        return range(start, end + 1) if every == 1 else update_steps(start, end, every)
+        return range(start, end + 1) if every == 1 else UpdateSteps(start, end, every)
 
     # ------------------------------------------------------------------ settings
 

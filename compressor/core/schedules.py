@@ -13,8 +13,8 @@ Before ``start`` every kind gives ``init``. Steps may be floats (epochs work the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from typing import Literal, overload
 
 Kind = Literal["cubic", "linear", "constant"]
 Points = Sequence[tuple[float, float]]
@@ -48,8 +48,59 @@ def sparsity_at(
 
 def update_steps(start_step: int, end_step: int, every_steps: int) -> list[int]:
     """start, start + every, ... below end, then end: the steps where pruning updates fire."""
-    if every_steps < 1:
-        raise ValueError(f"update interval must be >= 1 step, got {every_steps}")
-    if end_step < start_step:
-        raise ValueError(f"end step {end_step} is before start step {start_step}")
-    return [*range(start_step, end_step, every_steps), end_step]
+    return list(UpdateSteps(start_step, end_step, every_steps))
+
+
+class UpdateSteps(Sequence[int]):
+    """``update_steps(start, end, every)`` without the list: start, start + every, ... below end, then
+    end, for a window of any length (``end: {step: 100000000000}`` lists nothing). Indexing, ``in``
+    and ``last_at`` cost O(1); ``len()`` raises OverflowError beyond ``sys.maxsize`` items, as a
+    range's does."""
+
+    def __init__(self, start_step: int, end_step: int, every_steps: int) -> None:
+        if every_steps < 1:
+            raise ValueError(f"update interval must be >= 1 step, got {every_steps}")
+        if end_step < start_step:
+            raise ValueError(f"end step {end_step} is before start step {start_step}")
+        self._body = range(start_step, end_step, every_steps)
+        self._count = -(-(end_step - start_step) // every_steps)  # items of _body, as a Python int
+        self.end = end_step
+
+    def __len__(self) -> int:
+        return self._count + 1
+
+    def __bool__(self) -> bool:
+        return True
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index == self._count or index == -1:
+            return self.end
+        if -self._count - 1 <= index < 0:
+            return self._body[index + 1]
+        return self._body[index]  # IndexError past the end
+
+    def __contains__(self, step: object) -> bool:
+        return step == self.end or step in self._body
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._body
+        yield self.end
+
+    def __repr__(self) -> str:
+        start, every = self._body.start, self._body.step
+        return f"UpdateSteps(start={start}, end={self.end}, every={every})"
+
+    def last_at(self, step: int) -> int | None:
+        """The last of these steps at or before ``step`` (None: ``step`` is before the first)."""
+        if step >= self.end:
+            return self.end
+        body = self._body
+        if step < body.start:
+            return None
+        return body.start + (step - body.start) // body.step * body.step

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from compressor.core import distributed, quantized
-from compressor.core.checkpoint import rng_state, save_checkpoint, set_rng_state
+from compressor.core.checkpoint import fork_rank_rngs, rng_state, save_checkpoint, set_rng_state
 from compressor.engine.files import RunFiles
+from compressor.engine.report import read_metrics
 from compressor.lifecycle.session import Session
 from compressor.recipe import Recipe, resolved_yaml
 from compressor.surgery.channels import resume_shapes
@@ -40,7 +41,13 @@ def save(
     }
     if len(rngs) > 1:
         state["rng_ranks"] = rngs  # per-rank RNG, restored when resuming at the same world size
-    distributed.on_main(lambda: save_checkpoint(files.checkpoint, state))
+
+    def write() -> None:
+        # the rows logged so far: a resume drops the ones logged after this save (at this step too)
+        state["metrics_rows"] = len(read_metrics(files.metrics)) if files.metrics.exists() else 0
+        save_checkpoint(files.checkpoint, state)
+
+    distributed.on_main(write)
 
 
 def restore(
@@ -59,6 +66,7 @@ def restore(
     ranks = state.get("rng_ranks")
     if ranks is not None and len(ranks) == ctx.world_size:
         set_rng_state(ranks[ctx.rank])
-    else:  # another world size: every rank continues from rank 0's state
+    else:  # another world size: every rank continues from rank 0's state, forked for ranks > 0
         set_rng_state(state["rng"])
+        fork_rank_rngs(ctx.rank)
     return int(state["epoch"]), float(state.get("elapsed", 0.0))

@@ -26,7 +26,10 @@ def resolve_device(spec: str, ctx: distributed.Context) -> torch.device:
         return torch.device("cpu")
     if spec == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec if ":" in spec else "cuda:0")
+    try:
+        device = torch.device(spec if ":" in spec else "cuda:0")
+    except RuntimeError as err:  # an index torch cannot hold (cuda:99999999999)
+        raise RunError(f"{spec!r} is not a device torch can use: {err}") from None
     if not torch.cuda.is_available():
         raise RunError(f"{spec!r} asks for a GPU, but {_no_cuda_reason()}; use auto or cpu")
     count = torch.cuda.device_count()

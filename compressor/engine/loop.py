@@ -65,7 +65,8 @@ def train_epoch(
     device = torch.device("cpu") if ctx is None else ctx.device
     model.train()
     data, collate = unpack_data(bundle.train, task)
-    order = torch.Generator().manual_seed(train.seed * 1_000_003 + epoch)
+    # modulo 2**64 (the seeds torch takes): unchanged for every seed below about 1.8e13 and negative ones
+    order = torch.Generator().manual_seed((train.seed * 1_000_003 + epoch) % 2**64)
     # Batches of indices drawn exactly as DataLoader(data, shuffle=True, generator=order) would.
     index_loader = DataLoader(range(len(data)), batch_size=train.batch_size, shuffle=True, generator=order)
     index_batches = list(index_loader)

@@ -87,9 +87,12 @@ class MetricsLog:
         """Drop every row (a fresh run in an old folder); the header stays."""
         self.truncate_after(-1)
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only rows with ``step <= step`` (resuming from a checkpoint); rewritten atomically."""
-        keep = [r for r in self.rows() if r["step"] <= step]
+    def truncate_after(self, step: int, rows: int | None = None) -> None:
+        """Keep what the log held when a checkpoint was saved (resuming from it): its first ``rows``
+        rows, the count the checkpoint recorded, or, for a checkpoint without one, the rows with
+        ``step <= step`` (which also keeps rows logged after the save at its step). Rewritten atomically."""
+        kept = self.rows()
+        keep = kept[:rows] if rows is not None else [r for r in kept if r["step"] <= step]
         self._file.close()
         buf = io.StringIO()
         writer = csv.writer(buf)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.core import distributed
-from compressor.core.checkpoint import load_checkpoint
+from compressor.core.checkpoint import fork_rank_rngs, load_checkpoint
 from compressor.engine import checkpoints
 from compressor.engine.device import wrap_ddp
 from compressor.engine.evaluation import evaluate_sharded
@@ -87,12 +87,15 @@ def _start(state: RunState, ctx: distributed.Context, resume: bool) -> None:
         except Exception as exc:
             error = exc
         distributed.agree(error)
+        rows = saved.get("metrics_rows")
         del saved
-        state.log.truncate_after(state.session.step)
-    elif ctx.rank == 0:
-        state.log.reset()
-        files.raw_recipe.write_text(state.raw_text)
-        files.recipe.write_text(resolved_yaml(state.recipe))
+        state.log.truncate_after(state.session.step, rows=rows)
+    else:
+        fork_rank_rngs(ctx.rank)  # setup seeded every rank alike: from here each draws its own numbers
+        if ctx.rank == 0:
+            state.log.reset()
+            files.raw_recipe.write_text(state.raw_text)
+            files.recipe.write_text(resolved_yaml(state.recipe))
 
 
 def _train(state: RunState, ctx: distributed.Context, progress: bool) -> dict[str, Any]:

@@ -3,7 +3,6 @@ log and session built on every rank, before the first collective of training."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,9 @@ import torch
 
 from compressor.builders import build_task, build_train
 from compressor.core import distributed
+from compressor.core.checkpoint import seed_rngs
 from compressor.core.errors import CompressorError
+from compressor.core.modifier import WindowError
 from compressor.core.params import normalize
 from compressor.core.preflight import preflight
 from compressor.data.builtin import DataBundle
@@ -22,6 +23,7 @@ from compressor.engine.init_weights import load_initial_weights
 from compressor.engine.report import MetricsLog
 from compressor.lifecycle.session import Session
 from compressor.recipe import AllowImports, Recipe, RecipeError, TrainSection, parse_recipe
+from compressor.recipe.loader import optimizer_issues
 from compressor.surgery.channels import check_rebuildable
 from compressor.tasks import Task, unpack_data
 
@@ -53,7 +55,7 @@ class NoLog:
     def log(self, *args: Any) -> None:
         pass
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, rows: int | None = None) -> None:
         pass
 
 
@@ -101,10 +103,14 @@ def build_run(
     """
     first = parse_recipe(raw_text, file=source, overrides=overrides)
     if first.train is None:
-        raise RunError(f"{source}: the recipe has no 'train' section, which `compressor run` needs")
+        message = "the recipe has no 'train' section, which `compressor run` needs"
+        raise RecipeError([first.source.issue((), message)])
+    issues = optimizer_issues(first)  # as validate reports them: at their line, before anything is built
+    if issues:
+        raise RecipeError(issues)
     train = first.train
     device = recipe_device(first, ctx)
-    torch.manual_seed(train.seed)
+    seed_rngs(train.seed)  # the same on every rank: data and model built alike; forked in _start
     bundle, model = build_train(first, allow_imports)
     if init:
         load_initial_weights(first, model)
@@ -117,8 +123,8 @@ def build_run(
     optimizer = build_optimizer(train.optimizer, model.parameters())
     if any(m.restructures for m in recipe.modifiers):
         check_rebuildable(optimizer)  # channel surgery rebuilds it: refuse now, not after the surgery
-    batches_per_epoch = math.ceil(len(unpack_data(bundle.train, task)[0]) / train.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / train.grad_accum)
+    batches_per_epoch = -(-len(unpack_data(bundle.train, task)[0]) // train.batch_size)  # ceil, in ints
+    steps_per_epoch = -(-batches_per_epoch // train.grad_accum)
     if ctx.rank == 0:
         files.root.mkdir(parents=True, exist_ok=True)
     log: Any = MetricsLog(files.metrics) if ctx.rank == 0 else NoLog()
@@ -132,12 +138,28 @@ def build_run(
         task=task,
         metrics=lambda step, name, value: log.log(step, step / steps_per_epoch, "train", name, value),
     )
+    check_windows(recipe, session)
     preflight_gradients(recipe, session)
     if device.type == "cpu" and any(m.needs_gradients for m in recipe.modifiers):
         from compressor.mfac import kernels  # a first run compiles them: overlap that with training
 
         kernels.build_in_background("cpu")
     return RunState(files, raw_text, recipe, train, bundle, model, session, task, log, device)
+
+
+def check_windows(recipe: Recipe, session: Session) -> None:
+    """Place every modifier's window in the run's steps now, so that one that ends before it starts
+    once epochs are counted in steps (``start: {step: 5000}``, ``end: 3`` at 23 steps per epoch)
+    stops the run before training, as a RecipeError at that line."""
+    issues = []
+    for index, modifier in enumerate(recipe.modifiers):
+        try:
+            modifier.resolve_window(session)
+        except WindowError as err:
+            field = "end" if modifier.end is not None else "start"
+            issues.append(recipe.source.issue(("modifiers", index, field), str(err)))
+    if issues:
+        raise RecipeError(issues)
 
 
 def preflight_gradients(recipe: Recipe, session: Session) -> None:

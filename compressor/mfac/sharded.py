@@ -32,7 +32,10 @@ import torch.distributed as dist
 
 from . import _checks
 from .dynamic import SlidingFisherInverse
+from .group_defaults import bind_group_defaults
 from .partition import shard_range
+
+bind_group_defaults()  # before any group exists: see group_defaults
 
 #: One of torch.distributed's ProcessGroup objects, or None for the default (WORLD) group.
 Group = Any

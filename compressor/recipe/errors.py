@@ -30,7 +30,17 @@ class RecipeIssue:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.path or '<root>'}: {self.message}"
+        path, message = _printable(self.path or "<root>"), _printable(self.message)
+        return f"{self.file}:{self.line}:{self.col}: {path}: {message}"
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line, as the terminal will show it: each character ``str.isprintable`` refuses
+    (line breaks, control and bidirectional-override characters, lone surrogates) written as its
+    escape (``\\n``, ``\\x01``, ``\\u202e``), so that a key or value cannot break or disguise the line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class RecipeError(CompressorError):

@@ -73,7 +73,7 @@ def parse_recipe(
     """Validate recipe YAML ``text``; ``file`` names it in error messages. See ``load_recipe``."""
     src = load_source(text, file)
     if not isinstance(src.data, dict):
-        got = "an empty file" if src.data is None else f"a {type(src.data).__name__}"
+        got = "an empty file" if src.data is None else _a(type(src.data).__name__)
         raise RecipeError([src.issue((), f"expected a mapping with 'version' and 'modifiers', got {got}")])
     issues: list[RecipeIssue] = []
     failed: list[Path] = []  # values already reported: schema errors at or below them are dropped
@@ -351,7 +351,12 @@ def _message(path: Path, error: dict[str, Any], data: Any) -> str:
     if kind.startswith("modifier_") or kind == "missing" or "got" in message:
         return message
     shown = repr(value)
-    return f"{message}, got {shown}" if len(shown) <= 60 else f"{message}, got a {type(value).__name__}"
+    return f"{message}, got {shown}" if len(shown) <= 60 else f"{message}, got {_a(type(value).__name__)}"
+
+
+def _a(noun: str) -> str:
+    """``"a list"``, ``"an int"``."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
 
 
 def _allowed_keys(path: Path, data: Any) -> list[str]:

@@ -146,8 +146,8 @@ class TrainSection(BaseModel):
         ge=0,
         description="training length in epochs (fractions allowed; 0: no training, only the one-shot steps)",
     )
-    batch_size: Int = Field(64, ge=1)
-    seed: Int = 0
+    batch_size: Int = Field(64, ge=1, le=2**63 - 1)
+    seed: Int = Field(0, ge=-(2**63), le=2**64 - 1, description="any seed torch.manual_seed takes")
     optimizer: OptimizerSection
     loss: str = Field("cross_entropy", description="the classification task's loss")
     task: str = Field(
@@ -161,7 +161,7 @@ class TrainSection(BaseModel):
         description="keyword arguments of the task (e.g. max_length for contrastive); a factory "
         "task gets them as keyword arguments too",
     )
-    grad_accum: Int = Field(1, ge=1, description="batches per optimizer step")
+    grad_accum: Int = Field(1, ge=1, le=2**63 - 1, description="batches per optimizer step")
     eval_every: Int = Field(
         1, ge=1, description="evaluate on the test split every this many epochs, and after the last one"
     )

@@ -33,6 +33,9 @@ _FLOAT_RE = re.compile(
 _BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 #: Upper bound on constructed values, so alias bombs ("billion laughs") cannot exhaust memory.
 MAX_NODES = 200_000
+#: Deepest nesting of sequences and mappings: far beyond any recipe, well within Python's recursion limit
+#: for every later step (substitution, validation, messages).
+MAX_DEPTH = 100
 
 
 _Table = dict[str, list[tuple[str, re.Pattern[str]]]]
@@ -59,8 +62,25 @@ def _dumper_resolvers() -> _Table:
     return table
 
 
+class _TooDeepError(Exception):
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__(mark)
+        self.mark = mark
+
+
 class RecipeLoader(yaml.SafeLoader):
-    """SafeLoader with the recipe's float and bool rules."""
+    """SafeLoader with the recipe's float and bool rules, composing at most MAX_DEPTH levels."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        if self._depth >= MAX_DEPTH:  # stop here, not at Python's recursion limit (~330 levels)
+            raise _TooDeepError(self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 class RecipeDumper(yaml.SafeDumper):
@@ -118,12 +138,15 @@ class _Builder:
         if id(node) in ancestors:
             self.issues.append(self._issue(node, path, "recursive alias"))
             return None
+        if len(ancestors) >= MAX_DEPTH:  # aliases nest deeper than the text (&b [*a], &c [*b], ...)
+            raise RecipeError(
+                [self._issue(node, path, f"YAML nested too deeply (more than {MAX_DEPTH} levels)")]
+            )
         if isinstance(node, ScalarNode):
-            try:
-                return self.loader.construct_object(node, deep=True)
-            except yaml.YAMLError as err:
-                self.issues.append(self._issue(node, path, getattr(err, "problem", None) or str(err)))
-                return None
+            ok, value = self._scalar(node)
+            if not ok:
+                self.issues.append(self._issue(node, path, value))
+            return value if ok else None
         inner = (*ancestors, id(node))
         if node.tag not in (_SEQ, _MAP):
             self.issues.append(self._issue(node, path, f"unsupported YAML tag {node.tag!r}"))
@@ -135,14 +158,45 @@ class _Builder:
         self.issues.append(self._issue(node, path, f"unsupported YAML node {type(node).__name__}"))
         return None
 
+    def _scalar(self, node: ScalarNode) -> tuple[bool, Any]:
+        """(True, value) of a scalar node, or (False, why it cannot be read).
+
+        PyYAML's constructors raise more than YAMLError on bad input (``!!int abc``: ValueError,
+        ``!!bool maybe``: KeyError, ``!!timestamp x``: AttributeError, an int of more than 4300
+        digits: ValueError): every one is the recipe's fault, reported at the node.
+        """
+        try:
+            return True, self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError as err:
+            message = getattr(err, "problem", None) or str(err)
+        except Exception as err:  # the constructors' own errors on bad text; see above
+            message = _unreadable(node, err)
+        self.loader.recursive_objects.pop(node, None)  # left behind by the failure: not recursive
+        return False, message
+
     def _mapping(self, node: MappingNode, path: Path, inner: tuple[int, ...]) -> dict[Any, Any]:
-        self.loader.flatten_mapping(node)  # resolves ``<<`` merge keys
+        try:
+            self.loader.flatten_mapping(node)  # resolves ``<<`` merge keys
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or node.start_mark
+            line, col = mark.line + 1, mark.column + 1
+            message = f"merge key (<<): {err.problem or 'invalid merge'}"
+            self.issues.append(RecipeIssue(self.source.file, line, col, format_path(path), message))
+            return {}
+        except RecursionError:
+            self.issues.append(self._issue(node, path, "merge keys (<<) nested too deeply"))
+            return {}
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, ScalarNode):
                 self.issues.append(self._issue(key_node, path, "mapping keys must be plain scalars"))
                 continue
-            key = self.loader.construct_object(key_node)
+            ok, key = self._scalar(key_node)
+            if ok and not _hashable(key):
+                ok, key = False, f"unsupported YAML tag {key_node.tag!r}"
+            if not ok:
+                self.issues.append(self._issue(key_node, path, f"invalid mapping key: {key}"))
+                continue
             sub = (*path, key)
             if key in out:
                 first = self.source.keys[sub]
@@ -158,11 +212,42 @@ class _Builder:
         return RecipeIssue(self.source.file, line, col, format_path(path), message)
 
 
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _unreadable(node: ScalarNode, err: Exception) -> str:
+    """Why the scalar ``node`` (``!!int abc``, ``!!timestamp 2001-13-45``, ...) cannot be read."""
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+    text = node.value if len(node.value) <= 40 else node.value[:37] + "..."
+    shown = f"{text!r}" + (f" ({len(node.value)} characters)" if len(node.value) > 40 else "")
+    if isinstance(err, ValueError) and "integer string conversion" in str(err):
+        return f"cannot read {shown} as {tag}: too many digits"
+    detail = f": {err}" if isinstance(err, ValueError) and str(err) else ""
+    return f"cannot read {shown} as {tag}{detail}"
+
+
+def _reader_issue(text: str, file: str, err: yaml.reader.ReaderError) -> RecipeIssue:
+    """A character YAML does not allow (control characters, ...), at its line and column."""
+    position = max(0, min(err.position, len(text)))
+    line = text.count("\n", 0, position) + 1
+    col = position - (text.rfind("\n", 0, position) + 1) + 1
+    code = err.character if isinstance(err.character, int) else ord(str(err.character)[:1] or " ")
+    message = f"YAML syntax error: unacceptable character {chr(code)!r} (#x{code:04x}): {err.reason}"
+    return RecipeIssue(file, line, col, "<root>", message)
+
+
 def load_source(text: str, file: str = "<string>") -> Source:
     """Safe-load one YAML document with positions; RecipeError on syntax errors or duplicate keys."""
     source = Source(file=file, data=None)
+    loader: RecipeLoader | None = None
     try:
-        node = yaml.compose(text, Loader=RecipeLoader)
+        loader = RecipeLoader(text)  # refuses control characters (ReaderError) at once
+        node = loader.get_single_node()  # yaml.compose(text), keeping the loader for its position
     except yaml.MarkedYAMLError as err:
         mark, context = err.problem_mark or err.context_mark, err.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -173,17 +258,21 @@ def load_source(text: str, file: str = "<string>") -> Source:
         if 0 < line <= len(lines) and "${" in lines[line - 1]:
             message += '; inside [...] or {...} quote a ${...} value, e.g. lr: "${lr}"'
         raise RecipeError([RecipeIssue(file, line, col, "<root>", f"YAML syntax error: {message}")]) from None
-    except RecursionError:
-        raise RecipeError([RecipeIssue(file, 1, 1, "<root>", "YAML nested too deeply")]) from None
+    except (_TooDeepError, RecursionError) as err:
+        mark = err.mark if isinstance(err, _TooDeepError) or loader is None else loader.get_mark()
+        message = f"YAML nested too deeply (more than {MAX_DEPTH} levels)"
+        raise RecipeError([RecipeIssue(file, mark.line + 1, mark.column + 1, "<root>", message)]) from None
+    except yaml.reader.ReaderError as err:
+        raise RecipeError([_reader_issue(text, file, err)]) from None
     except yaml.YAMLError as err:
         raise RecipeError([RecipeIssue(file, 1, 1, "<root>", f"invalid YAML: {err}")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if node is None:
         return source
     builder = _Builder(source)
-    try:
-        source.data = builder.build(node, ())
-    except RecursionError:
-        raise RecipeError([RecipeIssue(file, 1, 1, "<root>", "YAML nested too deeply")]) from None
+    source.data = builder.build(node, ())
     if builder.issues:
         raise RecipeError(builder.issues)
     return source

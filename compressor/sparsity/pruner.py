@@ -12,12 +12,21 @@ applies them after every step (pruners do not apply them themselves).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
-from compressor.core.modifier import Modifier, Position, StepPosition, WindowError, to_step, update_due
+from compressor.core.modifier import (
+    Modifier,
+    Position,
+    StepPosition,
+    WindowError,
+    last_at,
+    to_step,
+    update_due,
+)
 from compressor.core.params import match_params
 from compressor.core.schedules import sparsity_at
 from compressor.sparsity.patterns import NM, Structure, nm_problem, select_masks, validate
@@ -48,7 +57,7 @@ class PruningModifier(Modifier):
     global_ranking: bool = Field(True, description="one threshold over all params (else one per param)")
 
     _names: list[str] = PrivateAttr(default_factory=list)
-    _steps: list[int] = PrivateAttr(default_factory=list)
+    _steps: Sequence[int] = PrivateAttr(default_factory=list)
     _last_update: int | None = PrivateAttr(default=None)
 
     # Cross-field rules as field validators, so that errors point at the field that is wrong.
@@ -134,10 +143,11 @@ class PruningModifier(Modifier):
                 raise WindowError(f"{self.type}: schedule points at steps {outside} outside [{start}, {end}]")
             self._steps = sorted({at for at, _ in points})
         else:
-            self._steps = list(self.update_steps(max(1, to_step(self.update_every, session.steps_per_epoch))))
+            self._steps = self.update_steps(max(1, to_step(self.update_every, session.steps_per_epoch)))
         total = session.total_steps
         if total is not None and self._steps and self._steps[-1] > total:
-            last = max((s for s in self._steps if s <= total), default=start)
+            last = last_at(self._steps, total)
+            last = start if last is None else last
             reached = self.target_at(last, session.steps_per_epoch)
             warnings.warn(
                 f"{self.type}: its last update (step {self._steps[-1]}) comes after the end of training "
