@@ -209,6 +209,40 @@ def test_validate_and_inspect(tmp_path):
     assert report.exit_code == 0 and "fc1.weight" in report.output and "all weights" in report.output
 
 
+STEP_RECIPE = """version: 1
+train: {{model: digits-mlp, data: digits, epochs: 3, batch_size: 64, optimizer: {{type: SGD, lr: 0.1}}}}
+modifiers:
+  - type: MagnitudePruning
+    params: ["fc1.weight"]
+    start: {start}
+    end: {end}
+    final_sparsity: 0.8
+"""
+
+
+def test_inspect_places_step_positions_by_steps_per_epoch(tmp_path):
+    """A recipe in steps needs --steps-per-epoch (else one positioned error, no traceback); with it,
+    its table is the table of the same recipe in epochs (step / steps per epoch)."""
+    steps, epochs = tmp_path / "steps.yaml", tmp_path / "epochs.yaml"
+    steps.write_text(STEP_RECIPE.format(start="{step: 3}", end="{step: 23}"))
+    epochs.write_text(STEP_RECIPE.format(start=0.3, end=2.3))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["inspect", str(steps)])
+    assert refused.exit_code == 1
+    assert f"{steps}:6:12: modifiers[0].start: step 3" in refused.output
+    assert "--steps-per-epoch" in refused.output
+    assert "Traceback" not in refused.output
+    env = {"COLUMNS": "200"}
+    placed = runner.invoke(app, ["inspect", str(steps), "--steps-per-epoch", "10"], env=env)
+    same = runner.invoke(app, ["inspect", str(epochs)], env=env)
+    assert placed.exit_code == 0 == same.exit_code, placed.output
+    rows = [line for line in placed.output.splitlines() if "%" in line]
+    assert len(rows) == 4 and rows == [line for line in same.output.splitlines() if "%" in line]
+    assert len({row.split()[-2] for row in rows}) == 4  # the schedule moves: a shifted position would show
+    zero = runner.invoke(app, ["inspect", str(steps), "--steps-per-epoch", "0"])
+    assert zero.exit_code == 2 and "steps-per-epoch" in zero.output
+
+
 def test_damaged_checkpoint_is_refused(tmp_path):
     out = tmp_path / "run"
     assert CliRunner().invoke(app, ["run", str(RECIPE), "-o", str(out), "--set", "epochs=6"]).exit_code == 0

@@ -158,6 +158,10 @@ def inspect(
     epochs: Annotated[
         float | None, typer.Option(help="Epochs to tabulate for a recipe without train.")
     ] = None,
+    steps_per_epoch: Annotated[
+        int | None,
+        typer.Option(min=1, help="Optimizer steps per epoch, to place a recipe's {step: N} positions."),
+    ] = None,
 ) -> None:
     """A recipe's schedule table, or the sparsity per tensor of a checkpoint or ONNX file."""
     from rich.console import Console
@@ -165,7 +169,7 @@ def inspect(
     from compressor.cli import inspection
 
     try:
-        table = inspection.inspect_path(path, epochs=epochs)
+        table = inspection.inspect_path(path, epochs=epochs, steps_per_epoch=steps_per_epoch)
     except _user_errors() as exc:
         _fail(str(exc))
     Console().print(table)

@@ -11,45 +11,56 @@ from compressor.core.checkpoint import load_checkpoint
 from compressor.core.modifier import StepPosition, in_window
 from compressor.core.schedules import sparsity_at
 from compressor.recipe import load_recipe
+from compressor.recipe.errors import RecipeError
 
 
-def inspect_path(path: Path, epochs: float | None = None) -> Table:
+def inspect_path(path: Path, epochs: float | None = None, steps_per_epoch: int | None = None) -> Table:
     """Dispatch on the file type: .yaml/.yml recipe, .pt checkpoint, .onnx model."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if suffix in (".yaml", ".yml"):
-        return recipe_table(path, epochs)
+        return recipe_table(path, epochs, steps_per_epoch)
     if suffix == ".onnx":
         return onnx_table(path)
     return checkpoint_table(path)
 
 
-def _epochs(position: float | StepPosition | None, default: float) -> float:
-    if position is None:
-        return default
-    if isinstance(position, StepPosition):
-        raise ValueError("positions in steps cannot be tabulated per epoch without the data; use epochs")
-    return float(position)
-
-
-def recipe_table(path: Path, epochs: float | None = None) -> Table:
+def recipe_table(path: Path, epochs: float | None = None, steps_per_epoch: int | None = None) -> Table:
     """One row per epoch; per modifier its target sparsity if it prunes, else "active" on its window
-    [start, end) ("one-shot" at start when start == end), as ``Modifier`` defines the window."""
+    [start, end) ("one-shot" at start when start == end), as ``Modifier`` defines the window.
+
+    Positions given in steps (``{step: N}``) are placed at N / ``steps_per_epoch`` epochs; without
+    it they are a positioned ``RecipeError`` (the steps of an epoch depend on the data).
+    """
     recipe = load_recipe(path)
+
+    def at(position: float | StepPosition | None, default: float, where: tuple[str | int, ...]) -> float:
+        if position is None:
+            return default
+        if not isinstance(position, StepPosition):
+            return float(position)
+        if steps_per_epoch is None:
+            message = (
+                f"step {position.step} cannot be placed in a table per epoch without the number of "
+                "steps per epoch: pass --steps-per-epoch N (a run's metrics.csv gives step and epoch)"
+            )
+            raise RecipeError([recipe.source.issue(where, message)])
+        return position.step / steps_per_epoch
+
     total = epochs if epochs is not None else (recipe.train.epochs if recipe.train is not None else None)
     if total is None:
-        ends = [m.end for m in recipe.modifiers if m.end is not None and not isinstance(m.end, StepPosition)]
-        total = max([float(e) for e in ends], default=1.0)
+        ends = [at(m.end, 0.0, ("modifiers", i, "end")) for i, m in enumerate(recipe.modifiers)]
+        total = max([e for e in ends if e > 0], default=1.0)
     table = Table(title=f"{path}: schedule per epoch ({total:g} epochs)")
     table.add_column("epoch", justify="right")
     for index, modifier in enumerate(recipe.modifiers):
         table.add_column(f"[{index}] {modifier.type}", justify="right")
     for epoch in range(int(total) + 1):
         cells = [str(epoch)]
-        for modifier in recipe.modifiers:
-            start = _epochs(modifier.start, 0.0)
-            end = start if modifier.one_shot else _epochs(modifier.end, total)
+        for index, modifier in enumerate(recipe.modifiers):
+            start = at(modifier.start, 0.0, ("modifiers", index, "start"))
+            end = start if modifier.one_shot else at(modifier.end, total, ("modifiers", index, "end"))
             final = getattr(modifier, "final_sparsity", None)
             if final is None:
                 once = start == end == epoch
@@ -57,7 +68,10 @@ def recipe_table(path: Path, epochs: float | None = None) -> Table:
                 continue
             kind = modifier.schedule
             if isinstance(kind, list):
-                kind = [(_epochs(p.at, 0.0), p.sparsity) for p in kind]
+                kind = [
+                    (at(p.at, 0.0, ("modifiers", index, "schedule", j, "at")), p.sparsity)
+                    for j, p in enumerate(kind)
+                ]
             target = (
                 sparsity_at(epoch, start, end, modifier.init_sparsity, final, kind) if epoch >= start else 0.0
             )
