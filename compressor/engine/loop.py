@@ -21,6 +21,7 @@ class EpochSettings(Protocol):
     seed: int
     batch_size: int  # the global batch, in samples
     grad_accum: int  # batches per optimizer step
+    max_grad_norm: float | None  # clip the step's gradient to this global L2 norm; None: no clipping
 
 
 class MetricSink(Protocol):
@@ -100,10 +101,25 @@ def train_epoch(
             loss_sum, seen, *values = distributed.all_sum([loss_sum, seen, *sums.values()])
             sums = dict(zip(sums, values, strict=True))
         session.before_step()
+        clipped = clip_gradients(model, train.max_grad_norm)
         session.optimizer.step()
         session.after_step()
         metrics = {"loss": loss_sum / seen, **task.metrics(sums, seen)}
+        if clipped is not None:
+            metrics["grad_norm"] = clipped
         for name, value in metrics.items():
             log.log(session.step, session.epoch, "train", name, value)
         shown = {("acc" if name == "accuracy" else name): value for name, value in metrics.items()}
         bar.update(session.step, **shown, sparsity=session.masks.global_sparsity())
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> float | None:
+    """Scale every gradient of ``model`` by min(1, max_norm / |g|), |g| the L2 norm of all of them
+    together (``torch.nn.utils.clip_grad_norm_``); |g| before clipping, or None when ``max_norm`` is
+    None. Under DDP the gradients are already averaged, so every rank clips alike."""
+    if max_norm is None:
+        return None
+    grads = [p for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))

@@ -162,6 +162,13 @@ class TrainSection(BaseModel):
         "task gets them as keyword arguments too",
     )
     grad_accum: Int = Field(1, ge=1, le=2**63 - 1, description="batches per optimizer step")
+    max_grad_norm: Float | None = Field(
+        None,
+        gt=0,
+        description="clip the step's gradient to this global L2 norm before the optimizer steps "
+        "(torch.nn.utils.clip_grad_norm_ over every parameter; the norm before clipping is logged as "
+        "grad_norm); None: no clipping",
+    )
     eval_every: Int = Field(
         1, ge=1, description="evaluate on the test split every this many epochs, and after the last one"
     )
