@@ -159,7 +159,7 @@ def test_top_level_rules(text: str, line: str) -> None:
             ("  epochs: 4\n", "  epochs: 4\n  epoch: 4\n"),
             "r.yaml:6:3: train.epoch: unknown key 'epoch'; did you mean 'epochs'? "
             "(allowed: model, data, epochs, batch_size, seed, optimizer, loss, task, task_options, "
-            "grad_accum, eval_every, eval_at_start, device, init_from)",
+            "grad_accum, max_grad_norm, eval_every, eval_at_start, device, init_from)",
         ),
         (("lr: 0.1}", "lr: 0}"), "r.yaml:6:30: train.optimizer.lr: Input should be greater than 0, got 0"),
         (

@@ -15,7 +15,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from compressor.core.errors import CompressorError
 
@@ -30,6 +31,7 @@ class PatternError(CompressorError, ValueError):
     def __init__(self, pattern: str, closest: list[str], reason: str = "matches no parameter") -> None:
         self.pattern = pattern
         self.closest = list(closest)
+        self.reason = reason
         hint = f"; closest names: {', '.join(repr(c) for c in self.closest)}" if self.closest else ""
         super().__init__(f"parameter pattern {pattern!r} {reason}{hint}")
 
@@ -57,10 +59,28 @@ def _matcher(pattern: str) -> Callable[[str], bool]:
     return lambda name: name == glob or fnmatch.fnmatchcase(name, glob)
 
 
-def match_params(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
+def tied_aliases(named: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """Each alias of a tied parameter -> the name it is listed under: over
+    ``model.named_parameters(remove_duplicate=False)``, a later name of the same tensor maps to the
+    first (GPT-2's ``lm_head.weight`` -> ``transformer.wte.weight``). Names are normalized."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in named:
+        name = normalize(name)
+        owner = first.setdefault(id(param), name)
+        if owner != name:
+            aliases[name] = owner
+    return aliases
+
+
+def match_params(
+    patterns: Iterable[str], names: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> list[str]:
     """The normalized names matched by any pattern, in model order, without duplicates.
 
-    Raises PatternError for a pattern that matches nothing, naming the 3 closest names.
+    Raises PatternError for a pattern that matches nothing, naming the 3 closest names; when it
+    matches only ``aliases`` of tied parameters (see ``tied_aliases``), it names the tensor's listed
+    name instead, and says that selecting it changes both.
     """
     ordered = list(dict.fromkeys(normalize(n) for n in names))
     hit: set[str] = set()
@@ -68,6 +88,14 @@ def match_params(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
         matches = _matcher(pattern)
         found = {name for name in ordered if matches(name)}
         if not found:
+            tied = {alias: owner for alias, owner in (aliases or {}).items() if matches(alias)}
+            if tied:
+                alias, owner = next(iter(tied.items()))
+                reason = (
+                    f"matches only {alias!r}, which is tied to {owner!r} (one tensor, listed under that "
+                    f"name): select {owner!r} (pruning it changes both)"
+                )
+                raise PatternError(pattern, [], reason)
             body = pattern[len(REGEX_PREFIX) :] if pattern.startswith(REGEX_PREFIX) else normalize(pattern)
             raise PatternError(pattern, difflib.get_close_matches(body, ordered, n=3, cutoff=0.0))
         hit |= found

@@ -14,7 +14,7 @@ from compressor.core import distributed
 from compressor.core.checkpoint import seed_rngs
 from compressor.core.errors import CompressorError
 from compressor.core.modifier import WindowError
-from compressor.core.params import normalize
+from compressor.core.params import PatternError, match_params, normalize, tied_aliases
 from compressor.core.preflight import preflight
 from compressor.data.builtin import DataBundle
 from compressor.engine.device import check_world, recipe_device
@@ -118,6 +118,11 @@ def build_run(
     task = build_task(first, allow_imports)
     probe_task(first, task, model, bundle.train, device)
     shapes = {normalize(n): tuple(p.shape) for n, p in model.named_parameters()}
+    tied_issues = tied_pattern_issues(
+        first, shapes, tied_aliases(model.named_parameters(remove_duplicate=False))
+    )
+    if tied_issues:  # a pattern naming only the alias of a tied weight: say so, at its line
+        raise RecipeError(tied_issues)
     recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=shapes)
     check_world(recipe, train.batch_size, ctx.world_size)
     optimizer = build_optimizer(train.optimizer, model.parameters())
@@ -219,3 +224,23 @@ def probe_task(recipe: Recipe, task: Task, model: torch.nn.Module, data: Any, de
         raise RecipeError([source.issue(("train", "task"), message)]) from exc
     finally:
         model.train(was_training)
+
+
+def tied_pattern_issues(recipe: Recipe, names: Any, aliases: dict[str, str]) -> list[Any]:
+    """A RecipeIssue for each modifier pattern that selects only aliases of tied weights (e.g.
+    ``lm_head.weight`` of a model whose head is its token embedding), naming the tensor's listed name."""
+    issues = []
+    if not aliases:
+        return []
+    for index, modifier in enumerate(recipe.modifiers):
+        listed = list(getattr(modifier, "params", None) or [])
+        for pattern in list(modifier.parameter_patterns()) or listed:
+            where: tuple[str | int, ...] = ("modifiers", index, "params")
+            if pattern in listed:
+                where = (*where, listed.index(pattern))
+            try:
+                match_params([pattern], names, aliases)
+            except PatternError as err:
+                if "tied" in err.reason:  # other misses are the schema's to report
+                    issues.append(recipe.source.issue(where, str(err)))
+    return issues

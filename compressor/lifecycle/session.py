@@ -19,6 +19,7 @@ count ``steps_per_epoch`` in optimizer steps. Hooks called out of order raise ``
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from compressor.core.errors import CompressorError
 from compressor.core.masks import MaskSet
 from compressor.core.modifier import Modifier, to_step
-from compressor.core.params import match_params, normalize
+from compressor.core.params import match_params, normalize, tied_aliases
 from compressor.core.quantized import attach
 from compressor.lifecycle.sampling import GradientSampler
 from compressor.tasks import Task, as_task
@@ -83,6 +84,8 @@ class Session:
         self.steps_per_epoch = steps_per_epoch
         self.total_epochs = total_epochs
         self.params: dict[str, torch.nn.Parameter] = {normalize(n): p for n, p in model.named_parameters()}
+        #: each alias of a tied parameter -> its name in ``params`` (``tied_aliases``)
+        self.aliases: dict[str, str] = tied_aliases(model.named_parameters(remove_duplicate=False))
         self.task = as_task(task, loss_fn)
         self.task.prepare(model)  # before masks: a task's reference copy of the model stays plain
         self.masks = MaskSet(model, self._pruned_names())
@@ -230,7 +233,7 @@ class Session:
 
     def match(self, patterns: Iterable[str]) -> list[str]:
         """Parameter names (normalized) selected by ``patterns``; PatternError when one matches nothing."""
-        return match_params(list(patterns), list(self.params))
+        return match_params(list(patterns), list(self.params), self.aliases)
 
     def _pruned_names(self) -> list[str]:
         names: list[str] = []
@@ -239,6 +242,13 @@ class Session:
                 for name in self.match(modifier.parameter_patterns()):
                     if name not in names:
                         names.append(name)
+        tied = {owner: alias for alias, owner in self.aliases.items() if owner in names}
+        for owner, alias in tied.items():
+            warnings.warn(
+                f"{owner} is also {alias} (tied weights, one tensor): pruning it prunes {alias} too",
+                UserWarning,
+                stacklevel=3,
+            )
         return [n for n in self.params if n in names]
 
     # ------------------------------------------------------------------ state
