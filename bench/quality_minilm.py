@@ -267,15 +267,15 @@ K_STRUCTURES = ["30%", "50%", "60%", "70%", "2:4"]
 K_CLAIMS = ["50%", "70%"]
 K_REST = ["30%", "60%", "2:4"]
 #: Rows of part k in the order they run: the claim (SparseGPT against M-FAC at 50% and 70%) seed by
-#: seed, so that a partial run is already paired; then the cheap rows (Wanda; M-FAC at m = 1024 with
-#: one recomputation, all structures of a seed in a row so that they share one Fisher); SparseGPT's
-#: other structures; last the slowest, M-FAC with 8 recomputations (one Fisher per sub-step and row).
+#: seed, so that a partial run is already paired; then the cheap rows (Wanda, SparseGPT's other
+#: structures); M-FAC at m = 1024 with one recomputation (all structures of a seed in a row, so that
+#: they share one Fisher); last the slowest, M-FAC with 8 recomputations (one Fisher per sub-step).
 #: (label, structures, seeds)
 K_PLAN: list[tuple[str, list[str], list[int]]] = [
     *[(label, K_CLAIMS, [seed]) for seed in (0, 1, 2) for label in ("SparseGPT", "M-FAC 64x128 R8")],
     ("Wanda", K_STRUCTURES, [0, 1, 2]),
-    *[("M-FAC 1024x32 R1", K_STRUCTURES, [seed]) for seed in (0, 1, 2)],
     ("SparseGPT", K_REST, [0, 1, 2]),
+    *[("M-FAC 1024x32 R1", K_STRUCTURES, [seed]) for seed in (0, 1, 2)],
     ("M-FAC 64x128 R8", K_REST, [0, 1, 2]),
 ]
 #: Magnitude is data-free and deterministic: its rows are part g's (the same model and structures).
