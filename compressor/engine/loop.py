@@ -21,7 +21,7 @@ class EpochSettings(Protocol):
     seed: int
     batch_size: int  # the global batch, in samples
     grad_accum: int  # batches per optimizer step
-    max_grad_norm: float | None  # clip the step's gradient to this global L2 norm; None: no clipping
+    # optional: max_grad_norm (float | None), clip the step's gradient to this global L2 norm
 
 
 class MetricSink(Protocol):
@@ -101,7 +101,7 @@ def train_epoch(
             loss_sum, seen, *values = distributed.all_sum([loss_sum, seen, *sums.values()])
             sums = dict(zip(sums, values, strict=True))
         session.before_step()
-        clipped = clip_gradients(model, train.max_grad_norm)
+        clipped = clip_gradients(model, getattr(train, "max_grad_norm", None))
         session.optimizer.step()
         session.after_step()
         metrics = {"loss": loss_sum / seen, **task.metrics(sums, seen)}
