@@ -95,6 +95,7 @@ def test_a_pattern_naming_only_a_tied_alias_names_the_listed_tensor() -> None:
     with pytest.raises(PatternError, match=r"tied to 'wte\.weight'") as info:
         match_params(["head.weight"], names, aliases)
     assert "select 'wte.weight'" in str(info.value) and "changes both" in str(info.value)
+    assert info.value.tied_to == "wte.weight"
     with pytest.raises(PatternError) as plain:  # without aliases: the usual closest-name message
         match_params(["head.weight"], names)
     assert plain.value.closest and "tied" not in str(plain.value)

@@ -28,10 +28,16 @@ REGEX_PREFIX = "re:"
 class PatternError(CompressorError, ValueError):
     """A parameter pattern that matches nothing (or is not a valid regex); names the closest names."""
 
-    def __init__(self, pattern: str, closest: list[str], reason: str = "matches no parameter") -> None:
+    def __init__(
+        self,
+        pattern: str,
+        closest: list[str],
+        reason: str = "matches no parameter",
+        tied_to: str | None = None,
+    ) -> None:
         self.pattern = pattern
         self.closest = list(closest)
-        self.reason = reason
+        self.tied_to = tied_to  # the listed name, when the pattern matches only a tied alias of it
         hint = f"; closest names: {', '.join(repr(c) for c in self.closest)}" if self.closest else ""
         super().__init__(f"parameter pattern {pattern!r} {reason}{hint}")
 
@@ -95,7 +101,7 @@ def match_params(
                     f"matches only {alias!r}, which is tied to {owner!r} (one tensor, listed under that "
                     f"name): select {owner!r} (pruning it changes both)"
                 )
-                raise PatternError(pattern, [], reason)
+                raise PatternError(pattern, [], reason, tied_to=owner)
             body = pattern[len(REGEX_PREFIX) :] if pattern.startswith(REGEX_PREFIX) else normalize(pattern)
             raise PatternError(pattern, difflib.get_close_matches(body, ordered, n=3, cutoff=0.0))
         hit |= found

@@ -119,7 +119,4 @@ def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> float | No
     None. Under DDP the gradients are already averaged, so every rank clips alike."""
     if max_norm is None:
         return None
-    grads = [p for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))

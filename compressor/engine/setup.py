@@ -241,6 +241,6 @@ def tied_pattern_issues(recipe: Recipe, names: Any, aliases: dict[str, str]) -> 
             try:
                 match_params([pattern], names, aliases)
             except PatternError as err:
-                if "tied" in err.reason:  # other misses are the schema's to report
+                if err.tied_to is not None:  # other misses are the schema's to report
                     issues.append(recipe.source.issue(where, str(err)))
     return issues
