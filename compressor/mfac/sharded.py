@@ -78,6 +78,7 @@ class ShardedSlidingFisherInverse(SlidingFisherInverse):
         # The base checks the settings and builds the m x m state; its window is the slice set below
         # (built for d = 1 here, so that no full (m, d) window is ever allocated).
         super().__init__(1, num_grads, damp, device, dtype, count_scaling=count_scaling)
+        bind_group_defaults()  # a group created before compressor was imported: release torch's hold
         self.dim = dim
         self.group = process_group
         self.world_size, self.rank = _membership(process_group)
