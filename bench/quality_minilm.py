@@ -755,13 +755,14 @@ def mean_std(values: list[float]) -> str:
 
 
 def paired(rows: dict[str, dict[str, dict[str, float]]], a: str, b: str, metric: str) -> list[float]:
-    """a - b per seed of ``a`` (a seed-free ``b``, magnitude, has one value for every seed)."""
+    """a - b per seed measured for both (a seed-free ``b``, magnitude, has one value for every seed)."""
     if a not in rows or b not in rows:
         return []
     base = rows[b]
+    seed_free = b.split(" | ")[0] in K_FROM_G and len(base) == 1
     out = []
     for seed, m in sorted(rows[a].items()):
-        other = base.get(seed) or (next(iter(base.values())) if len(base) == 1 else None)
+        other = next(iter(base.values())) if seed_free else base.get(seed)
         if other is not None:
             out.append(m[metric] - other[metric])
     return out

@@ -117,6 +117,13 @@ def test_report_pairs_by_seed_and_checks_two_standard_deviations():
     assert qm.paired(rows, "M-FAC 64x128 R1 | 50%", "magnitude global | 50%", "recall@1") == pytest.approx(
         [0.10, 0.12, 0.14]
     )
+    # a method measured on one seed so far pairs with that seed only; magnitude with every seed
+    assert qm.paired(rows, "M-FAC 64x128 R1 | 50%", "M-FAC 64x128 R1 | 70%", "recall@1") == pytest.approx(
+        [0.30, 0.22]
+    )
+    one = {**rows, "SparseGPT | 50%": {"1": _m(0.55)}}
+    assert qm.paired(one, "M-FAC 64x128 R1 | 50%", "SparseGPT | 50%", "recall@1") == pytest.approx([-0.03])
+    assert qm.paired(one, "SparseGPT | 50%", "M-FAC 64x128 R1 | 50%", "recall@1") == pytest.approx([0.03])
     assert qm.claim([0.10, 0.12, 0.14]) == "+0.1200 ± 0.0200 (yes)"
     assert qm.claim([0.01, -0.02, 0.04]).endswith("(no)")
     text = "\n".join(qm.g_tables({"dense": {"recall@1": 0.55, "mrr@10": 0.66}, "rows": rows}))
