@@ -36,8 +36,10 @@ def bind_group_defaults() -> None:
     import torch.distributed.nn.functional as collectives
 
     for value in list(vars(collectives).values()):
-        function = inspect.unwrap(value) if inspect.isfunction(value) else None
-        if not inspect.isfunction(function) or function.__module__ != collectives.__name__:
+        if not inspect.isfunction(value):
+            continue
+        function = inspect.unwrap(value)  # the collectives carry decorators
+        if function.__module__ != collectives.__name__:
             continue
         defaults = function.__defaults__
         if defaults and any(isinstance(d, dist.ProcessGroup) for d in defaults):
