@@ -332,6 +332,24 @@ def test_bad_recipes_get_the_recipe_message(tmp_path):
         Trainer(model=_model(), args=_args(tmp_path, max_steps=1), callbacks=[callback])
 
 
+def test_a_pattern_naming_only_a_tied_alias_names_the_tensor_to_select(tmp_path):
+    # GPT-2's lm_head.weight is its token embedding, listed once as transformer.wte.weight
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2)
+    rule = "- {type: MagnitudePruning, params: [%s], start: 0, end: 0, final_sparsity: 0.5}"
+    tied = tmp_path / "tied.yaml"
+    tied.write_text("version: 1\nmodifiers:\n" + rule % "lm_head.weight" + "\n")
+    message = r"tied\.yaml:3:.*'lm_head\.weight', which is tied to 'transformer\.wte\.weight'.*select"
+    with pytest.raises(RecipeError, match=message):
+        callback = CompressionCallback(tied)
+        Trainer(model=transformers.GPT2LMHeadModel(config), args=_args(tmp_path), callbacks=[callback])
+    # the listed name is accepted, and the tensor it names is the head's
+    listed = CompressionCallback("version: 1\nmodifiers:\n" + rule % "transformer.wte.weight" + "\n")
+    model = transformers.GPT2LMHeadModel(config)
+    Trainer(model=model, args=_args(tmp_path), callbacks=[listed])
+    assert listed._pruned_names(model) == ["transformer.wte.weight"]
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
 def test_missing_transformers_is_a_clear_error():
     code = textwrap.dedent(
         """

@@ -122,8 +122,8 @@ def test_a_session_pruning_a_tied_tensor_warns_and_refuses_its_alias() -> None:
 
 
 def test_a_recipe_pattern_naming_a_tied_alias_is_an_error_at_its_line(tmp_path) -> None:
-    from compressor.engine.setup import tied_pattern_issues
     from compressor.recipe import load_recipe
+    from compressor.recipe.loader import tied_pattern_issues
 
     recipe = tmp_path / "tied.yaml"
     recipe.write_text(

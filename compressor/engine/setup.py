@@ -14,7 +14,7 @@ from compressor.core import distributed
 from compressor.core.checkpoint import seed_rngs
 from compressor.core.errors import CompressorError
 from compressor.core.modifier import WindowError
-from compressor.core.params import PatternError, match_params, normalize, tied_aliases
+from compressor.core.params import normalize, tied_aliases
 from compressor.core.preflight import preflight
 from compressor.data.builtin import DataBundle
 from compressor.engine.device import check_world, recipe_device
@@ -23,7 +23,7 @@ from compressor.engine.init_weights import load_initial_weights
 from compressor.engine.report import MetricsLog
 from compressor.lifecycle.session import Session
 from compressor.recipe import AllowImports, Recipe, RecipeError, TrainSection, parse_recipe
-from compressor.recipe.loader import optimizer_issues
+from compressor.recipe.loader import optimizer_issues, tied_pattern_issues
 from compressor.surgery.channels import check_rebuildable
 from compressor.tasks import Task, unpack_data
 
@@ -224,23 +224,3 @@ def probe_task(recipe: Recipe, task: Task, model: torch.nn.Module, data: Any, de
         raise RecipeError([source.issue(("train", "task"), message)]) from exc
     finally:
         model.train(was_training)
-
-
-def tied_pattern_issues(recipe: Recipe, names: Any, aliases: dict[str, str]) -> list[Any]:
-    """A RecipeIssue for each modifier pattern that selects only aliases of tied weights (e.g.
-    ``lm_head.weight`` of a model whose head is its token embedding), naming the tensor's listed name."""
-    issues = []
-    if not aliases:
-        return []
-    for index, modifier in enumerate(recipe.modifiers):
-        listed = list(getattr(modifier, "params", None) or [])
-        for pattern in list(modifier.parameter_patterns()) or listed:
-            where: tuple[str | int, ...] = ("modifiers", index, "params")
-            if pattern in listed:
-                where = (*where, listed.index(pattern))
-            try:
-                match_params([pattern], names, aliases)
-            except PatternError as err:
-                if err.tied_to is not None:  # other misses are the schema's to report
-                    issues.append(recipe.source.issue(where, str(err)))
-    return issues

@@ -74,11 +74,12 @@ import torch
 from compressor.core.errors import CompressorError
 from compressor.core.masks import MASK_SUFFIX
 from compressor.core.modifier import Modifier
-from compressor.core.params import match_params, normalize
+from compressor.core.params import match_params, normalize, tied_aliases
 from compressor.core.quantized import attach
 from compressor.lifecycle.session import Session
 from compressor.models.pretrained import INSTALL_HINT, MissingExtraError
-from compressor.recipe import Recipe, load_recipe, parse_recipe
+from compressor.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from compressor.recipe.loader import tied_pattern_issues
 from compressor.tasks import ModelLossTask, Task
 
 try:
@@ -395,7 +396,12 @@ class CompressionCallback(TrainerCallback, ExportableState):
         if not isinstance(model, torch.nn.Module):
             raise CallbackError(f"the Trainer's model is a {type(model).__name__}, not a torch.nn.Module")
         if self._reread is not None:
-            self._recipe = self._reread({normalize(n): tuple(p.shape) for n, p in model.named_parameters()})
+            shapes = {normalize(n): tuple(p.shape) for n, p in model.named_parameters()}
+            aliases = tied_aliases(model.named_parameters(remove_duplicate=False))
+            tied = tied_pattern_issues(self._recipe, shapes, aliases)
+            if tied:  # a pattern naming only the alias of a tied weight (lm_head.weight): say which to select
+                raise RecipeError(tied)
+            self._recipe = self._reread(shapes)
         _add_mask_buffers(model, self._pruned_names(model))
         for modifier in self._recipe.modifiers:  # quantization buffers, for the same reason
             attach(model, modifier.model_buffers(model))

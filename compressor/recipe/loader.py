@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from compressor.core import registry
 from compressor.core.errors import CompressorError
 from compressor.core.modifier import Modifier
+from compressor.core.params import PatternError, match_params
 from compressor.recipe.errors import Path, RecipeError, RecipeIssue, format_path
 from compressor.recipe.expressions import (
     FUNCTIONS,
@@ -120,6 +121,32 @@ def optimizer_issues(recipe: Recipe) -> list[RecipeIssue]:
     except ValueError as err:
         return [src.issue((*base, "type"), str(err))]
     return [src.issue((*base, name), message, key=True) for name, message in problems.items()]
+
+
+def tied_pattern_issues(
+    recipe: Recipe, names: Iterable[str], aliases: Mapping[str, str]
+) -> list[RecipeIssue]:
+    """A RecipeIssue for each modifier pattern that selects only aliases of tied weights (e.g.
+    ``lm_head.weight`` of a model whose head is its token embedding), naming the tensor's listed name.
+
+    ``names``: the model's ``named_parameters`` names; ``aliases``: ``core.params.tied_aliases`` of it.
+    """
+    if not aliases:
+        return []
+    names = list(names)
+    issues: list[RecipeIssue] = []
+    for index, modifier in enumerate(recipe.modifiers):
+        listed = list(getattr(modifier, "params", None) or [])
+        for pattern in list(modifier.parameter_patterns()) or listed:
+            where: tuple[str | int, ...] = ("modifiers", index, "params")
+            if pattern in listed:
+                where = (*where, listed.index(pattern))
+            try:
+                match_params([pattern], names, aliases)
+            except PatternError as err:
+                if err.tied_to is not None:  # other misses are the schema's to report
+                    issues.append(recipe.source.issue(where, str(err)))
+    return issues
 
 
 class SetError(CompressorError, ValueError):
