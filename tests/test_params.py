@@ -122,8 +122,7 @@ def test_a_session_pruning_a_tied_tensor_warns_and_refuses_its_alias() -> None:
 
 
 def test_a_recipe_pattern_naming_a_tied_alias_is_an_error_at_its_line(tmp_path) -> None:
-    from compressor.recipe import load_recipe
-    from compressor.recipe.loader import tied_pattern_issues
+    from compressor.recipe import RecipeError, load_recipe
 
     recipe = tmp_path / "tied.yaml"
     recipe.write_text(
@@ -132,12 +131,15 @@ def test_a_recipe_pattern_naming_a_tied_alias_is_an_error_at_its_line(tmp_path) 
     )
     model = TiedLM()
     names = [n for n, _ in model.named_parameters()]
-    issues = tied_pattern_issues(
-        load_recipe(recipe), names, tied_aliases(model.named_parameters(remove_duplicate=False))
-    )
-    assert [str(issue) for issue in issues] == [
+    with pytest.raises(RecipeError) as info:
+        load_recipe(
+            recipe, param_names=names, aliases=tied_aliases(model.named_parameters(remove_duplicate=False))
+        )
+    assert [str(issue) for issue in info.value.issues] == [
         f"{recipe}:4:29: modifiers[0].params[1]: parameter pattern 'head.weight' matches only 'head.weight', "
         "which is tied to 'wte.weight' (one tensor, listed under that name): select 'wte.weight' "
         "(pruning it changes both)"
     ]
-    assert tied_pattern_issues(load_recipe(recipe), names, {}) == []  # no tied weights: the schema's to check
+    with pytest.raises(RecipeError) as plain:  # no tied weights known: the usual closest-name message
+        load_recipe(recipe, param_names=names)
+    assert "'head.weight' matches no parameter" in str(plain.value) and "tied to" not in str(plain.value)

@@ -23,7 +23,7 @@ from compressor.engine.init_weights import load_initial_weights
 from compressor.engine.report import MetricsLog
 from compressor.lifecycle.session import Session
 from compressor.recipe import AllowImports, Recipe, RecipeError, TrainSection, parse_recipe
-from compressor.recipe.loader import optimizer_issues, tied_pattern_issues
+from compressor.recipe.loader import optimizer_issues
 from compressor.surgery.channels import check_rebuildable
 from compressor.tasks import Task, unpack_data
 
@@ -118,12 +118,10 @@ def build_run(
     task = build_task(first, allow_imports)
     probe_task(first, task, model, bundle.train, device)
     shapes = {normalize(n): tuple(p.shape) for n, p in model.named_parameters()}
-    tied_issues = tied_pattern_issues(
-        first, shapes, tied_aliases(model.named_parameters(remove_duplicate=False))
+    aliases = tied_aliases(model.named_parameters(remove_duplicate=False))
+    recipe: Recipe = parse_recipe(
+        raw_text, file=source, overrides=overrides, param_names=shapes, aliases=aliases
     )
-    if tied_issues:  # a pattern naming only the alias of a tied weight: say so, at its line
-        raise RecipeError(tied_issues)
-    recipe: Recipe = parse_recipe(raw_text, file=source, overrides=overrides, param_names=shapes)
     check_world(recipe, train.batch_size, ctx.world_size)
     optimizer = build_optimizer(train.optimizer, model.parameters())
     if any(m.restructures for m in recipe.modifiers):

@@ -78,8 +78,7 @@ from compressor.core.params import match_params, normalize, tied_aliases
 from compressor.core.quantized import attach
 from compressor.lifecycle.session import Session
 from compressor.models.pretrained import INSTALL_HINT, MissingExtraError
-from compressor.recipe import Recipe, RecipeError, load_recipe, parse_recipe
-from compressor.recipe.loader import tied_pattern_issues
+from compressor.recipe import Recipe, load_recipe, parse_recipe
 from compressor.tasks import ModelLossTask, Task
 
 try:
@@ -132,8 +131,9 @@ def _unsupported(modifier: Modifier, index: int) -> str | None:
 
 def _read_recipe(
     recipe: Any, overrides: dict[str, str] | None
-) -> tuple[Recipe, Callable[[list[str]], Recipe] | None]:
-    """(the recipe, a function re-reading it with ``param_names=`` for the checks against a model).
+) -> tuple[Recipe, Callable[[dict[str, tuple[int, ...]], dict[str, str]], Recipe] | None]:
+    """(the recipe, a function re-reading it with ``param_names=`` and ``aliases=``, the checks
+    against a model).
 
     ``recipe``: a Recipe, a path to a recipe file (``str`` or ``os.PathLike``), or YAML text (a
     ``str`` holding a newline). RecipeError (with file:line:col) for a missing or invalid recipe.
@@ -144,12 +144,14 @@ def _read_recipe(
         return recipe, None
     if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and "\n" not in recipe):
         path = os.fspath(recipe)
-        return load_recipe(path, overrides), lambda names: load_recipe(path, overrides, names)
+        return load_recipe(path, overrides), lambda names, aliases: load_recipe(
+            path, overrides, names, aliases
+        )
     if isinstance(recipe, str):
         text = recipe
         return (
             parse_recipe(text, "<recipe text>", overrides),
-            lambda names: parse_recipe(text, "<recipe text>", overrides, names),
+            lambda names, aliases: parse_recipe(text, "<recipe text>", overrides, names, aliases),
         )
     raise TypeError(f"recipe must be a path, YAML text or a compressor Recipe, got {type(recipe).__name__}")
 
@@ -397,11 +399,7 @@ class CompressionCallback(TrainerCallback, ExportableState):
             raise CallbackError(f"the Trainer's model is a {type(model).__name__}, not a torch.nn.Module")
         if self._reread is not None:
             shapes = {normalize(n): tuple(p.shape) for n, p in model.named_parameters()}
-            aliases = tied_aliases(model.named_parameters(remove_duplicate=False))
-            tied = tied_pattern_issues(self._recipe, shapes, aliases)
-            if tied:  # a pattern naming only the alias of a tied weight (lm_head.weight): say which to select
-                raise RecipeError(tied)
-            self._recipe = self._reread(shapes)
+            self._recipe = self._reread(shapes, tied_aliases(model.named_parameters(remove_duplicate=False)))
         _add_mask_buffers(model, self._pruned_names(model))
         for modifier in self._recipe.modifiers:  # quantization buffers, for the same reason
             attach(model, modifier.model_buffers(model))

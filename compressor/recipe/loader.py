@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from compressor.core import registry
 from compressor.core.errors import CompressorError
 from compressor.core.modifier import Modifier
-from compressor.core.params import PatternError, match_params
+from compressor.recipe.cross_field import cross_field_problems
 from compressor.recipe.errors import Path, RecipeError, RecipeIssue, format_path
 from compressor.recipe.expressions import (
     FUNCTIONS,
@@ -30,7 +30,7 @@ from compressor.recipe.expressions import (
     render,
 )
 from compressor.recipe.imports import factory_imports, how_to_allow, spec_problems
-from compressor.recipe.schema import Recipe, cross_field_problems, validate_modifier
+from compressor.recipe.schema import Recipe, validate_modifier
 from compressor.recipe.source import Source, dump_yaml, load_scalar, load_source
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -40,13 +40,16 @@ def load_recipe(
     path: str | os.PathLike[str],
     overrides: dict[str, str] | None = None,
     param_names: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> Recipe:
     """Read and validate the recipe FILE at ``path`` (never YAML text: see ``parse_recipe``).
 
     ``overrides`` (``--set name=value``) replace variables before substitution; ``param_names`` (the
     model's ``named_parameters`` names) turn on the checks that every ``params`` pattern matches;
     given as a mapping of names to shapes, also the modifiers' checks of the selected shapes (a
-    quantizer's group size that does not divide a row).
+    quantizer's group size that does not divide a row). ``aliases`` (``core.params.tied_aliases`` of
+    the model): a pattern naming only the alias of a tied weight (GPT-2's ``lm_head.weight``) is
+    reported naming the tensor to select.
     """
     file = str(path)
     where = FilePath(path)
@@ -62,7 +65,7 @@ def load_recipe(
         raise RecipeError([RecipeIssue(file, 1, 1, "<root>", message)]) from None
     except OSError as err:
         raise RecipeError([RecipeIssue(file, 1, 1, "<root>", f"cannot read: {err.strerror}")]) from None
-    return parse_recipe(text, file, overrides, param_names)
+    return parse_recipe(text, file, overrides, param_names, aliases)
 
 
 def parse_recipe(
@@ -70,6 +73,7 @@ def parse_recipe(
     file: str = "<string>",
     overrides: dict[str, str] | None = None,
     param_names: Sequence[str] | Mapping[str, tuple[int, ...]] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> Recipe:
     """Validate recipe YAML ``text``; ``file`` names it in error messages. See ``load_recipe``."""
     src = load_source(text, file)
@@ -92,7 +96,9 @@ def parse_recipe(
     except ValidationError as err:
         issues += [i for path, i in _schema_issues(err, data, src) if not _under(path, failed)]
     items = list(enumerate(recipe.modifiers)) if recipe else _valid_items(data.get("modifiers"))
-    issues += [src.issue(path, message) for path, message in cross_field_problems(items, param_names)]
+    issues += [
+        src.issue(path, message) for path, message in cross_field_problems(items, param_names, aliases)
+    ]
     issues += [src.issue(path, message) for path, message in spec_problems(data) if not _under(path, failed)]
     if issues:
         raise RecipeError(issues)
@@ -121,32 +127,6 @@ def optimizer_issues(recipe: Recipe) -> list[RecipeIssue]:
     except ValueError as err:
         return [src.issue((*base, "type"), str(err))]
     return [src.issue((*base, name), message, key=True) for name, message in problems.items()]
-
-
-def tied_pattern_issues(
-    recipe: Recipe, names: Iterable[str], aliases: Mapping[str, str]
-) -> list[RecipeIssue]:
-    """A RecipeIssue for each modifier pattern that selects only aliases of tied weights (e.g.
-    ``lm_head.weight`` of a model whose head is its token embedding), naming the tensor's listed name.
-
-    ``names``: the model's ``named_parameters`` names; ``aliases``: ``core.params.tied_aliases`` of it.
-    """
-    if not aliases:
-        return []
-    names = list(names)
-    issues: list[RecipeIssue] = []
-    for index, modifier in enumerate(recipe.modifiers):
-        listed = list(getattr(modifier, "params", None) or [])
-        for pattern in list(modifier.parameter_patterns()) or listed:
-            where: tuple[str | int, ...] = ("modifiers", index, "params")
-            if pattern in listed:
-                where = (*where, listed.index(pattern))
-            try:
-                match_params([pattern], names, aliases)
-            except PatternError as err:
-                if err.tied_to is not None:  # other misses are the schema's to report
-                    issues.append(recipe.source.issue(where, str(err)))
-    return issues
 
 
 class SetError(CompressorError, ValueError):
